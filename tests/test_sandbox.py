@@ -352,38 +352,70 @@ def test_pool_is_bounded_and_ordered():
     assert [r.status for r in run_many(["pass", "1/0", "pass"], max_workers=3)] == ["passed", "failed", "passed"]
 
 
+# Run as an unprivileged user: load sandbox.py by path (it needs only the standard library) and run each probe program,
+# with PIPELINE replaced by the driver's own PID (the driver plays the pipeline)
+_UNPRIVILEGED_DRIVER = """
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox"] = sandbox
+spec.loader.exec_module(sandbox)
+results = {"isolation": sandbox.describe_isolation().__dict__}
+for name, code in json.loads(sys.argv[2]).items():
+    result = sandbox.run_code(code.replace("PIPELINE", str(os.getpid())), sandbox.SandboxConfig(timeout=1.5))
+    results[name] = [result.status, *result.stdout.split()]
+print(json.dumps(results))
+"""
+
+_UNPRIVILEGED_PROBES = {
+    "kill": """
+import os
+try:
+    os.kill(PIPELINE, 0)
+    print("reachable")
+except OSError as exc:
+    print(type(exc).__name__)
+""",
+    "net": """
+import socket
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=1)
+    print("connected")
+except OSError as exc:
+    print(type(exc).__name__)
+""",
+    "env": """
+import os
+print("HF_TOKEN" in os.environ)
+try:
+    print("HF_TOKEN" in open("/proc/PIPELINE/environ").read())
+except OSError as exc:
+    print(type(exc).__name__)
+""",
+    "tree": """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    print(os.readlink("/proc/self"), flush=True)
+    time.sleep(60)
+time.sleep(60)
+""",
+}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
 def test_unprivileged_mode():
-    """The sandbox as a normal user runs it (user, PID and network namespaces, or the fallbacks)."""
+    """The sandbox as a normal user runs it: user, PID and network namespaces where allowed, else the fallbacks."""
     interpreter = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if interpreter is None:
         pytest.skip("no system python3 to run the sandbox as an unprivileged user")
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, json, os, sys
-        spec = importlib.util.spec_from_file_location("sandbox", {str(SANDBOX_FILE)!r})
-        sandbox = importlib.util.module_from_spec(spec)
-        sys.modules["sandbox"] = sandbox
-        spec.loader.exec_module(sandbox)
-        isolation = sandbox.describe_isolation()
-        kill = sandbox.run_code("import os\\ntry:\\n    os.kill({os.getpid()}, 0)\\n    print('reachable')\\n"
-                                "except OSError as e:\\n    print(type(e).__name__)")
-        net = sandbox.run_code("import socket\\ntry:\\n    socket.create_connection(('127.0.0.1', 9), 1)\\n"
-                               "except OSError as e:\\n    print(type(e).__name__)")
-        tree = sandbox.run_code("import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n"
-                                "    print(os.readlink('/proc/self'), flush=True)\\n    time.sleep(60)\\n"
-                                "time.sleep(60)", sandbox.SandboxConfig(timeout=1))
-        print(json.dumps({{"isolation": isolation.__dict__, "kill": kill.stdout.strip(), "net": net.stdout.strip(),
-                          "tree": [tree.status, tree.stdout.strip()]}}))
-        """
-    )
     completed = subprocess.run(
-        [interpreter, "-I", "-c", script],
+        [interpreter, "-I", "-c", _UNPRIVILEGED_DRIVER, str(SANDBOX_FILE), json.dumps(_UNPRIVILEGED_PROBES)],
         user=65534,
         group=65534,
         extra_groups=[],
         cwd="/",
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", "HF_TOKEN": "hf_sandbox_test_secret"},
         capture_output=True,
         text=True,
         timeout=60,
@@ -392,11 +424,15 @@ def test_unprivileged_mode():
     report = json.loads(completed.stdout.splitlines()[-1])
     isolation = report["isolation"]
     assert not isolation["privilege_drop"]
-    if isolation["pid_namespace"]:  # without namespaces this is a documented limitation
-        assert report["kill"] == "ProcessLookupError"  # the pipeline's PID does not exist in the sandbox
-    # Blocked: no route in an empty network namespace (OSError), or the guard (PermissionError); a refused connection
-    # would mean that the host's loopback was reached
-    assert report["net"] == ("OSError" if isolation["network"] == "namespace" else "PermissionError")
+    # Without namespaces, reaching the pipeline's PID and /proc/<pid>/environ are documented limitations
+    if isolation["pid_namespace"]:
+        assert report["kill"] == ["passed", "ProcessLookupError"]  # that PID does not exist in the sandbox
+    assert report["env"][:2] == ["passed", "False"]  # not inherited
+    if isolation["user_namespace"]:
+        assert report["env"][2] == "PermissionError"
+    # Blocked: no route in an empty network namespace (OSError), or by the guard (PermissionError); a refused
+    # connection would mean that the host's loopback was reached
+    assert report["net"] == ["passed", "OSError" if isolation["network"] == "namespace" else "PermissionError"]
     assert report["tree"][0] == "timeout"
     if isolation["pid_namespace"]:
-        assert not _alive(int(report["tree"][1]))
+        assert not _alive(int(report["tree"][1]))  # the setsid() child died with the namespace

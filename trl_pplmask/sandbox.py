@@ -38,20 +38,22 @@ As root (`drop_privileges` defaults to on), in addition:
 As a normal user, where unprivileged user namespaces are allowed (most Linux distributions):
 
 - New user, PID and network namespaces: the code is PID 1 of its own PID namespace, so it cannot address the pipeline
-  (or any other process outside) by PID, and everything it started dies with it; `RLIMIT_NPROC` counts only the
-  sandbox's processes; networking is disabled as above.
+  (or any other process outside) by PID, and everything it started dies with it; the kernel denies it the
+  pipeline's `/proc/<pid>/environ`; `RLIMIT_NPROC` counts only the sandbox's processes; networking is disabled as
+  above. It runs as the pipeline's user otherwise: it can write wherever that user can.
 
 Not enforced (say so where it matters):
 
 - Without root and without user namespaces: networking is blocked only by an in-process guard that makes Python
   socket creation and name resolution fail (code using `ctypes` or a subprocess can bypass it); the code runs as the
-  pipeline's user, so it can signal the pipeline if it finds its PID, and a process that calls `setsid()` escapes the
-  final kill; `RLIMIT_NPROC` counts all processes of the user (it is set to their current number plus
-  `max_processes`).
+  pipeline's user, so it can signal the pipeline if it finds its PID and read the pipeline's initial environment in
+  `/proc/<pid>/environ`, and a process that calls `setsid()` escapes the final kill; `RLIMIT_NPROC` counts all
+  processes of the user (it is set to their current number plus `max_processes`).
 - As root without a usable unprivileged interpreter: no privilege drop, `RLIMIT_NPROC` is not enforced for root, so
   the process count is bounded only by the watchdog (polling); the code can write wherever root can.
 - Reads: the code can read every world-readable file (e.g. the repository, a world-readable token file under a custom
-  `HF_HOME`).
+  `HF_HOME`) and, as any local user can, the command lines of all processes (`/proc/<pid>/cmdline`): pass tokens
+  through the environment or a private file, not on the command line.
 - Writes to world-writable directories other than the top level of the shared temporary directories are not cleaned
   up. Disk usage is bounded per file (`RLIMIT_FSIZE`), not in total.
 - CPU: `RLIMIT_CPU` and the timeout bound time, not the share of the machine; run many checks through the bounded

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, Sequence, Value
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -335,9 +335,16 @@ def score_dataset(
         raise ValueError("The dataset is empty; there is nothing to score.")
     state = PartialState()
     main = state.is_main_process
-    cache_file = _cache_path(config, dataset, model) if config.use_cache else None
+    # Only the main process reads and writes the cache, and the others follow its decision: every process must take
+    # the same branch (scoring ends in a collective gather), and another process may not see the main process's
+    # entry yet (or ever, without a shared file system).
+    cache_file = _cache_path(config, dataset, model) if config.use_cache and main else None
     cached = _load_cache(cache_file) if cache_file is not None and cache_file.exists() else None
-    if cached is not None and len(cached) == len(dataset):
+    if cached is not None and len(cached) != len(dataset):
+        cached = None
+    if config.use_cache and state.num_processes > 1:
+        cached = broadcast_object_list([cached])[0]
+    if cached is not None:
         return _with_column(dataset, config.output_column, cached)
 
     input_ids = dataset["input_ids"]

@@ -1,0 +1,185 @@
+"""Scoring speed and memory: `score_dataset` against the paper's reference loop, side by side in one run.
+
+Reference loop (the paper's scoring script, per example): `model(ids, labels=ids)`, then a full-vocabulary
+`cross_entropy` of the float32 logits.
+
+1. Speed and agreement: the embedded SmolLM2-135M-Instruct (or --model) on the same GSM8K training examples. The
+   examples are split into rounds that alternate the two methods, so that machine noise hits both alike; tokens per
+   second of each, their ratio and the largest absolute NLL difference on completion tokens are printed.
+2. Peak memory: a tiny random Llama with a 128,256-token vocabulary (Llama 3's) on one 4,096-token sequence, each
+   method in a fresh subprocess. On CPU the peak is the growth of the process's maximum resident set size during the
+   call; on CUDA it is `torch.cuda.max_memory_allocated`.
+
+Usage: python benchmarks/bench_scoring.py [--examples 128] [--rounds 4] [--device cpu|cuda] [--dtype float32]
+       [--model NAME_OR_PATH [--random-init]] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def reference_nll(model, input_ids: list[int]) -> np.ndarray:
+    """The paper's loop body: one example, the model's own loss path, then a full-vocabulary cross-entropy."""
+    ids = torch.tensor([input_ids], device=model.device)
+    with torch.no_grad():
+        logits = model(ids, labels=ids).logits
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+    return np.concatenate([[0.0], nll.cpu().numpy()])
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_speed(args) -> dict:
+    from trl_pplmask.data import load_task, tokenize_dataset
+    from trl_pplmask.models import load_model
+    from trl_pplmask.scoring import score_dataset
+
+    if args.random_init:
+        # Speed does not depend on the weights: a randomly initialised model of the same shape (for machines
+        # where the checkpoint cannot be copied)
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    data = tokenize_dataset(load_task("gsm8k", "train", limit=args.examples), tokenizer, max_length=1024)
+    rounds = np.array_split(np.arange(len(data)), args.rounds)
+    ours_time = ref_time = 0.0
+    max_diff = 0.0
+    tokens = 0
+    # Warm-up both paths once so that one-time costs do not land in either measurement
+    warm = data.select([0])
+    score_dataset(warm, model, tokenizer, use_cache=False, show_progress=False)
+    reference_nll(model, warm[0]["input_ids"])
+    for r, idx in enumerate(rounds):
+        part = data.select(idx.tolist())
+        tokens += sum(len(x) for x in part["input_ids"])
+        order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
+        for method in order:
+            _sync(args.device)
+            start = time.perf_counter()
+            if method == "ours":
+                scored = score_dataset(part, model, tokenizer, use_cache=False, show_progress=False)
+            else:
+                refs = [reference_nll(model, ids) for ids in part["input_ids"]]
+            _sync(args.device)
+            elapsed = time.perf_counter() - start
+            if method == "ours":
+                ours_time += elapsed
+            else:
+                ref_time += elapsed
+        for nll, ref, labels in zip(scored["token_nll"], refs, part["labels"]):
+            trainable = np.asarray(labels) != -100
+            max_diff = max(max_diff, float(np.abs(np.asarray(nll)[trainable] - ref[trainable]).max()))
+    return {
+        "examples": len(data),
+        "tokens": tokens,
+        "score_dataset_tok_per_s": tokens / ours_time,
+        "reference_tok_per_s": tokens / ref_time,
+        "speedup": ref_time / ours_time,
+        "max_abs_nll_diff": max_diff,
+    }
+
+
+def _memory_child(method: str, device: str, seq_len: int, vocab: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trl_pplmask.scoring import score_dataset
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=seq_len,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(device).eval()
+    ids = torch.randint(0, vocab, (seq_len,)).tolist()
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"input_ids": [ids], "labels": [ids]})
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if method == "ours":
+        score_dataset(data, model, None, use_cache=False, show_progress=False)
+    else:
+        reference_nll(model, ids)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def bench_memory(args) -> dict:
+    out = {}
+    for method in ("ref", "ours"):
+        cmd = [sys.executable, __file__, "--memory-child", method, "--device", args.device,
+               "--seq-len", str(args.seq_len), "--vocab", str(args.vocab)]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[f"{method}_peak_mib"] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
+    out["ratio"] = out["ours_peak_mib"] / out["ref_peak_mib"]
+    out.update(seq_len=args.seq_len, vocab=args.vocab)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--random-init", action="store_true", help="Random weights from --model's config.")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--json", help="Also write the results to this JSON file.")
+    parser.add_argument("--memory-child", choices=("ours", "ref"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child, args.device, args.seq_len, args.vocab)
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    results = {"device": args.device, "machine": machine, "threads": torch.get_num_threads()}
+    if not args.skip_speed:
+        results["speed"] = bench_speed(args)
+        s = results["speed"]
+        print(f"Speed ({args.model}, {s['examples']} GSM8K examples, {s['tokens']} tokens, {args.device}):")
+        print(f"  score_dataset   {s['score_dataset_tok_per_s']:9.1f} tok/s")
+        print(f"  reference loop  {s['reference_tok_per_s']:9.1f} tok/s")
+        print(f"  speedup         {s['speedup']:9.2f}x   max |dNLL| {s['max_abs_nll_diff']:.2e}")
+    results["memory"] = bench_memory(args)
+    m = results["memory"]
+    print(f"Peak memory (tiny Llama, vocab {m['vocab']}, {m['seq_len']} tokens, {args.device}):")
+    print(f"  score_dataset   {m['ours_peak_mib']:9.1f} MiB")
+    print(f"  reference loop  {m['ref_peak_mib']:9.1f} MiB")
+    print(f"  ratio           {m['ratio']:9.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

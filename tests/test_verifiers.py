@@ -260,6 +260,29 @@ def test_humaneval_response_forms():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Rows as the task loaders produce them
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "task, split",
+    [("gsm8k", "train"), ("math", "test"), ("arc_challenge", "train"), ("mbpp", "train"), ("humaneval", "test")],
+)
+def test_load_task_rows(data_dir, task, split):
+    from trl_pplmask.data import load_task
+
+    rows = list(load_task(task, split, limit=6))
+    references = [row["completion"][0]["content"] for row in rows]
+    assert all(verify_batch(task, rows, references))
+    if task == "humaneval":  # the raw prompt lives in `source_prompt`: a body-only response must complete it
+        assert all(verify_batch(task, rows, [row["canonical_solution"] for row in rows]))
+        assert not any(verify_batch(task, rows, ["    return None\n"] * len(rows)))
+    elif task == "arc_challenge":
+        wrong = [f"Answer: {next(c for c in row['choices']['label'] if c != row['answerKey'])}" for row in rows]
+        assert not any(verify_batch(task, rows, wrong))
+    else:  # another row's reference is wrong (barring a coincidence)
+        assert sum(verify_batch(task, rows, references[1:] + references[:1])) <= 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Registry and robustness
 # --------------------------------------------------------------------------------------------------------------------
 def test_user_callable():

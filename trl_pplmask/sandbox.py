@@ -585,7 +585,7 @@ class _Proc:
 
 
 def _processes(uid: int | None = None, session: int | None = None) -> list[_Proc]:
-    """Live processes of `uid` (by owner of /proc/<pid>) and/or in `session`."""
+    """Processes of `uid` (the owner of /proc/<pid>) and/or in `session`; zombies included and flagged."""
     found = []
     try:
         names = os.listdir("/proc")

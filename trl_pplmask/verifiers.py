@@ -1,8 +1,8 @@
 """Answer checkers: is a model's response to a task row correct?
 
 A verifier is any callable `(row, response) -> bool`, where `row` holds the task's raw fields as `load_task` keeps
-them (GSM8K `answer`; MATH `solution`; ARC-Challenge `answerKey`; MBPP `code`, `test_list`; HumanEval `prompt`, `test`,
-`entry_point`) and `response` is the model's text. Built-in verifiers:
+them (GSM8K `answer`; MATH `solution`; ARC-Challenge `answerKey`; MBPP `test_list`; HumanEval `source_prompt` (the
+raw `prompt`), `test`, `entry_point`) and `response` is the model's text. Built-in verifiers:
 
 - `gsm8k`: the number after the last `####` (else the last number of the response) equals the reference's, compared
   as exact rationals after stripping `$`, thousands separators, units and a trailing period.
@@ -223,6 +223,17 @@ def _prompt_imports(prompt: str) -> str:
     return "\n".join(line for line in prompt.splitlines() if re.match(r"\s*(import|from)\s+\w", line))
 
 
+def _humaneval_prompt(row: dict[str, Any]) -> str:
+    # `load_task` keeps the raw prompt as `source_prompt`: its `prompt` column holds the chat messages
+    for name in ("source_prompt", "prompt"):
+        if isinstance(row.get(name), str):
+            return row[name]
+    raise RowFormatError(
+        f"The humaneval verifier needs the function's prompt as a string in `source_prompt` (as `load_task` keeps "
+        f"it) or `prompt`; the row has {sorted(row)}."
+    )
+
+
 def humaneval_program(row: dict[str, Any], response: str) -> str:
     """The test program of a HumanEval row, for a response holding the whole function or only its body.
 
@@ -232,7 +243,7 @@ def humaneval_program(row: dict[str, Any], response: str) -> str:
 
     The row's `test` and `check(entry_point)` follow.
     """
-    prompt = str(_field(row, "prompt", "humaneval"))
+    prompt = _humaneval_prompt(row)
     test = str(_field(row, "test", "humaneval"))
     entry_point = str(_field(row, "entry_point", "humaneval"))
     code = extract_code(response)

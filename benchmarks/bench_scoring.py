@@ -7,8 +7,8 @@ Reference loop (the paper's scoring script, per example): `model(ids, labels=ids
    examples are split into rounds that alternate the two methods, so that machine noise hits both alike; tokens per
    second of each, their ratio and the largest absolute NLL difference on completion tokens are printed.
 2. Peak memory: a tiny random Llama with a 128,256-token vocabulary (Llama 3's) on one 4,096-token sequence, each
-   method in a fresh subprocess. On CPU the peak is the growth of the process's maximum resident set size during the
-   call; on CUDA it is `torch.cuda.max_memory_allocated`.
+   method in a fresh subprocess. On CPU the peak is the growth of the process's resident set size during the call
+   (sampled every millisecond); on CUDA it is the growth of `torch.cuda.max_memory_allocated`.
 
 Usage: python benchmarks/bench_scoring.py [--examples 128] [--rounds 4] [--device cpu|cuda] [--dtype float32]
        [--model NAME_OR_PATH [--random-init]] [--json out.json]
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -98,6 +97,41 @@ def bench_speed(args) -> dict:
     }
 
 
+class _RssPeak:
+    """Peak resident set size of this process while the block runs, sampled every millisecond.
+
+    `ru_maxrss` cannot be used: it is the lifetime peak, which model construction may already have set higher.
+    """
+
+    def __init__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.peak = 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.001)
+
+    def __enter__(self):
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
 def _memory_child(method: str, device: str, seq_len: int, vocab: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,21 +147,23 @@ def _memory_child(method: str, device: str, seq_len: int, vocab: int) -> None:
     from datasets import Dataset
 
     data = Dataset.from_dict({"input_ids": [ids], "labels": [ids]})
+    def run():
+        if method == "ours":
+            score_dataset(data, model, None, use_cache=False, show_progress=False)
+        else:
+            reference_nll(model, ids)
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if method == "ours":
-        score_dataset(data, model, None, use_cache=False, show_progress=False)
-    else:
-        reference_nll(model, ids)
-    if device == "cuda":
+        run()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        with _RssPeak() as rss:
+            run()
+        peak = rss.peak - rss.base
     print(json.dumps({"peak_bytes": peak}))
 
 

@@ -10,7 +10,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export TRL_PPLMASK_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench recipe-cpu clean
 
 install: $(STAMP)
 
@@ -36,5 +36,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py
 
+# Build a small gsm8k-pplmasked folder with the embedded model, then train on it with an unmodified `trl sft`
+recipe-cpu: $(STAMP)
+	$(VENV)/bin/trl-pplmask build --dataset gsm8k --limit 32 --output-dir gsm8k-pplmasked
+	$(VENV)/bin/trl sft --config recipes/gsm8k-stm-smollm2-135m-cpu.yaml \
+		--model_name_or_path "$$($(PY) -c 'from trl_pplmask.models import embedded_model_path; print(embedded_model_path())')"
+
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) demo_output gsm8k-pplmasked

@@ -147,6 +147,7 @@ def _memory_child(method: str, device: str, seq_len: int, vocab: int) -> None:
     from datasets import Dataset
 
     data = Dataset.from_dict({"input_ids": [ids], "labels": [ids]})
+
     def run():
         if method == "ours":
             score_dataset(data, model, None, use_cache=False, show_progress=False)

@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .collator import PplMaskCallback, PplMaskCollator, add_pplmask_callback
 from .data import load_any_dataset, load_task, tokenize_dataset
+from .generation import SelfOutputConfig, generate_self_outputs
 from .masking import PplMaskConfig, compute_mask, mask_dataset, resolve_fraction_threshold
 from .models import load_model, load_tokenizer, model_slug
 from .scoring import ScoringConfig, score_dataset
@@ -22,8 +23,10 @@ __all__ = [
     "PplMaskCollator",
     "PplMaskConfig",
     "ScoringConfig",
+    "SelfOutputConfig",
     "add_pplmask_callback",
     "compute_mask",
+    "generate_self_outputs",
     "load_any_dataset",
     "load_model",
     "load_task",

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, TypeError) as err:
+    except (ValueError, OSError, ImportError, TypeError) as err:  # OSError: files, network (ConnectionError)
         if os.environ.get("TRL_PPLMASK_DEBUG"):
             raise
         print(f"trl-pplmask {args.command}: error: {err}", file=sys.stderr)

@@ -1245,7 +1245,7 @@ class SelfOutputBuildConfig:
         language (`list[str]`, *optional*, defaults to `["en"]`):
             Languages, for the card metadata.
         template_path (`str`, *optional*):
-            Jinja card template; defaults to `cards/self_output.md.jinja`.
+            Jinja card template; defaults to `trl_pplmask/cards/self_output.md.jinja`.
         command (`str`, *optional*):
             Command line that ran the build, recorded in the card.
     """
@@ -1519,10 +1519,10 @@ def dataset_info_yaml(dataset: Dataset, config_name: str, split: str, download_s
 
 
 def _template_path(path: str | None) -> Path:
-    template = Path(path) if path else Path(__file__).resolve().parents[1] / "cards" / CARD_TEMPLATE
+    template = Path(path) if path else Path(__file__).resolve().parent / "cards" / CARD_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(
-            f"Dataset card template {template} not found. Run from a checkout of trl-pplmask (it ships `cards/`), "
+            f"Dataset card template {template} not found. Reinstall trl-pplmask (it ships `trl_pplmask/cards/`), "
             "or pass template_path (--card-template)."
         )
     return template
@@ -1676,7 +1676,9 @@ def add_self_output_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--pretty-name", help="Card title.")
     parser.add_argument("--license", help="License of the source data (known for the tasks).")
     parser.add_argument("--language", nargs="+", default=["en"])
-    parser.add_argument("--card-template", help="Jinja template of the card (default: cards/self_output.md.jinja).")
+    parser.add_argument(
+        "--card-template", help="Jinja template of the card (default: trl_pplmask/cards/self_output.md.jinja)."
+    )
     return parser
 
 

@@ -136,7 +136,7 @@ class BuildConfig:
         language (`list[str]`, *optional*, defaults to `["en"]`):
             Languages of the data, for the card metadata.
         template_path (`str`, *optional*):
-            Jinja template of the card; defaults to `cards/pplmasked_dataset_card.md.jinja` of this repository.
+            Jinja template of the card; defaults to `trl_pplmask/cards/pplmasked_dataset_card.md.jinja`.
         command (`str`, *optional*):
             The command line that ran the build, recorded in the card. Set by the CLI.
     """
@@ -748,10 +748,10 @@ def _build_config(
 
 
 def _template_path(path: str | None) -> Path:
-    template = Path(path) if path else Path(__file__).resolve().parents[1] / "cards" / CARD_TEMPLATE
+    template = Path(path) if path else Path(__file__).resolve().parent / "cards" / CARD_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(
-            f"Dataset card template {template} not found. Run from a checkout of trl-pplmask (it ships `cards/`), "
+            f"Dataset card template {template} not found. Reinstall trl-pplmask (it ships `trl_pplmask/cards/`), "
             "or pass template_path (--card-template)."
         )
     return template
@@ -1078,7 +1078,7 @@ def add_build_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--pretty-name", help="Card title.")
     parser.add_argument("--license", help="License of the source data (known for the tasks).")
     parser.add_argument("--language", nargs="+", default=["en"], help="Languages of the data (default: en).")
-    parser.add_argument("--card-template", help="Jinja template of the card (default: cards/ of this repository).")
+    parser.add_argument("--card-template", help="Jinja template of the card (default: trl_pplmask/cards/).")
     return parser
 
 

@@ -186,7 +186,7 @@ def test_card_round_trips_lists_configs_and_matches_parquet(built):
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         "revision `local`",
         "threshold 2.5",
-        f"trl-pplmask {hub._versions()['trl-pplmask']}",
+        f"trl-pplmask {hub.build_versions()['trl-pplmask']}",
         "trl-pplmask build --dataset gsm8k",
         f'load_dataset("trl-pplmask/gsm8k-pplmasked", "{CONFIG}"',
         "trl sft",
@@ -503,7 +503,7 @@ def test_command_line_is_recorded_with_every_setting(built):
     assert command.startswith("trl-pplmask build --dataset gsm8k")
     for part in ("--threshold 2.5", f"--limit {LIMIT}", "--splits train", "--max-length 1024", "--models"):
         assert part in command
-    assert info["versions"]["trl-pplmask"] == hub._versions()["trl-pplmask"]
+    assert info["versions"]["trl-pplmask"] == hub.build_versions()["trl-pplmask"]
 
 
 def test_local_constants_match_the_library():

@@ -29,7 +29,6 @@ import base64
 import contextlib
 import datetime
 import fcntl
-import gc
 import hashlib
 import importlib
 import importlib.util
@@ -1346,27 +1345,6 @@ def _describe_source(config: SelfOutputBuildConfig) -> dict[str, Any]:
     return {**described, "hub_config": config.dataset_config or described.get("hub_config"), "split": config.split}
 
 
-def _check_output_folder(output: Path, source: dict[str, Any]) -> None:
-    """An existing output folder must be a self-output folder of the same source data."""
-    from .hub import read_build_infos
-
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise ValueError(f"Output {output} exists and is not a folder.")
-    infos = read_build_infos(output)
-    if not infos and any(output.iterdir()):
-        raise ValueError(f"Output folder {output} is not empty and holds no self-output build; choose another folder.")
-    for name, info in infos.items():
-        if info.get("kind") != DATASET_KIND:
-            raise ValueError(f"Output folder {output} holds config {name!r}, which is not self-output data.")
-        if info["source"]["dataset"] != source["dataset"]:
-            raise ValueError(
-                f"Output folder {output} holds config {name!r} built from {info['source']['dataset']!r}, not "
-                f"{source['dataset']!r}: a folder is one dataset repo. Choose another output folder."
-            )
-
-
 def build_self_output(config: SelfOutputBuildConfig) -> Path:
     """Generate self-output (or rephrase) data with each model and write a `<task>-self-output` Hub-layout folder.
 
@@ -1390,19 +1368,19 @@ def build_self_output(config: SelfOutputBuildConfig) -> Path:
     Returns:
         `Path`: the output folder.
     """
-    from .hub import ASSETS_DIR, _commit_staging
+    from .hub import ASSETS_DIR, card_template_path, check_existing_folder, commit_staging, release_accelerator_memory
     from .models import load_model
 
     output = config.resolved_output_dir()
     source = _describe_source(config)
-    _check_output_folder(output, source)
+    check_existing_folder(output, source, DATASET_KIND, "self-output")
     dataset = _load_source(config)
     _prepare_rows(dataset)  # malformed rows fail before any model is loaded
     verifier = config.resolved_verifier()
     get_verifier(verifier)
     if config.generation.backend == "vllm":
         check_vllm_available()  # before any model is loaded
-    template_path = _template_path(config.template_path)
+    template_path = card_template_path(config.template_path, CARD_TEMPLATE)
     names = config.resolved_config_names()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-", dir=output.parent.resolve()))
@@ -1413,10 +1391,8 @@ def build_self_output(config: SelfOutputBuildConfig) -> Path:
             model, tokenizer = load_model(name, dtype=config.dtype)
             _build_config(model, tokenizer, name, config_name, dataset, verifier, config, source, staging)
             del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        _commit_staging(staging, output, names)
+            release_accelerator_memory()
+        commit_staging(staging, output, names)
         render_self_output_card(output, template_path=template_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1435,7 +1411,14 @@ def _build_config(
     staging: Path,
 ) -> dict[str, Any]:
     """Generate with one model and stage `<config>/` (parquet, build info) and its figure."""
-    from .hub import ASSETS_DIR, BUILD_INFO_FILE, _atomic_write_text, _versions, describe_model, write_parquet_shards
+    from .hub import (
+        ASSETS_DIR,
+        BUILD_INFO_FILE,
+        atomic_write_text,
+        build_versions,
+        describe_model,
+        write_parquet_shards,
+    )
 
     checkpoint = config.resolved_checkpoint_dir() / f"{config_name}-{config.split}.jsonl"
     generation = SelfOutputConfig(**{**asdict(config.generation), "checkpoint_path": str(checkpoint)})
@@ -1485,11 +1468,11 @@ def _build_config(
         "splits": {config.split: {"files": [f"{config_name}/{f}" for f in files], "stats": stats}},
         "dataset_info": dataset_info_yaml(built, config_name, config.split, download_size),
         "histogram": histogram,
-        "versions": _versions(),
+        "versions": build_versions(),
         "command": config.command,
         "built_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    _atomic_write_text(directory / BUILD_INFO_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(directory / BUILD_INFO_FILE, json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -1516,16 +1499,6 @@ def dataset_info_yaml(dataset: Dataset, config_name: str, split: str, download_s
     card_data = DatasetCardData()
     DatasetInfosDict({config_name: info}).to_dataset_card_data(card_data)
     return card_data["dataset_info"]
-
-
-def _template_path(path: str | None) -> Path:
-    template = Path(path) if path else Path(__file__).resolve().parent / "cards" / CARD_TEMPLATE
-    if not template.is_file():
-        raise FileNotFoundError(
-            f"Dataset card template {template} not found. Reinstall trl-pplmask (it ships `trl_pplmask/cards/`), "
-            "or pass template_path (--card-template)."
-        )
-    return template
 
 
 def _pct(value: float) -> str:
@@ -1586,8 +1559,9 @@ def render_self_output_card(folder: str | Path, template_path: str | Path | None
 
     from .hub import (
         PAPER_ARXIV_ID,
-        _atomic_write_text,
+        atomic_write_text,
         card_configs,
+        card_template_path,
         read_build_infos,
         size_category,
         source_short_name,
@@ -1618,7 +1592,7 @@ def render_self_output_card(folder: str | Path, template_path: str | Path | None
     first = sorted(infos)[0]
     card = DatasetCard.from_template(
         card_data,
-        template_path=str(_template_path(str(template_path) if template_path else None)),
+        template_path=str(card_template_path(template_path, CARD_TEMPLATE)),
         repo_id=repo_id,
         title=pretty_name,
         source=source,
@@ -1630,7 +1604,7 @@ def render_self_output_card(folder: str | Path, template_path: str | Path | None
         threshold=latest["settings"]["ppl_threshold"],
         arxiv_id=PAPER_ARXIV_ID,
     )
-    _atomic_write_text(folder / "README.md", str(card))
+    atomic_write_text(folder / "README.md", str(card))
     return card
 
 

@@ -511,7 +511,7 @@ def hub_commit(repo_id: str, filename: str = "config.json") -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
-def _versions() -> dict[str, str]:
+def build_versions() -> dict[str, str]:
     versions = {}
     for package in ("trl-pplmask", "trl", "transformers", "datasets", "torch"):
         try:
@@ -571,8 +571,15 @@ def read_build_infos(folder: Path) -> dict[str, dict[str, Any]]:
     return infos
 
 
-def _check_existing_folder(output: Path, source: dict[str, Any]) -> None:
-    """An existing output folder must be one of ours, built from the same source data."""
+def check_existing_folder(output: Path, source: dict[str, Any], kind: str, description: str) -> None:
+    """An existing output folder must hold only configs of `kind` built from the same source data.
+
+    Args:
+        output (`Path`): The folder about to be written.
+        source (`dict`): The source description of the build (its `dataset` is compared).
+        kind (`str`): The `kind` of the builder's `build_info.json` (`pplmasked`, `self-output`).
+        description (`str`): How the error messages name that kind of data.
+    """
     if not output.exists():
         return
     if not output.is_dir():
@@ -581,14 +588,14 @@ def _check_existing_folder(output: Path, source: dict[str, Any]) -> None:
     if not infos:
         if any(output.iterdir()):
             raise ValueError(
-                f"Output folder {output} is not empty and holds no pplmasked build ({BUILD_INFO_FILE} files); "
+                f"Output folder {output} is not empty and holds no {description} build ({BUILD_INFO_FILE} files); "
                 "choose an empty or new folder."
             )
         return
     for name, info in infos.items():
-        if info.get("kind") != DATASET_KIND:
+        if info.get("kind") != kind:
             raise ValueError(
-                f"Output folder {output} holds config {name!r} of kind {info.get('kind')!r}, not perplexity-masked "
+                f"Output folder {output} holds config {name!r} of kind {info.get('kind')!r}, not {description} "
                 "data: choose another output folder."
             )
         if info["source"]["dataset"] != source["dataset"]:
@@ -598,7 +605,7 @@ def _check_existing_folder(output: Path, source: dict[str, Any]) -> None:
             )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
@@ -610,7 +617,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
-def _commit_staging(staging: Path, output: Path, config_names: Sequence[str]) -> None:
+def commit_staging(staging: Path, output: Path, config_names: Sequence[str]) -> None:
     """Move the staged configs and figures into `output`, replacing same-name configs and leaving the others."""
     output.mkdir(parents=True, exist_ok=True)
     (output / ASSETS_DIR).mkdir(exist_ok=True)
@@ -645,7 +652,7 @@ def build_pplmasked(config: BuildConfig) -> Path:
 
     output = config.resolved_output_dir()
     source = describe_source(config)
-    _check_existing_folder(output, source)
+    check_existing_folder(output, source, DATASET_KIND, "perplexity-masked")
     splits = load_source_splits(config)
     fmt, conversational = None, False
     for split, dataset in splits.items():
@@ -655,7 +662,7 @@ def build_pplmasked(config: BuildConfig) -> Path:
         conversational = validate_rows(dataset, fmt, where) or conversational
     source["format"], source["conversational"] = fmt, conversational
     tokenizers = check_chat_templates(config.models, conversational)
-    template_path = _template_path(config.template_path)
+    template_path = card_template_path(config.template_path)
 
     state = PartialState()
     output.parent.mkdir(parents=True, exist_ok=True)  # every check passed: from here on, writing is expected
@@ -668,21 +675,22 @@ def build_pplmasked(config: BuildConfig) -> Path:
             model, _ = load_model(name, dtype=config.dtype)
             info = _build_config(model, tokenizers[name], name, config_name, splits, config, source, staging)
             del model
-            gc.collect()
-            _release_accelerator_memory()
+            release_accelerator_memory()
             if state.is_main_process:
                 logger.info("config %s: %s", config_name, json.dumps(info["splits"]))
         if state.is_main_process:
-            _commit_staging(staging, output, names)
+            commit_staging(staging, output, names)
             render_card(output, template_path=template_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
 
 
-def _release_accelerator_memory() -> None:
+def release_accelerator_memory() -> None:
+    """Free a model's memory between builds: Python garbage first, then the CUDA cache."""
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -734,11 +742,11 @@ def _build_config(
         "settings": settings,
         "splits": split_infos,
         "histogram": histogram,
-        "versions": _versions(),
+        "versions": build_versions(),
         "command": config.command,
         "built_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    _atomic_write_text(directory / BUILD_INFO_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(directory / BUILD_INFO_FILE, json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -747,8 +755,9 @@ def _build_config(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _template_path(path: str | None) -> Path:
-    template = Path(path) if path else Path(__file__).resolve().parent / "cards" / CARD_TEMPLATE
+def card_template_path(path: str | Path | None, default_name: str = CARD_TEMPLATE) -> Path:
+    """The card template at `path`, or the packaged `trl_pplmask/cards/<default_name>`."""
+    template = Path(path) if path else Path(__file__).resolve().parent / "cards" / default_name
     if not template.is_file():
         raise FileNotFoundError(
             f"Dataset card template {template} not found. Reinstall trl-pplmask (it ships `trl_pplmask/cards/`), "
@@ -863,7 +872,7 @@ def render_card(folder: str | Path, template_path: str | Path | None = None) -> 
     unmasked = sorted({s for info in infos.values() for s, si in info["splits"].items() if si["strategy"] == "none"})
     card = DatasetCard.from_template(
         card_data,
-        template_path=str(_template_path(str(template_path) if template_path else None)),
+        template_path=str(card_template_path(template_path)),
         repo_id=repo_id,
         title=pretty_name,
         source=source,
@@ -876,7 +885,7 @@ def render_card(folder: str | Path, template_path: str | Path | None = None) -> 
         threshold=latest["settings"]["threshold"],
         arxiv_id=PAPER_ARXIV_ID,
     )
-    _atomic_write_text(folder / "README.md", str(card))
+    atomic_write_text(folder / "README.md", str(card))
     return card
 
 

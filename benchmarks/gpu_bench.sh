@@ -1,7 +1,9 @@
 #!/bin/bash
 # GPU run of bench_scoring.py on a machine where the checkpoint cannot be copied: random weights of the
 # SmolLM2-135M shape and of a Llama-3.2-1B shape (128,256-token vocabulary), float32 and bfloat16.
-# Usage: OUT=results_dir MODELS_DIR=dir_with_smollm2_and_llama1b_configs bash benchmarks/gpu_bench.sh
+# Usage: python benchmarks/make_bench_configs.py MODELS   (here, where the embedded model is installed)
+#        OUT=results_dir MODELS_DIR=MODELS bash benchmarks/gpu_bench.sh
+# The GSM8K examples come from TRL_PPLMASK_DATA_DIR (or the Hub).
 set -euo pipefail
 OUT=${OUT:-.}
 MODELS_DIR=${MODELS_DIR:?folder holding smollm2/ and llama1b/ (config.json + tokenizer files)}

@@ -6,6 +6,7 @@ cannot take down a shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -403,23 +404,53 @@ time.sleep(60)
 }
 
 
+def _traversable_by_others(directory: Path) -> bool:
+    """Whether any user can reach files in `directory`: every component is world-searchable (o+x)."""
+    path = directory.resolve()
+    try:
+        return all(os.stat(part).st_mode & 0o001 for part in [path, *path.parents])
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _copy_readable_by_others(source: Path):
+    """A copy of `source` in a fresh temporary directory (0755, file 0644) under a world-searchable parent."""
+    candidates = [tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"]
+    parent = next((Path(c) for c in candidates if os.path.isdir(c) and _traversable_by_others(Path(c))), None)
+    if parent is None:
+        pytest.skip(f"no temporary directory among {candidates} is reachable by an unprivileged user")
+    directory = Path(tempfile.mkdtemp(prefix="trl_pplmask_unprivileged_", dir=parent))
+    try:
+        os.chmod(directory, 0o755)
+        copy = directory / source.name
+        shutil.copyfile(source, copy)
+        os.chmod(copy, 0o644)
+        yield copy
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
 def test_unprivileged_mode():
     """The sandbox as a normal user runs it: user, PID and network namespaces where allowed, else the fallbacks."""
     interpreter = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if interpreter is None:
         pytest.skip("no system python3 to run the sandbox as an unprivileged user")
-    completed = subprocess.run(
-        [interpreter, "-I", "-c", _UNPRIVILEGED_DRIVER, str(SANDBOX_FILE), json.dumps(_UNPRIVILEGED_PROBES)],
-        user=65534,
-        group=65534,
-        extra_groups=[],
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin", "HF_TOKEN": "hf_sandbox_test_secret"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # The clone may sit where user 65534 cannot read (CI clones into a mode-0700 folder): run a copy of sandbox.py
+    # from a directory that user can reach
+    with _copy_readable_by_others(SANDBOX_FILE) as sandbox_copy:
+        completed = subprocess.run(
+            [interpreter, "-I", "-c", _UNPRIVILEGED_DRIVER, str(sandbox_copy), json.dumps(_UNPRIVILEGED_PROBES)],
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "HF_TOKEN": "hf_sandbox_test_secret"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout.splitlines()[-1])
     isolation = report["isolation"]

@@ -147,6 +147,27 @@ def test_forgetting_summary_known_case():
     assert zero["tasks"]["a"]["relative_delta"] is None and zero["mean_relative_change"] is None
 
 
+def test_gain_is_signed_positive_is_better():
+    """A lower-is-better target that got worse has a negative gain (the raw delta stays positive), and one that
+    improved a positive gain; intervals are signed the same way."""
+    worse = forgetting_summary(
+        predictions=[1.5, 2.5, 3.5, 1.0, 1.0],
+        references=[1.0, 2.0, 3.0, 1.0, 0.0],
+        tasks=["nll"] * 3 + ["acc"] * 2,
+        target="nll",
+        lower_is_better=["nll"],
+        n_resamples=200,
+    )
+    row = worse["tasks"]["nll"]
+    assert row["delta"] == pytest.approx(0.5) and row["gain"] == pytest.approx(-0.5)
+    assert row["relative_delta"] == pytest.approx(0.25) and row["relative_gain"] == pytest.approx(-0.25)
+    assert worse["target_gain"] == pytest.approx(-0.5) and worse["relative_target_gain"] == pytest.approx(-0.25)
+    assert worse["target_gain_ci"] == row["gain_ci"] == pytest.approx([-0.5, -0.5])
+    assert worse["tasks"]["acc"]["gain"] == worse["tasks"]["acc"]["delta"] == pytest.approx(0.5)
+    better = forgetting_summary([0.5, 1.5], [1.0, 2.0], ["nll", "nll"], target="nll", lower_is_better=["nll"])
+    assert better["target_gain"] == pytest.approx(0.5) and better["relative_target_gain"] == pytest.approx(1 / 3)
+
+
 def test_evaluate_module_loads_offline_by_path(tmp_path):
     """`evaluate.load(<folder>)` in a fresh interpreter with the Hub offline and sockets disabled."""
     script = f"""
@@ -386,6 +407,33 @@ def test_report_files_from_synthetic_results(tmp_path):
     assert summary["non_target_tasks"] == ["arc_challenge_mc"]  # gsm8k_nll is the target's family
     assert summary["mean_relative_change"] == pytest.approx(-1 / 3)
     assert "-33.3%" in markdown
+
+
+def test_report_signs_lower_is_better_target_gain(tmp_path):
+    """An NLL target that got worse is a negative gain in report.json and report.md (and report.png is drawn)."""
+    tasks = [resolve_task("gsm8k_nll"), resolve_task("arc_challenge_mc")]
+    config = EvalConfig(tasks=[t.name for t in tasks], n_resamples=200)
+    models = [ModelSpec("base", "smollm2-135m-instruct", None, True), ModelSpec("ft", "smollm2-135m-instruct")]
+    results = {
+        "base": {
+            "gsm8k_nll": _synthetic_result("base", tasks[0], [1.0, 2.0], [10, 10]),
+            "arc_challenge_mc": _synthetic_result("base", tasks[1], [1, 0]),
+        },
+        "ft": {
+            "gsm8k_nll": _synthetic_result("ft", tasks[0], [1.5, 2.5], [10, 10]),
+            "arc_challenge_mc": _synthetic_result("ft", tasks[1], [1, 1]),
+        },
+    }
+    report = build_report(models, tasks, results, config)
+    paths = write_report(report, tmp_path)
+    summary = json.loads(paths["report.json"].read_text())["forgetting"]["ft"]
+    assert summary["target_gain"] == pytest.approx(-0.5) and summary["relative_target_gain"] == pytest.approx(-1 / 3)
+    markdown = paths["report.md"].read_text()
+    summary_table = markdown[markdown.index("## Forgetting summary") :]
+    assert "| ft | -0.500 [-0.500, -0.500] | -33.3% |" in summary_table
+    assert "gain arc_challenge_mc acc_norm" in summary_table and "+0.500 [" in summary_table
+    assert "2.000 (+0.500)" in markdown  # the results table keeps the raw change next to the ↓ arrow
+    assert paths["report.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1320,6 +1320,10 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}%"
 
 
+def _with_ci(value: float | None, ci: Sequence[float | None]) -> str:
+    return f"{_fmt(value, True)} [{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]"
+
+
 def _arrow(task: dict[str, Any]) -> str:
     return "↑" if task["higher_is_better"] else "↓"
 
@@ -1394,35 +1398,35 @@ def _forgetting_lines(report: dict[str, Any], tasks: list[dict[str, Any]], level
         "",
         f"## Forgetting summary (against {report['base']}, primary metrics)",
         "",
-        "Target gain is the change on the target task; the mean relative change averages the relative change of the "
-        "non-target tasks, signed so that positive is better (negative = forgetting). "
-        f"Deltas show their paired {level} bootstrap interval.",
+        "Every gain is signed so that **positive is better**, whatever the metric's direction (for a ↓ metric such as "
+        "NLL, gain = base − model): a negative gain on a non-target task is forgetting, a negative target gain means "
+        "the target got worse. The mean relative change averages the relative gains of the non-target tasks. "
+        f"Gains show their paired {level} bootstrap interval.",
         "",
         f"| model | {report['target']} gain | relative gain | mean relative change (non-target) | "
-        + " | ".join(f"Δ {t['name']} {t['metrics'][0]}" for t in primary)
+        + " | ".join(f"gain {t['name']} {t['metrics'][0]}" for t in primary)
         + " |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in primary) + " |",
     ]
     for label, summary in report["forgetting"].items():
         target_row = summary["tasks"][report["target"]]
         cells = [
-            f"{_fmt(summary['target_gain'], True)} [{_fmt(target_row['delta_ci'][0], True)}, "
-            f"{_fmt(target_row['delta_ci'][1], True)}]",
+            _with_ci(summary["target_gain"], target_row["gain_ci"]),
             _pct(summary["relative_target_gain"]),
             _pct(summary["mean_relative_change"]),
         ]
-        for t in primary:
-            row = summary["tasks"][t["name"]]
-            cells.append(
-                f"{_fmt(row['delta'], True)} [{_fmt(row['delta_ci'][0], True)}, {_fmt(row['delta_ci'][1], True)}]"
-            )
+        cells += [
+            _with_ci(summary["tasks"][t["name"]]["gain"], summary["tasks"][t["name"]]["gain_ci"]) for t in primary
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
     """`report.png`: grouped bars (one group per task's primary metric, one bar per model) with bootstrap
-    intervals; lower-is-better metrics (NLL) get their own panel."""
+    intervals; lower-is-better metrics (NLL, KL) get their own panel. With fine-tuned models, a second row shows each
+    model's gain against the base with its paired interval, signed so that positive is better (up = better in
+    every panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1432,10 +1436,26 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     panels = [[t for t in tasks if t["higher_is_better"]], [t for t in tasks if not t["higher_is_better"]]]
     panels = [p for p in panels if p]
     labels = list(report["results"])
+    gains = report.get("forgetting") or {}
+    n_rows = 2 if gains else 1
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(labels)) / 2 + 2), 4.2), squeeze=False
+        n_rows,
+        len(panels),
+        figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(labels)) / 2 + 2), 4.2 * n_rows),
+        squeeze=False,
     )
     width = 0.8 / len(labels)
+
+    def ticks(ax, panel):
+        ax.set_xticks(np.arange(len(panel)))
+        ax.set_xticklabels(
+            [
+                f"{t['name']}\n({t['metrics'][0]})" + ("\n[target]" if t["name"] == report["target"] else "")
+                for t in panel
+            ]
+        )
+        ax.grid(axis="y", alpha=0.3)
+
     for ax, panel in zip(axes[0], panels):
         x = np.arange(len(panel))
         top = 0.0
@@ -1453,16 +1473,25 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
             ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=2)
             top = max(top, max(v + h for v, h in zip(values, highs)))
         ax.set_ylim(0, max(top * 1.15, 0.1))  # zero scores still show an axis, and the value labels fit
-        ax.set_xticks(x)
-        ax.set_xticklabels(
-            [
-                f"{t['name']}\n({t['metrics'][0]})" + ("\n[target]" if t["name"] == report["target"] else "")
-                for t in panel
-            ]
-        )
-        ax.set_ylabel("higher is better" if panel[0]["higher_is_better"] else "lower is better (NLL per token)")
-        ax.grid(axis="y", alpha=0.3)
+        ticks(ax, panel)
+        ax.set_ylabel("higher is better" if panel[0]["higher_is_better"] else "lower is better (per token)")
     axes[0][0].legend(fontsize="small")
+    if gains:
+        gain_width = 0.8 / len(gains)
+        for ax, panel in zip(axes[1], panels):
+            x = np.arange(len(panel))
+            for k, (label, summary) in enumerate(gains.items()):
+                rows = [summary["tasks"][t["name"]] for t in panel]
+                values = [r["gain"] if r["gain"] is not None else 0.0 for r in rows]
+                lows = [v - (r["gain_ci"][0] if r["gain_ci"][0] is not None else v) for v, r in zip(values, rows)]
+                highs = [(r["gain_ci"][1] if r["gain_ci"][1] is not None else v) - v for v, r in zip(values, rows)]
+                offsets = x + (k - (len(gains) - 1) / 2) * gain_width
+                color = f"C{labels.index(label)}" if label in labels else None
+                bars = ax.bar(offsets, values, gain_width, yerr=[lows, highs], capsize=3, label=label, color=color)
+                ax.bar_label(bars, fmt="%+.3f", fontsize="x-small", padding=2)
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ticks(ax, panel)
+            ax.set_ylabel(f"gain vs {report['base']} (positive = better)")
     level = f"{100 * report['settings']['confidence']:g}%"
     fig.suptitle(f"Target {report['target']}: models against {report['base']} ({level} bootstrap intervals)")
     fig.tight_layout()

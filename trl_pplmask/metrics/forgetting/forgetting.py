@@ -20,10 +20,14 @@ the number of reference tokens for a token-weighted NLL):
 
 - `score = sum(w x) / sum(w)`, `base = sum(w b) / sum(w)`, `delta = score - base`, `relative_delta = delta / |base|`
   (`None` when `base == 0`). These are raw differences: for a lower-is-better task a negative delta is an improvement.
-- Target gain: `delta` and `relative_delta` of the target task.
-- Mean relative change over non-target tasks: the mean of `relative_delta` over the tasks that are not the target
-  (nor in `target_family`), each signed so that **positive means better** (multiplied by -1 for lower-is-better
-  tasks). A negative value is forgetting; this is the backward-transfer style summary of the paper.
+- Gain: the same change **signed so that positive means better**: `gain = delta` for a higher-is-better task and
+  `gain = -delta` for a lower-is-better one (an NLL that went down is a positive gain); likewise `relative_gain` and
+  `gain_ci`. A negative gain on a non-target task is forgetting.
+- Target gain: `gain` and `relative_gain` of the target task (positive = the target improved, whatever its metric's
+  direction), with its paired interval `target_gain_ci`.
+- Mean relative change over non-target tasks: the mean of `relative_gain` over the tasks that are not the target
+  (nor in `target_family`), so that **positive means better**. A negative value is forgetting; this is the
+  backward-transfer style summary of the paper.
 - Bootstrap intervals: items are resampled with replacement, `n_resamples` times with a seeded generator, the same
   indices for the base and the fine-tuned model (a paired bootstrap), and the percentile interval at `confidence`
   is reported for `score`, `base` and `delta`.
@@ -57,9 +61,10 @@ Args:
     seed (`int`, *optional*, defaults to 0): Seed of the bootstrap's random generator.
 
 Returns:
-    `dict` with `target`, `target_gain`, `relative_target_gain`, `mean_relative_change` (non-target, positive is
-    better), `non_target_tasks`, and `tasks`: for each task `n`, `score`, `base`, `delta`, `relative_delta`,
-    `higher_is_better`, and `score_ci`, `base_ci`, `delta_ci` as `[low, high]`.
+    `dict` with `target`, `target_gain`, `relative_target_gain`, `target_gain_ci` (positive is better, whatever the
+    target metric's direction), `mean_relative_change` (non-target, positive is better), `non_target_tasks`, and
+    `tasks`: for each task `n`, `score`, `base`, `delta`, `relative_delta` (raw), `gain`, `relative_gain` (signed,
+    positive is better), `higher_is_better`, and `score_ci`, `base_ci`, `delta_ci`, `gain_ci` as `[low, high]`.
 
 Example:
     >>> forgetting = evaluate.load("trl_pplmask/metrics/forgetting")
@@ -177,16 +182,21 @@ def task_comparison(
     indices = bootstrap_indices(len(scores), n_resamples, seed)
     score_samples = _resampled_means(scores, weights, indices)
     base_samples = _resampled_means(base, weights, indices)
+    sign = 1.0 if higher_is_better else -1.0
+    relative = _relative(delta, base_value)
     return {
         "n": int(len(scores)),
         "score": _clean(score_value),
         "base": _clean(base_value),
         "delta": _clean(delta),
-        "relative_delta": _relative(delta, base_value),
+        "relative_delta": relative,
+        "gain": _clean(sign * delta),
+        "relative_gain": None if relative is None else sign * relative,
         "higher_is_better": higher_is_better,
         "score_ci": [_clean(v) for v in _percentiles(score_samples, confidence)],
         "base_ci": [_clean(v) for v in _percentiles(base_samples, confidence)],
         "delta_ci": [_clean(v) for v in _percentiles(score_samples - base_samples, confidence)],
+        "gain_ci": [_clean(v) for v in _percentiles(sign * (score_samples - base_samples), confidence)],
     }
 
 
@@ -235,16 +245,13 @@ def forgetting_summary(
         )
     excluded = {target, *target_family}
     non_target = [name for name in names if name not in excluded]
-    changes = [
-        per_task[name]["relative_delta"] * (1 if per_task[name]["higher_is_better"] else -1)
-        for name in non_target
-        if per_task[name]["relative_delta"] is not None
-    ]
+    changes = [per_task[name]["relative_gain"] for name in non_target if per_task[name]["relative_gain"] is not None]
     target_row = per_task.get(target, {})
     return {
         "target": target,
-        "target_gain": target_row.get("delta"),
-        "relative_target_gain": target_row.get("relative_delta"),
+        "target_gain": target_row.get("gain"),
+        "relative_target_gain": target_row.get("relative_gain"),
+        "target_gain_ci": target_row.get("gain_ci"),
         "mean_relative_change": float(np.mean(changes)) if changes else None,
         "non_target_tasks": non_target,
         "n_averaged": len(changes),

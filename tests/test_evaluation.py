@@ -524,3 +524,134 @@ def test_cli_eval_bad_input(tmp_path, data_dir, capsys):
     assert main(["eval", "--adapter", other, "--tasks", "gsm8k", "--output", str(tmp_path)]) == 2
     assert "was trained on 'google/gemma-2-2b-it'" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Drift: KL(base || tuned) on the base model's own answers
+# --------------------------------------------------------------------------------------------------------------------
+def _perturbed(model, seed: int = 1, scale: float = 0.05):
+    import copy
+
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return other
+
+
+_SEQUENCES = [[5, 17, 300, 42, 9, 1000, 77, 3], [8, 9, 10, 11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409]]
+_N_PROMPT = [3, 1, 6]
+
+
+def test_drift_of_a_model_against_itself_is_zero():
+    from peft import LoraConfig, get_peft_model
+
+    from trl_pplmask.drift import token_drift
+
+    model = tiny_llama(initializer_range=0.3)
+    alone = token_drift(model, None, _SEQUENCES, _N_PROMPT, max_tokens_per_batch=16)
+    twin = token_drift(model, _perturbed(model, scale=0.0), _SEQUENCES, _N_PROMPT, max_tokens_per_batch=16)
+    # An untrained LoRA adapter (B = 0) against the same model with the adapter disabled
+    peft_model = get_peft_model(tiny_llama(initializer_range=0.3), LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    disabled = token_drift(peft_model, peft_model, _SEQUENCES, _N_PROMPT)
+    for values in (alone, twin, disabled):
+        assert [len(v["kl"]) for v in values] == [len(s) - n for s, n in zip(_SEQUENCES, _N_PROMPT)]
+        for v in values:
+            assert np.all(v["kl"] == 0.0)
+            np.testing.assert_allclose(v["entropy"], v["base_entropy"], rtol=0, atol=1e-6)
+            assert np.all(v["entropy"] > 0)
+
+
+def test_drift_kl_and_entropy_match_full_softmax():
+    """Chunked KL (many chunks, several padded batches) equals a full-softmax reference to 1e-5, for a separate base
+    model and for a PEFT model against itself with its adapter disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    from trl_pplmask.drift import token_drift
+
+    base = tiny_llama(initializer_range=0.3)
+    tuned = _perturbed(base)
+    got = token_drift(tuned, base, _SEQUENCES, _N_PROMPT, max_tokens_per_batch=12, logits_chunk_bytes=4 * 49152 * 2)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(tiny_llama(initializer_range=0.3), lora).eval()
+    got_peft = token_drift(peft_model, peft_model, _SEQUENCES, _N_PROMPT, logits_chunk_bytes=4 * 49152 * 3)
+
+    def reference(base_model, tuned_model, sequence, n_prompt):
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            log_p = torch.log_softmax(base_model(ids).logits[0, n_prompt - 1 : -1].float(), dim=-1)
+            log_q = torch.log_softmax(tuned_model(ids).logits[0, n_prompt - 1 : -1].float(), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return kl, -(log_p.exp() * log_p).sum(-1), -(log_q.exp() * log_q).sum(-1)
+
+    for sequence, n_prompt, values, values_peft in zip(_SEQUENCES, _N_PROMPT, got, got_peft):
+        kl, base_entropy, entropy = reference(base, tuned, sequence, n_prompt)
+        assert kl.min() > 1e-4  # the perturbation moved every position
+        np.testing.assert_allclose(values["kl"], kl.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(values["base_entropy"], base_entropy.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(values["entropy"], entropy.numpy(), rtol=0, atol=1e-5)
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            with peft_model.disable_adapter():
+                log_p = torch.log_softmax(peft_model(ids).logits[0, n_prompt - 1 : -1].float(), dim=-1)
+            log_q = torch.log_softmax(peft_model(ids).logits[0, n_prompt - 1 : -1].float(), dim=-1)
+        kl_peft = (log_p.exp() * (log_p - log_q)).sum(-1)
+        assert kl_peft.min() > 1e-6
+        np.testing.assert_allclose(values_peft["kl"], kl_peft.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(values_peft["base_entropy"], -(log_p.exp() * log_p).sum(-1).numpy(), atol=1e-5)
+
+
+def _tiny_model_folder(path: Path, model) -> str:
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_drift_task_end_to_end(tmp_path, data_dir):
+    """`<task>_drift` through `run_evaluation`: base KL 0, an adapter (adapter disabled as base) and a full model
+    (separately loaded base) drift, base answers generated once and cached, results cached per model."""
+    from peft import LoraConfig, get_peft_model
+
+    from trl_pplmask.evaluation import run_evaluation
+
+    base_model = tiny_llama(initializer_range=0.3)
+    base = _tiny_model_folder(tmp_path / "base", base_model)
+    full = _tiny_model_folder(tmp_path / "full", _perturbed(base_model))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(_perturbed(base_model, scale=0.0), lora)
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    peft_model.save_pretrained(tmp_path / "lora")
+    specs = build_model_specs(base, [f"lora={tmp_path / 'lora'}"], [f"full={full}"])
+    config = EvalConfig(
+        tasks=["arc_challenge_drift", "mbpp_drift"],
+        limit=2,
+        drift_max_new_tokens=6,
+        cache_dir=str(tmp_path / "cache"),
+        n_resamples=50,
+        show_progress=False,
+        device="cpu",
+        dtype="float32",
+    )
+    report = run_evaluation(specs, config, tmp_path / "report")
+    results = report["results"]
+    assert results["base"]["arc_challenge_drift"]["metrics"]["kl"] == 0.0
+    for label in ("lora", "full"):
+        for task in ("arc_challenge_drift", "mbpp_drift"):
+            assert results[label][task]["metrics"]["kl"] > 0
+    assert results["lora"]["mbpp_drift"]["stats"]["base"] == "adapter disabled"
+    assert results["full"]["mbpp_drift"]["stats"]["base"] == "loaded separately"
+    assert results["lora"]["mbpp_drift"]["stats"]["answers_cached"]  # generated once, for the base row
+    base_items = results["base"]["arc_challenge_drift"]["items"]
+    for item, full_item in zip(base_items, results["full"]["arc_challenge_drift"]["items"]):
+        assert 1 <= item["weight"] <= 6 and item["base_answer"] == full_item["base_answer"]
+        assert full_item["base_entropy"] == pytest.approx(item["scores"]["entropy"], abs=1e-5)
+    assert len(list((tmp_path / "cache" / "drift_answers").glob("*.json"))) == 2
+    gains = report["forgetting"]["full"]["tasks"]["mbpp_drift"]
+    assert gains["gain"] < 0 and gains["relative_gain"] is None  # drift is a loss; the base's KL is 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "arc_challenge_drift kl ↓" in markdown and "arc_challenge_drift entropy ·" in markdown
+    again = run_evaluation(specs, config)
+    assert all(r["cached"] for by_task in again["results"].values() for r in by_task.values())

@@ -12,6 +12,10 @@
 | `humaneval` | greedy generation, `check(entry_point)` in the sandbox | `pass@1` | test |
 | `arc_challenge_mc` | log-likelihood multiple choice | `acc_norm`, `acc` | test |
 | `<task>_nll` (any task above) | per-token NLL of the reference completions (lower is better) | `nll` | as the task |
+| `<task>_drift` (any task above) | per-token KL(base ‖ model) on base greedy answers | `kl`, `entropy` | as the task |
+
+`<task>_drift` also reports each model's mean predictive entropy at those positions (`entropy`, no better direction);
+see [`trl_pplmask.drift`].
 
 Generation tasks use the paper's prompts from [`~trl_pplmask.data.load_task`] under the model's chat template and
 the answer checkers of [`trl_pplmask.verifiers`]; an output with no parseable answer is counted as wrong. Generation is
@@ -113,6 +117,8 @@ class EvalConfig:
             Split per data set, overriding `DEFAULT_SPLITS` (e.g. `{"mbpp": "train"}`).
         max_new_tokens (`int`, *optional*, defaults to `512`):
             Generation budget per answer; an answer cut off there is checked as it is.
+        drift_max_new_tokens (`int`, *optional*, defaults to `96`):
+            Generation budget of the base model's answers that `<task>_drift` scores.
         max_tokens_per_batch (`int`, *optional*):
             Token budget of a batch, padding and generated tokens included. Defaults to 4096 on CPU and 65536 on
             accelerators.
@@ -147,6 +153,7 @@ class EvalConfig:
     limit: int | None = None
     splits: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int = 512
+    drift_max_new_tokens: int = 96
     max_tokens_per_batch: int | None = None
     max_batch_size: int = 64
     dtype: str = "auto"
@@ -177,6 +184,8 @@ class EvalConfig:
             raise ValueError(f"limit must be positive, got {self.limit}.")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}.")
+        if self.drift_max_new_tokens <= 0:
+            raise ValueError(f"drift_max_new_tokens must be positive, got {self.drift_max_new_tokens}.")
         if self.backend not in ("builtin", "lm-eval"):
             raise ValueError(f"Unknown backend {self.backend!r}; use 'builtin' or 'lm-eval'.")
         unknown = sorted(set(self.splits) - set(TASKS))
@@ -195,6 +204,7 @@ class EvalTask:
         split (`str`): Split it reads.
         metrics (`tuple[str, ...]`): Metric names; the first is the primary one (table, forgetting summary, figure).
         higher_is_better (`bool`): Whether the primary metric improves upwards.
+        undirected (`tuple[str, ...]`): Secondary metrics with no better direction (a drift task's `entropy`).
     """
 
     name: str
@@ -203,6 +213,7 @@ class EvalTask:
     split: str
     metrics: tuple[str, ...]
     higher_is_better: bool = True
+    undirected: tuple[str, ...] = ()
 
     @property
     def primary(self) -> str:
@@ -211,7 +222,12 @@ class EvalTask:
 
 def available_tasks() -> list[str]:
     """Every accepted task name."""
-    return [*GENERATION_TASKS, "arc_challenge_mc", *(f"{name}_nll" for name in TASKS)]
+    return [
+        *GENERATION_TASKS,
+        "arc_challenge_mc",
+        *(f"{name}_nll" for name in TASKS),
+        *(f"{name}_drift" for name in TASKS),
+    ]
 
 
 def resolve_task(name: str, splits: dict[str, str] | None = None) -> EvalTask:
@@ -231,6 +247,10 @@ def resolve_task(name: str, splits: dict[str, str] | None = None) -> EvalTask:
     if name.endswith("_nll") and name.removesuffix("_nll") in TASKS:
         dataset = name.removesuffix("_nll")
         return EvalTask(name, "nll", dataset, splits.get(dataset, DEFAULT_SPLITS[dataset]), ("nll",), False)
+    if name.endswith("_drift") and name.removesuffix("_drift") in TASKS:
+        dataset = name.removesuffix("_drift")
+        split = splits.get(dataset, DEFAULT_SPLITS[dataset])
+        return EvalTask(name, "drift", dataset, split, ("kl", "entropy"), False, ("entropy",))
     raise ValueError(f"Unknown task {name!r}; choose from {available_tasks()}.")
 
 
@@ -486,6 +506,7 @@ def generate_greedy(
     max_batch_size: int = 64,
     show_progress: bool = True,
     desc: str = "Generating",
+    return_tokens: bool = False,
 ) -> list[dict[str, Any]]:
     """Greedy completions of already formatted prompts, batched with left padding under a token budget.
 
@@ -498,6 +519,8 @@ def generate_greedy(
         max_batch_size (`int`, *optional*, defaults to `64`): Most prompts per batch.
         show_progress (`bool`, *optional*, defaults to `True`): Show a progress bar.
         desc (`str`, *optional*): Progress bar label.
+        return_tokens (`bool`, *optional*, defaults to `False`): Also return the generated token ids (`tokens`, the
+            EOS token included when generation stopped there).
 
     Returns:
         `list[dict]`: per prompt, `output` (text), `new_tokens` and `truncated` (stopped by the budget).
@@ -525,7 +548,7 @@ def generate_greedy(
                 input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=config
             )
             for row, i in enumerate(batch):
-                results[i] = _decode_new(tokenizer, out[row, longest:].tolist(), stop)
+                results[i] = _decode_new(tokenizer, out[row, longest:].tolist(), stop, return_tokens)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -533,14 +556,17 @@ def generate_greedy(
     return results
 
 
-def _decode_new(tokenizer, tokens: list[int], stop: set[int]) -> dict[str, Any]:
+def _decode_new(tokenizer, tokens: list[int], stop: set[int], return_tokens: bool = False) -> dict[str, Any]:
     end = next((k for k, t in enumerate(tokens) if t in stop), None)
     kept = tokens if end is None else tokens[:end]
-    return {
+    out = {
         "output": tokenizer.decode(kept, skip_special_tokens=True),
         "new_tokens": len(kept) + (end is not None),
         "truncated": end is None,
     }
+    if return_tokens:
+        out["tokens"] = tokens if end is None else tokens[: end + 1]
+    return out
 
 
 def render_prompts(tokenizer, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -990,7 +1016,14 @@ def _task_settings(task: EvalTask, config: EvalConfig, device: str) -> dict[str,
             settings["code_timeout"] = config.code_timeout
     if task.kind == "nll":
         settings["nll_max_length"] = config.nll_max_length
+    if task.kind == "drift":
+        settings.update(drift_max_new_tokens=config.drift_max_new_tokens, max_batch_size=config.max_batch_size)
     return settings
+
+
+def eval_cache_root(config: EvalConfig) -> Path:
+    """The folder of cached results: `config.cache_dir`, else `<TRL_PPLMASK_CACHE>/eval`."""
+    return Path(config.cache_dir) if config.cache_dir else cache_dir() / "eval"
 
 
 class ResultCache:
@@ -1050,8 +1083,10 @@ def _evaluate_model(
     rows: dict[str, list[dict[str, Any]]],
     config: EvalConfig,
     notes: list[str],
+    base: ModelSpec | None = None,
 ) -> dict[str, TaskResult]:
-    """Evaluate one model on the tasks that missed the cache; the model is loaded only if a builtin task needs it."""
+    """Evaluate one model on the tasks that missed the cache; the model is loaded only if a builtin task needs it.
+    `base` is the report's base model, the reference of drift tasks (defaults to `spec` itself)."""
     results: dict[str, TaskResult] = {}
     builtin = []
     for task, backend in tasks:
@@ -1076,7 +1111,12 @@ def _evaluate_model(
     try:
         for task in builtin:
             start = time.perf_counter()
-            items, stats = EVALUATORS[task.kind](model, tokenizer, task, rows[task.name], config, spec.label)
+            if task.kind == "drift":
+                from .drift import evaluate_drift
+
+                items, stats = evaluate_drift(model, tokenizer, task, rows[task.name], config, spec, base or spec)
+            else:
+                items, stats = EVALUATORS[task.kind](model, tokenizer, task, rows[task.name], config, spec.label)
             results[task.name] = TaskResult(
                 spec.label,
                 task.name,
@@ -1118,15 +1158,19 @@ def run_evaluation(
     tasks = [resolve_task(name, config.splits) for name in config.tasks]
     # Rows are loaded once and shared by every model; a --limit beyond a split fails here, before any model runs
     rows = {task.name: load_eval_rows(task, config.limit) for task in tasks}
-    cache = ResultCache(Path(config.cache_dir) if config.cache_dir else cache_dir() / "eval", config.use_cache)
+    cache = ResultCache(eval_cache_root(config), config.use_cache)
     device = _device(config)
     notes: list[str] = []
     fingerprints = {task.name: rows_fingerprint(rows[task.name]) for task in tasks}
     by_name = {task.name: task for task in tasks}
     results: dict[str, dict[str, TaskResult]] = {}
 
+    base_identity = model_identity(models[0])
+
     def key(identity: str, task: EvalTask, backend: str) -> str:
         settings = _task_settings(task, config, device)
+        if task.kind == "drift":  # a drift result is relative to the base model
+            settings["base_identity"] = base_identity
         return cache.key(identity, task, config.limit, fingerprints[task.name], settings, backend)
 
     for spec in models:
@@ -1144,7 +1188,7 @@ def run_evaluation(
             else:
                 todo.append((task, backend))
         logger.info("%s: %d task(s) cached, %d to evaluate.", spec.label, len(tasks) - len(todo), len(todo))
-        for name, result in _evaluate_model(spec, todo, rows, config, notes).items():
+        for name, result in _evaluate_model(spec, todo, rows, config, notes, models[0]).items():
             # Keyed by the backend that produced it: a builtin fallback is not cached as an lm-eval result
             cache.save(key(identity, by_name[name], result.backend), result)
             results[spec.label][name] = result
@@ -1324,7 +1368,9 @@ def _with_ci(value: float | None, ci: Sequence[float | None]) -> str:
     return f"{_fmt(value, True)} [{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]"
 
 
-def _arrow(task: dict[str, Any]) -> str:
+def _arrow(task: dict[str, Any], metric: str | None = None) -> str:
+    if metric is not None and metric in task.get("undirected", ()):
+        return "·"  # no better direction (e.g. a drift task's predictive entropy)
     return "↑" if task["higher_is_better"] else "↓"
 
 
@@ -1347,10 +1393,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        "Rows are models, columns are task metrics (↑ higher is better, ↓ lower is better); "
+        "Rows are models, columns are task metrics (↑ higher is better, ↓ lower is better, · neither); "
         f"fine-tuned models show the change against {base} in parentheses.",
         "",
-        "| model | " + " | ".join(f"{t['name']} {m} {_arrow(t)}" for t, m in columns) + " |",
+        "| model | " + " | ".join(f"{t['name']} {m} {_arrow(t, m)}" for t, m in columns) + " |",
         "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
     for label, by_task in results.items():
@@ -1532,6 +1578,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         splits=_split_overrides(args.split or []),
         max_new_tokens=args.max_new_tokens,
+        drift_max_new_tokens=args.drift_max_new_tokens,
         max_tokens_per_batch=args.max_tokens_per_batch,
         max_batch_size=args.max_batch_size,
         dtype=args.dtype,
@@ -1580,6 +1627,9 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--split", action="append", metavar="DATASET=SPLIT", help="Split override (repeatable).")
     parser.add_argument("--output", default="eval_report", help="Folder of report.json, report.md, report.png.")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="Generation budget per answer.")
+    parser.add_argument(
+        "--drift-max-new-tokens", type=int, default=96, help="Budget of the base answers scored by <task>_drift."
+    )
     parser.add_argument("--max-tokens-per-batch", type=int, help="Token budget of a batch (default: by device).")
     parser.add_argument("--max-batch-size", type=int, default=64, help="Most prompts per generation batch.")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")

@@ -56,6 +56,10 @@ class PplMaskCollator:
             Forwarded to `DataCollatorForLanguageModeling`.
         pad_to_multiple_of (`int`, *optional*):
             Forwarded to `DataCollatorForLanguageModeling`.
+        return_dropped (`bool`, *optional*, defaults to `False`):
+            Add a `pplmask_dropped` bool tensor to the batch, `True` on the trainable tokens this collator dropped from
+            the loss. Only for trainers that consume it (the anchored objective of [`AnchoredSFTTrainer`]); a model's
+            forward would reject the extra key.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class PplMaskCollator:
         seed: int = 0,
         padding_free: bool = False,
         pad_to_multiple_of: int | None = None,
+        return_dropped: bool = False,
     ):
         self.config = config or PplMaskConfig(strategy=strategy, threshold=threshold, fraction=fraction, seed=seed)
         self.reference_model = reference_model
@@ -76,6 +81,11 @@ class PplMaskCollator:
         if pad_token_id is None:
             raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
         self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_dropped = return_dropped
+        self.totals = {"completion_tokens": 0, "masked_tokens": 0, "completion_nll_sum": 0.0, "examples": 0,
+                       "examples_fully_masked": 0}  # fmt: skip
         self.padder = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
         )
@@ -99,7 +109,7 @@ class PplMaskCollator:
     def __call__(self, examples: list[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if not examples:
             raise ValueError("PplMaskCollator received an empty batch.")
-        nlls = self._batch_nlls(examples)
+        nlls, entropies = self._batch_nlls(examples)
         threshold = None
         if self.config.strategy == "fraction":
             threshold = resolve_fraction_threshold(
@@ -108,10 +118,48 @@ class PplMaskCollator:
             )  # fmt: skip
         features = []
         for i, (example, nll) in enumerate(zip(examples, nlls)):
-            features.append(self._mask_example(example, nll, threshold, i))
-        return self.padder(features, return_tensors)
+            entropy = None if entropies is None else entropies[i]
+            features.append(self._mask_example(example, nll, threshold, i, entropy))
+        dropped = [self._count_example(ex, feature, nll) for ex, feature, nll in zip(examples, features, nlls)]
+        batch = self.padder(features, return_tensors)
+        if self.return_dropped:
+            batch["pplmask_dropped"] = self._pad_like_labels(dropped, batch["labels"])
+        return batch
 
-    def _mask_example(self, example: dict[str, Any], nll: np.ndarray, threshold: float | None, i: int) -> dict:
+    def _count_example(self, example: dict[str, Any], feature: dict[str, Any], nll: np.ndarray) -> np.ndarray:
+        # Cumulative totals (never reset) feed the per-epoch statistics of `trl-pplmask sft`; the dropped positions
+        # feed the anchored objective
+        labels = np.asarray(example.get("labels", example["input_ids"]))
+        trainable = trainable_positions(labels, example.get(TRAINABLE_COLUMN))
+        dropped = trainable & (np.asarray(feature["labels"]) == IGNORE_INDEX)
+        self.totals["examples"] += 1
+        self.totals["completion_tokens"] += int(trainable.sum())
+        self.totals["masked_tokens"] += int(dropped.sum())
+        self.totals["examples_fully_masked"] += int(trainable.any() and dropped.sum() == trainable.sum())
+        self.totals["completion_nll_sum"] += float(np.asarray(nll, dtype=np.float64)[trainable].sum())
+        return dropped
+
+    def _pad_like_labels(self, rows: list[np.ndarray], labels: torch.Tensor) -> torch.Tensor:
+        """Right-pad (or, padding-free, concatenate) per-example bool rows to the shape of the padded labels."""
+        out = torch.zeros(labels.shape, dtype=torch.bool)
+        if self.padding_free:
+            flat = np.concatenate(rows) if rows else np.zeros(0, dtype=bool)
+            out[0, : flat.size] = torch.from_numpy(flat)
+        else:
+            for i, row in enumerate(rows):
+                out[i, : row.size] = torch.from_numpy(row)
+        return out
+
+    def cumulative_stats(self) -> dict[str, float | int]:
+        """Totals over every batch collated so far (not reset by logging), with the masked fraction."""
+        totals = dict(self.totals)
+        n = totals["completion_tokens"]
+        totals["masked_fraction"] = totals["masked_tokens"] / n if n else 0.0
+        return totals
+
+    def _mask_example(
+        self, example: dict[str, Any], nll: np.ndarray, threshold: float | None, i: int, entropy: np.ndarray | None
+    ) -> dict:
         input_ids = np.asarray(example["input_ids"])
         labels = np.asarray(example.get("labels", example["input_ids"]))
         trainable = trainable_positions(labels, example.get(TRAINABLE_COLUMN))
@@ -124,7 +172,7 @@ class PplMaskCollator:
             dpf_nll = check_nll(example[self.config.dpf_nll_column], example["input_ids"], f"Example {i}: ")
         mask = compute_mask(
             nll, labels, self.config, trainable_mask=trainable.astype(np.int8), dpf_nll=dpf_nll,
-            row_id=int(example.get("row_id", i)), threshold=threshold,
+            token_entropy=entropy, row_id=int(example.get("row_id", i)), threshold=threshold,
         )  # fmt: skip
         # Tokens masked in a pre-masked dataset carry -100: restore them from input_ids, then mask anew
         restored = np.where(trainable, np.where(labels != IGNORE_INDEX, labels, input_ids), IGNORE_INDEX)
@@ -136,11 +184,16 @@ class PplMaskCollator:
             feature["seq_lengths"] = example["seq_lengths"]
         return feature
 
-    def _batch_nlls(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _batch_nlls(self, examples: list[dict[str, Any]]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """`(nlls, entropies)` of the batch: from the examples' columns, else scored on the fly in one pass.
+
+        Entropies are `None` unless the strategy needs them.
+        """
         column = self.config.nll_column
         present = [column in ex and ex[column] is not None for ex in examples]
         if all(present):
-            return [check_nll(ex[column], ex["input_ids"], f"Example {i}: ") for i, ex in enumerate(examples)]
+            nlls = [check_nll(ex[column], ex["input_ids"], f"Example {i}: ", column) for i, ex in enumerate(examples)]
+            return nlls, self._column_entropies(examples) if self.config.needs_entropy else None
         if any(present):
             raise ValueError(f"Some examples of the batch have `{column}` and others do not; score the whole dataset.")
         if self.reference_model is None:
@@ -151,24 +204,42 @@ class PplMaskCollator:
             )
         return self._score_on_the_fly(examples)
 
-    def _score_on_the_fly(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _column_entropies(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
+        column = self.config.entropy_column
+        if not all(column in ex and ex[column] is not None for ex in examples):
+            raise ValueError(
+                f"Strategy {self.config.strategy!r} needs the per-token entropies in column {column!r}, which the "
+                f"batch lacks: rescore the dataset with `trl-pplmask score` (it writes `token_entropy` next to "
+                f"`token_nll`) and keep the column (`remove_unused_columns=False` in SFTConfig), or drop "
+                f"`{self.config.nll_column}` and pass `reference_model=` to score NLLs and entropies on the fly."
+            )
+        return [check_nll(ex[column], ex["input_ids"], f"Example {i}: ", column) for i, ex in enumerate(examples)]
+
+    def _score_on_the_fly(self, examples: list[dict[str, Any]]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         model = self.reference_model
         device = next(model.parameters()).device
         padded = self.padder(
             [{"input_ids": ex["input_ids"], "labels": ex.get("labels", ex["input_ids"])} for ex in examples]
         )
         score_mask = padded["labels"] != IGNORE_INDEX
+        with_entropy = self.config.needs_entropy
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), adapter_context(model, disable_adapter=True):
-                nll = batch_token_nll(
-                    model, padded["input_ids"].to(device), padded["attention_mask"].to(device), score_mask.to(device)
-                )
+                # The entropy comes from the same LM-head pass as the NLL, only when the strategy reads it
+                out = batch_token_nll(
+                    model, padded["input_ids"].to(device), padded["attention_mask"].to(device), score_mask.to(device),
+                    return_entropy=with_entropy,
+                )  # fmt: skip
         finally:
             model.train(was_training)
-        nll = nll.cpu().numpy()
-        return [nll[i, : len(ex["input_ids"])].astype(np.float64) for i, ex in enumerate(examples)]
+        nll, entropy = (t.cpu().numpy() for t in out) if with_entropy else (out.cpu().numpy(), None)
+
+        def rows(values: np.ndarray) -> list[np.ndarray]:
+            return [values[i, : len(ex["input_ids"])].astype(np.float64) for i, ex in enumerate(examples)]
+
+        return rows(nll), None if entropy is None else rows(entropy)
 
 
 class PplMaskCallback(TrainerCallback):

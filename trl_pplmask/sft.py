@@ -1,0 +1,510 @@
+"""`trl-pplmask sft`: `trl sft` with Selective Token Masking, on any dataset, scored on the fly or beforehand.
+
+```bash
+trl-pplmask sft --config recipes/gsm8k-stm-online-smollm2-135m-cpu.yaml          # any `trl sft` recipe works too
+accelerate launch -m trl_pplmask.cli sft --config recipe.yaml --pplmask_strategy threshold --pplmask_threshold 2.5
+```
+
+It parses exactly what `trl sft` parses (TRL's own `TrlParser` with `ScriptArguments`, `SFTConfig`, `ModelConfig` and
+`DatasetMixtureConfig`, from a YAML `--config` and flags) plus [`PplMaskArguments`], and follows the flow of TRL's
+`scripts/sft.py`; the differences are the collator ([`PplMaskCollator`] + [`PplMaskCallback`]), the reference model,
+optional pre-scoring of the prepared training set, and `pplmask_config.json` written next to the saved model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .masking import STRATEGIES, PplMaskConfig
+
+
+CONFIG_FILE = "pplmask_config.json"
+
+
+@dataclass
+class PplMaskArguments:
+    """Mask settings of `trl-pplmask sft`, next to the `trl sft` arguments (the `pplmask_` prefix keeps them apart).
+
+    Args:
+        pplmask_strategy (`str`, *optional*, defaults to `"threshold"`):
+            Mask strategy of `masking.py` (`threshold` is STM), or `none` to train exactly what `trl sft` trains.
+        pplmask_threshold (`float`, *optional*, defaults to `2.5`):
+            Perplexity threshold (the paper's 2.5).
+        pplmask_fraction (`float`, *optional*):
+            Fraction of completion tokens to mask, for strategy `fraction`.
+        pplmask_seed (`int`, *optional*, defaults to `0`):
+            Seed of strategy `random`.
+        pplmask_entropy_threshold (`float`, *optional*, defaults to `1.0`):
+            Entropy threshold (nats) of strategy `stm_entropy`.
+        pplmask_reference (`str`, *optional*, defaults to `"base"`):
+            Model whose per-token NLLs decide the mask. `base`: the model before training (with PEFT, the trained
+            model with its adapter disabled, no second copy; without PEFT, a frozen copy). Or a Hub id / local path
+            of another model with the same tokenizer.
+        pplmask_prescore (`bool`, *optional*, defaults to `False`):
+            Score the whole prepared training set once before training (cached on disk by content), instead of each
+            batch on the fly. Reports the rows the mask empties before any training step.
+        pplmask_max_tokens_per_batch (`int`, *optional*):
+            Token budget of a pre-scoring batch (default: by device).
+        pplmask_anchor (`bool`, *optional*, defaults to `False`):
+            Anchored STM: masked tokens are trained toward the base model's prediction by a KL term instead of
+            leaving the loss (see `trl_pplmask.anchor`).
+        pplmask_anchor_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of `KL(p_base || p_model)` on each masked token, relative to a kept token's NLL.
+        pplmask_anchor_all_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the same KL on each kept completion token.
+    """
+
+    pplmask_strategy: str = field(
+        default="threshold",
+        metadata={"help": "Mask strategy.", "choices": list(STRATEGIES)},
+    )
+    pplmask_threshold: float = field(default=2.5, metadata={"help": "Perplexity threshold (paper: 2.5)."})
+    pplmask_fraction: float | None = field(default=None, metadata={"help": "Fraction to mask (strategy fraction)."})
+    pplmask_seed: int = field(default=0, metadata={"help": "Seed of strategy random."})
+    pplmask_entropy_threshold: float = field(
+        default=1.0, metadata={"help": "Entropy threshold in nats of strategy stm_entropy."}
+    )
+    pplmask_reference: str = field(
+        default="base",
+        metadata={"help": "`base` (the model before training) or a Hub id / path of a reference model."},
+    )
+    pplmask_prescore: bool = field(
+        default=False, metadata={"help": "Score the training set once before training instead of per batch."}
+    )
+    pplmask_max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "Token budget of a pre-scoring batch."}
+    )
+    pplmask_anchor: bool = field(
+        default=False, metadata={"help": "Anchored STM: KL to the base model on masked tokens."}
+    )
+    pplmask_anchor_weight: float = field(default=1.0, metadata={"help": "Anchor KL weight on masked tokens."})
+    pplmask_anchor_all_weight: float = field(default=0.0, metadata={"help": "Anchor KL weight on kept tokens."})
+
+    def __post_init__(self):
+        if self.pplmask_strategy not in STRATEGIES:
+            raise ValueError(
+                f"pplmask_strategy={self.pplmask_strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}."
+            )
+        if self.pplmask_anchor_weight < 0 or self.pplmask_anchor_all_weight < 0:
+            raise ValueError(
+                f"pplmask_anchor_weight ({self.pplmask_anchor_weight}) and pplmask_anchor_all_weight "
+                f"({self.pplmask_anchor_all_weight}) must be >= 0."
+            )
+        if self.pplmask_anchor and self.pplmask_strategy == "none":
+            raise ValueError(
+                "pplmask_anchor=true with pplmask_strategy=none anchors nothing (no token is masked). Choose a mask "
+                "strategy (e.g. threshold) or drop pplmask_anchor."
+            )
+        self.mask_config()  # validates threshold, fraction, ... before any work
+
+    def mask_config(self) -> PplMaskConfig:
+        """The [`PplMaskConfig`] these settings describe."""
+        values = {
+            "strategy": self.pplmask_strategy,
+            "threshold": self.pplmask_threshold,
+            "fraction": self.pplmask_fraction,
+            "seed": self.pplmask_seed,
+            "entropy_threshold": self.pplmask_entropy_threshold,
+        }
+        names = {f.name for f in dataclasses.fields(PplMaskConfig)}
+        try:
+            return PplMaskConfig(**{k: v for k, v in values.items() if k in names})
+        except ValueError as err:
+            raise ValueError(f"Invalid pplmask_* setting: {err}") from None
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.pplmask_strategy != "none"
+
+
+def make_parser(prog: str | None = "trl-pplmask sft"):
+    """TRL's `trl sft` parser with [`PplMaskArguments`] added."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, PplMaskArguments), prog=prog)
+
+
+def check_settings(training_args, model_args, pplmask_args: PplMaskArguments) -> None:
+    """Refuse combinations that cannot train correctly, before anything is loaded."""
+    if training_args.packing:
+        raise ValueError(
+            "packing=true is not supported by trl-pplmask sft: a packed row mixes several examples, and scoring it as "
+            "one sequence would let them attend to each other, unlike training. Set packing=false (with "
+            "padding_free=true and pplmask_prescore=true for padding-free batches)."
+        )
+    on_the_fly = pplmask_args.needs_scores and not pplmask_args.pplmask_prescore
+    if training_args.padding_free and (on_the_fly or pplmask_args.pplmask_anchor):
+        raise ValueError(
+            "padding_free=true needs pplmask_prescore=true (on-the-fly scoring pads each batch itself) and no "
+            "pplmask_anchor. Set pplmask_prescore=true, or padding_free=false."
+        )
+    if training_args.dataloader_num_workers and on_the_fly:
+        raise ValueError(
+            f"dataloader_num_workers={training_args.dataloader_num_workers} with on-the-fly scoring would run the "
+            "reference model in worker processes. Set dataloader_num_workers=0 or pplmask_prescore=true."
+        )
+    if pplmask_args.pplmask_anchor and pplmask_args.pplmask_reference != "base":
+        raise ValueError(
+            "pplmask_anchor keeps the prediction of the model before training, so it needs pplmask_reference=base "
+            f"(got {pplmask_args.pplmask_reference!r})."
+        )
+
+
+def load_datasets(script_args, dataset_args):
+    """The training data as `trl sft` loads it, plus local folders written by `Dataset.save_to_disk` and files."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        return get_dataset(dataset_args)
+    if not script_args.dataset_name:
+        raise ValueError("Either `datasets` or `dataset_name` must be provided (as for `trl sft`).")
+    path = Path(script_args.dataset_name).expanduser()
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({script_args.dataset_train_split: loaded})
+    if path.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use .jsonl, .json, .parquet or .csv.")
+        return DatasetDict({script_args.dataset_train_split: load_dataset(kind, data_files=str(path), split="train")})
+    return load_dataset(
+        script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+    )
+
+
+def _model_init_kwargs(training_args, model_args) -> dict[str, Any]:
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        kwargs.update(training_args.model_init_kwargs)
+    return kwargs
+
+
+def load_reference(name_or_path: str, tokenizer, init_kwargs: dict[str, Any]):
+    """A frozen reference model; refuses one whose vocabulary differs from the trained model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ._compat import create_model_from_path
+    from .models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    ref_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=init_kwargs.get("trust_remote_code", False))
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"The reference model {name_or_path!r} has another tokenizer/vocabulary than the model being trained "
+            f"({len(ref_tokenizer)} vs {len(tokenizer)} tokens or different ids): its per-token NLLs would not refer "
+            "to the trained tokens. Use a reference of the same model family (same tokenizer), or "
+            "pplmask_reference=base."
+        )
+    kwargs = {k: v for k, v in init_kwargs.items() if k not in ("revision",)}
+    model = create_model_from_path(path, **kwargs)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _config_vocab_check(reference, model) -> None:
+    ref_vocab = reference.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if ref_vocab != vocab:
+        raise ValueError(
+            f"The reference model's vocabulary ({ref_vocab}) differs from the trained model's ({vocab}); use a "
+            "reference of the same model family or pplmask_reference=base."
+        )
+
+
+def prescore(trainer, reference, pplmask_args: PplMaskArguments) -> dict[str, Any]:
+    """Score the trainer's own prepared (tokenized, truncated) training set and mask it once for the statistics.
+
+    Replaces `trainer.train_dataset` by the scored dataset. Raises before training when the mask empties every row.
+    """
+    from .masking import mask_dataset
+    from .scoring import ScoringConfig, score_dataset
+
+    config = pplmask_args.mask_config()
+    dataset = trainer.train_dataset
+    scoring = ScoringConfig(
+        max_tokens_per_batch=pplmask_args.pplmask_max_tokens_per_batch,
+        disable_adapter=True,
+        show_progress=trainer.accelerator.is_main_process,
+    )
+    if "entropy_column" in {f.name for f in dataclasses.fields(ScoringConfig)}:
+        needs_entropy = config.strategy == "stm_entropy"
+        scoring.entropy_column = "token_entropy" if needs_entropy else None
+    scored = score_dataset(dataset, reference, trainer.processing_class, scoring)
+    _, stats = mask_dataset(scored, config)
+    stats["examples_fully_masked"] = stats.pop("examples_without_trainable_token")
+    if stats["examples"] and stats["examples_fully_masked"] == stats["examples"]:
+        raise ValueError(
+            f"pplmask_strategy={config.strategy} masks every completion token of all {stats['examples']} training "
+            f"rows (threshold {stats['threshold']}): nothing would be trained. Raise pplmask_threshold or check that "
+            "the reference model is the one the data was meant for."
+        )
+    trainer.train_dataset = scored
+    return stats
+
+
+def _print(trainer, message: str) -> None:
+    trainer.accelerator.print(f"[trl-pplmask sft] {message}")
+
+
+def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments):
+    """Load data, model and reference as `trl sft` does and return `(trainer, collator, prescore_stats)`."""
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+    from .anchor import AnchoredSFTTrainer
+    from .collator import PplMaskCollator, add_pplmask_callback
+    from .models import resolve_model_path
+
+    check_settings(training_args, model_args, pplmask_args)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    init_kwargs = _model_init_kwargs(training_args, model_args)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    reference = None
+    if pplmask_args.needs_scores and pplmask_args.pplmask_reference != "base":
+        reference = load_reference(pplmask_args.pplmask_reference, tokenizer, init_kwargs)
+
+    dataset = load_datasets(script_args, dataset_args)
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"The dataset has no split {script_args.dataset_train_split!r} (dataset_train_split); it has "
+            f"{sorted(dataset)}."
+        )
+    # The collator reads token_nll / trainable_mask columns that Trainer would otherwise drop
+    training_args.remove_unused_columns = False
+    training_args.model_init_kwargs = init_kwargs
+    collator = PplMaskCollator(
+        tokenizer,
+        config=pplmask_args.mask_config(),
+        padding_free=training_args.padding_free,
+        pad_to_multiple_of=training_args.pad_to_multiple_of,
+        return_dropped=pplmask_args.pplmask_anchor,
+    )
+    peft_config = get_peft_config(model_args)
+    trainer_kwargs: dict[str, Any] = {}
+    trainer_cls = SFTTrainer
+    if pplmask_args.pplmask_anchor:
+        trainer_cls = AnchoredSFTTrainer
+        trainer_kwargs = {
+            "anchor_weight": pplmask_args.pplmask_anchor_weight,
+            "anchor_all_weight": pplmask_args.pplmask_anchor_all_weight,
+        }
+        if peft_config is None:
+            # Without PEFT the trained weights move, so the base needs its own frozen copy
+            reference = reference or load_reference(model_path, tokenizer, init_kwargs)
+            trainer_kwargs["reference_model"] = reference
+    if pplmask_args.needs_scores and pplmask_args.pplmask_reference == "base" and peft_config is None:
+        if reference is None and not pplmask_args.pplmask_prescore:
+            reference = load_reference(model_path, tokenizer, init_kwargs)
+
+    trainer = trainer_cls(
+        model=model_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        data_collator=collator,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=peft_config,
+        **trainer_kwargs,
+    )
+    if reference is not None:
+        _config_vocab_check(reference, trainer.model)
+        reference.to(trainer.accelerator.device)
+    # With PEFT the trained model with its adapter disabled is the base: no second copy of the weights
+    scorer = reference if reference is not None else trainer.model
+    prescore_stats = None
+    if pplmask_args.needs_scores:
+        if pplmask_args.pplmask_prescore:
+            prescore_stats = prescore(trainer, scorer, pplmask_args)
+            _print(
+                trainer,
+                f"pre-scored {prescore_stats['examples']} rows: {prescore_stats['masked_tokens']} of "
+                f"{prescore_stats['completion_tokens']} completion tokens masked "
+                f"({100 * prescore_stats['masked_fraction']:.1f}%, strategy {prescore_stats['strategy']}, threshold "
+                f"{prescore_stats['threshold']:g}); {prescore_stats['examples_fully_masked']} rows fully masked "
+                "(they train nothing).",
+            )
+        else:
+            collator.reference_model = scorer
+    add_pplmask_callback(trainer)
+    recorder = PplMaskRecorder(collator)
+    trainer.add_callback(recorder)
+    return trainer, collator, recorder, prescore_stats
+
+
+def _make_recorder_class():
+    from transformers import TrainerCallback
+
+    class _Recorder(TrainerCallback):
+        """Mask statistics per epoch, summed over processes (read back by `write_pplmask_config`)."""
+
+        def __init__(self, collator):
+            self.collator = collator
+            self.epochs: list[dict[str, Any]] = []
+            self._start: dict[str, Any] = {}
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self._start = self.collator.cumulative_stats()
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            end = self.collator.cumulative_stats()
+            delta = {k: end[k] - self._start.get(k, 0) for k in end if k != "masked_fraction"}
+            delta = _sum_over_processes(delta)
+            n = delta["completion_tokens"]
+            delta["masked_fraction"] = delta["masked_tokens"] / n if n else 0.0
+            delta["epoch"] = round(state.epoch or 0.0, 4)
+            self.epochs.append(delta)
+
+    return _Recorder
+
+
+def PplMaskRecorder(collator):  # noqa: N802 - a factory that keeps transformers out of module import time
+    """Callback recording the collator's statistics per epoch (summed over processes)."""
+    return _make_recorder_class()(collator)
+
+
+def _sum_over_processes(values: dict[str, float]) -> dict[str, float]:
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=state.device)
+    torch.distributed.all_reduce(tensor)
+    return {k: (int(v) if isinstance(values[k], int) else float(v)) for k, v in zip(keys, tensor.tolist())}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_pplmask_config(path: Path, record: dict[str, Any]) -> None:
+    """Write `pplmask_config.json` atomically (a finished run is one whose file exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments) -> dict[str, Any]:
+    """Train like `trl sft`, with the mask; returns the record written to `pplmask_config.json`."""
+    import transformers
+    from packaging.version import Version
+
+    from . import __version__
+
+    start = time.perf_counter()
+    output_dir = Path(training_args.output_dir)
+    if _is_main():
+        # A rerun into the same folder is unfinished until it writes its own record
+        (output_dir / CONFIG_FILE).unlink(missing_ok=True)
+    trainer, collator, recorder, prescore_stats = build_trainer(
+        script_args, training_args, model_args, dataset_args, pplmask_args
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    _print(trainer, "Training completed.")
+    trainer.save_model(training_args.output_dir)
+    _print(trainer, f"Model saved to {training_args.output_dir}.")
+    totals = _sum_over_processes({k: v for k, v in collator.cumulative_stats().items() if k != "masked_fraction"})
+    n = totals["completion_tokens"]
+    totals["masked_fraction"] = totals["masked_tokens"] / n if n else 0.0
+    record = {
+        "settings": dataclasses.asdict(pplmask_args),
+        "mask_config": dataclasses.asdict(pplmask_args.mask_config()),
+        "model": model_args.model_name_or_path,
+        "dataset": script_args.dataset_name or [d.path for d in (dataset_args.datasets or [])],
+        "training": {
+            k: getattr(training_args, k)
+            for k in (
+                "learning_rate",
+                "max_steps",
+                "num_train_epochs",
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "max_length",
+                "loss_type",
+                "seed",
+                "lr_scheduler_type",
+            )
+        },  # fmt: skip
+        "peft": bool(model_args.use_peft),
+        "num_processes": trainer.accelerator.num_processes,
+        "mask_stats": totals,
+        "mask_stats_per_epoch": recorder.epochs,
+        "prescore_stats": prescore_stats,
+        "train_runtime": result.metrics.get("train_runtime"),
+        "wall_time_s": time.perf_counter() - start,
+        "versions": {"trl_pplmask": __version__, "trl": _version("trl"), "transformers": transformers.__version__},
+        "command": " ".join(sys.argv),
+    }
+    if trainer.accelerator.is_main_process:
+        write_pplmask_config(output_dir / CONFIG_FILE, record)
+        _print(trainer, f"Mask settings and statistics -> {output_dir / CONFIG_FILE}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+    return record
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """Parse `trl sft` arguments plus [`PplMaskArguments`] (YAML `--config` and flags), like `trl sft`."""
+    parser = make_parser()
+    args = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    return args[:5]
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `trl-pplmask sft` (reached from `trl_pplmask.cli`)."""
+    script_args, training_args, model_args, dataset_args, pplmask_args = parse_args(argv)
+    main(script_args, training_args, model_args, dataset_args, pplmask_args)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """List `sft` in `trl-pplmask --help`; `trl_pplmask.cli.main` hands its arguments to TRL's parser."""
+    subparsers.add_parser(
+        "sft",
+        add_help=False,
+        help="`trl sft` with Selective Token Masking: every trl sft flag and recipe, plus pplmask_* settings.",
+    )

@@ -1,0 +1,215 @@
+"""`run_study`: every stage in order, resumable, with progress and ETA; `study.json`; `trl-pplmask study`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from .config import StudyConfig, load_study_config
+from .runner import (
+    StudyPaths,
+    _atomic_write,
+    _fmt_seconds,
+    _jsonable,
+    _progress,
+    _read_json,
+    evaluate_model,
+    finished_arm,
+    machine,
+    missing_features,
+    model_specs,
+    plan_stages,
+    prepare_data,
+    relative_to_gt,
+    render_plan,
+    run_self_output,
+    sft_flags,
+    train_arm,
+    write_study_report,
+)
+
+
+def check_before_work(config: StudyConfig, flags: set[str] | None = None) -> None:
+    """Checks that need the installation (mask strategies, `trl-pplmask sft` settings); raise before any work."""
+    if config.training_arms and flags is None:
+        flags = sft_flags()
+    problems = missing_features(config, flags)
+    if problems:
+        raise ValueError("The study cannot run with this installation:\n  " + "\n  ".join(problems))
+
+
+def _mask_summary(record: dict[str, Any] | None) -> dict[str, Any]:
+    if not record:
+        return {}
+    stats = record.get("mask_stats") or {}
+    return {
+        "masked_fraction": stats.get("masked_fraction"),
+        "mask_stats": stats,
+        "train_runtime": record.get("train_runtime"),
+        "settings": record.get("settings"),
+    }
+
+
+def build_study_json(
+    config: StudyConfig,
+    paths: StudyPaths,
+    state: dict[str, Any],
+    arms: dict[str, Any],
+    command: str | None,
+    report: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from ..evaluation import package_versions
+
+    stages = state.get("stages", {})
+    return _jsonable(
+        {
+            "format_version": 1,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "complete" if report is not None else "in progress",
+            "command": command,
+            "config": config.to_dict(),
+            "versions": package_versions(),
+            "machine": machine(),
+            "wall_time_seconds": {
+                "total": sum(s.get("seconds") or 0 for s in stages.values()),
+                "stages": {name: s.get("seconds") for name, s in stages.items()},
+            },
+            "stages": stages,
+            "data": state.get("data"),
+            "self_output": state.get("self_output"),
+            "arms": arms,
+            "relative_to_gt": relative_to_gt(report) if report is not None else None,
+            "report": {"files": ["report.json", "report.md", "report.png"]} if report is not None else None,
+        }
+    )
+
+
+def run_study(config: StudyConfig, command: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a study: prepare data, [self-output probe], train each arm, evaluate, report.
+
+    A stage whose result exists is skipped: the data folder, a finished arm (`pplmask_config.json`, refused when its
+    settings differ from the YAML), cached evaluation results. Returns the content of `study.json`.
+    """
+    check_before_work(config)
+    paths = StudyPaths(config.output_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    stages = plan_stages(config)
+    state = _read_json(paths.state) or {}
+    state.setdefault("stages", {})
+    started = time.time()
+    arms: dict[str, Any] = {arm.label: {"kind": arm.kind, "description": arm.spec.description} for arm in config.arms}
+    arms["base"]["status"] = "reference"
+    data_info: dict[str, Any] = {}
+    trained: list[str] = ["base"]
+    specs = None
+    report = None
+
+    def save_state() -> None:
+        _atomic_write(paths.state, json.dumps(_jsonable(state), indent=1))
+        _atomic_write(paths.study, json.dumps(build_study_json(config, paths, state, arms, command, report), indent=1))
+
+    for index, stage in enumerate(stages):
+        _progress(stages, index, state, started)
+        t0 = time.time()
+        reused = False
+        if stage.kind == "prepare":
+            data_info, reused = prepare_data(config, paths)
+            state["data"] = data_info
+        elif stage.kind == "self_output":
+            info, reused = run_self_output(config, paths, data_info)
+            state["self_output"] = info
+            if info["status"] != "ready":
+                print(f"[study] self_output left out: {info['reason']}", flush=True)
+        elif stage.kind == "train":
+            arm = next(a for a in config.arms if a.label == stage.arm)
+            if arm.kind == "self_output" and (state.get("self_output") or {}).get("status") != "ready":
+                arms[arm.label].update(status="skipped", reason=state["self_output"].get("reason"))
+                state["stages"][stage.name] = {"status": "skipped", "seconds": None}
+                save_state()
+                continue
+            record, reused = train_arm(config, arm, paths, data_info["fingerprint"])
+            arms[arm.label].update(status="trained", output_dir=str(paths.arm(arm.label)), **_mask_summary(record))
+            trained.append(arm.label)
+        elif stage.kind == "eval":
+            if stage.arm not in trained:
+                state["stages"][stage.name] = {"status": "skipped", "seconds": None}
+                continue
+            specs = model_specs(config, paths, trained)
+            evaluate_model(config, specs, stage.arm)
+        elif stage.kind == "report":
+            specs = model_specs(config, paths, trained)
+            report = write_study_report(config, paths, specs, command)
+        seconds = time.time() - t0
+        previous = state["stages"].get(stage.name) or {}
+        if reused and previous.get("status") == "done":
+            state["stages"][stage.name] = {**previous, "reused": True}
+        else:
+            state["stages"][stage.name] = {"status": "done", "seconds": round(seconds, 2), "reused": reused}
+        print(f"[study] {stage.name} done in {_fmt_seconds(seconds)}{' (reused)' if reused else ''}", flush=True)
+        save_state()
+    study = build_study_json(config, paths, state, arms, command, report)
+    print(f"[study] finished: {paths.root / 'report.md'}, {paths.study}", flush=True)
+    return study
+
+
+def arm_status(config: StudyConfig) -> dict[str, str]:
+    """`finished`, `not started` or `refused: ...` per training arm, without running anything (for --plan)."""
+    from .runner import arm_trainer_settings
+
+    paths = StudyPaths(config.output_dir)
+    data = (_read_json(paths.data_info) or {}).get("fingerprint")
+    status = {}
+    for arm in config.training_arms:
+        identity = {"arm": arm.kind, "settings": _jsonable(arm_trainer_settings(config, arm)), "data": data}
+        try:
+            status[arm.label] = "finished" if finished_arm(paths.arm(arm.label), identity, arm.label) else "to train"
+        except ValueError as err:
+            status[arm.label] = f"refused: {str(err).splitlines()[1].strip()}"
+    return status
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+def cmd_study(args: argparse.Namespace) -> int:
+    """`trl-pplmask study`: run or plan a forgetting study from its YAML."""
+    config = load_study_config(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    if args.plan:
+        print(render_plan(config))
+        problems = missing_features(config)
+        for label, status in arm_status(config).items():
+            print(f"  arm {label}: {status}")
+        if problems:
+            print("Not runnable with this installation yet:\n  " + "\n  ".join(problems))
+        return 0
+    print(render_plan(config), flush=True)
+    command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
+    try:
+        run_study(config, command)
+    except RuntimeError as err:  # a training subprocess failed: its log tail is in the message
+        print(f"trl-pplmask study: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the `study` subcommand to the `trl-pplmask` command."""
+    parser = subparsers.add_parser(
+        "study",
+        help="Forgetting study: train GT, STM and alternative arms with shared settings and compare them.",
+        description="Run (or resume) a forgetting study described by a YAML file (see studies/): prepare the target "
+        "rows, train every arm with `trl-pplmask sft`, evaluate the base model and every arm on the same items, and "
+        "write report.json, report.md, report.png and study.json into the study's output_dir.",
+    )
+    parser.add_argument("--config", required=True, help="Study YAML, e.g. studies/gsm8k-smollm2-135m-cpu.yaml.")
+    parser.add_argument("--output-dir", help="Override the YAML's output_dir.")
+    parser.add_argument(
+        "--plan", "--dry-run", dest="plan", action="store_true", help="Validate and print the stages; run nothing."
+    )
+    parser.set_defaults(func=cmd_study)

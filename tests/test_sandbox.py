@@ -47,6 +47,22 @@ def _alive(pid: int) -> bool:
     return data[data.rfind(b")") + 2 :].split()[0] != b"Z"
 
 
+def _live_processes_running(path: str) -> list[int]:
+    """Live processes whose command line mentions `path`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if path.encode() in cmdline and _alive(int(pid)):
+            found.append(int(pid))
+    return found
+
+
 def _live_processes_of(uid: int) -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and _owned_by(p, uid) and _alive(int(p))]
 
@@ -85,6 +101,43 @@ def test_require_completion_catches_early_exit():
     assert done.passed and done.stdout == "hi\n"  # the completion marker is removed from the output
 
 
+def test_completion_cannot_be_forged():
+    # The program searches everything it can read for the completion signal (its source, its command line and
+    # environment, every open file descriptor), replays whatever looks like one on every descriptor and exits with
+    # status 0 before the tests run: it must not count as completed
+    attack = textwrap.dedent(
+        """
+        import os, re, sys
+        pattern = re.compile(rb"trl-pplmask-completed-[0-9a-f]+|[0-9a-f]{32,}")
+        found = set()
+        for path in (__file__, "main.py", "/proc/self/cmdline", "/proc/self/environ"):
+            try:
+                found.update(pattern.findall(open(path, "rb").read()))
+            except OSError:
+                pass
+        for fd in range(3, 256):
+            try:
+                os.set_blocking(fd, False)
+                found.update(pattern.findall(os.read(fd, 1 << 16)))
+            except OSError:
+                pass
+        for token in found:
+            for fd in range(1, 256):
+                try:
+                    os.write(fd, b"\\n" + token + b"\\n")
+                except OSError:
+                    pass
+        os._exit(0)
+        """
+    )
+    forged = run_code(attack + "\nassert False, 'the tests never ran'\n", require_completion=True)
+    assert not forged.passed and forged.status == "failed", forged
+    assert "before its last line" in forged.detail
+    # The same search in a program that does run to its end still passes
+    honest = run_code(attack.replace("os._exit(0)", "print('searched')"), require_completion=True)
+    assert honest.passed and honest.stdout.endswith("searched\n"), honest
+
+
 def test_infinite_loop_times_out():
     result = run_code("while True:\n    pass", SandboxConfig(timeout=1))
     assert not result.passed and result.status == "timeout" and result.returncode == -signal.SIGKILL
@@ -99,17 +152,20 @@ def test_whole_process_tree_is_killed_on_timeout():
         if os.fork() == 0:
             os.setsid()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            print("child", os.readlink("/proc/self"), flush=True)  # the host's PID even inside a PID namespace
+            print("child", os.readlink("/proc/self"), os.path.abspath(__file__), flush=True)
             time.sleep(60)
-        print("parent", os.readlink("/proc/self"), flush=True)
+        print("parent", os.readlink("/proc/self"), os.path.abspath(__file__), flush=True)
         time.sleep(60)
         """
     )
     result = run_code(code, SandboxConfig(timeout=1.5))
     assert result.status == "timeout"
-    pids = [int(line.split()[1]) for line in result.stdout.splitlines()]
-    assert len(pids) == 2
-    assert not any(_alive(pid) for pid in pids)
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert len(lines) == 2
+    # Every process of the run has the program's path on its command line: none of them is left, as the host sees it
+    assert _live_processes_running(lines[0][2]) == []
+    if not ISOLATION.private_proc:  # /proc/self is the host's PID (with a private /proc it is the namespace's)
+        assert not any(_alive(int(line[1])) for line in lines)
 
 
 def test_process_limit_is_enforced():
@@ -254,7 +310,9 @@ def test_secrets_are_not_inherited(monkeypatch):
     seen = json.loads(result.stdout)
     assert not set(secrets) & set(seen["env"])
     assert not any(value in result.stdout for value in secrets.values())
-    if ISOLATION.privilege_drop:
+    if ISOLATION.private_proc:
+        assert seen["parent"] == "FileNotFoundError"  # the pipeline is not even visible in the sandbox's /proc
+    elif ISOLATION.privilege_drop:
         assert seen["parent"] == "PermissionError"
     with pytest.raises(ValueError, match="secrets"):
         SandboxConfig(extra_env={"HF_TOKEN": "x"})
@@ -316,6 +374,47 @@ def test_cannot_kill_the_parent():
         assert suicide.status == "killed" and suicide.duration < 5
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def _kernel_allows_private_proc() -> bool:
+    """Root here may create PID and mount namespaces and mount a /proc in them (checked with util-linux unshare)."""
+    tool = shutil.which("unshare")
+    if os.geteuid() != 0 or tool is None:
+        return False
+    probe = [tool, "--pid", "--fork", "--mount", "--propagation", "private", "--mount-proc", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+def test_host_processes_are_invisible():
+    if os.geteuid() != 0:
+        pytest.skip("as a normal user the sandbox has a PID namespace but the host's /proc (documented limitation)")
+    if not _kernel_allows_private_proc():
+        pytest.skip("this kernel or container does not let root create PID and mount namespaces with a fresh /proc")
+    mounts_before = Path("/proc/self/mountinfo").read_text()
+    code = textwrap.dedent(
+        f"""
+        import json, os
+        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        try:
+            parent = open("/proc/{os.getpid()}/cmdline", "rb").read().decode(errors="replace")
+        except OSError as exc:
+            parent = type(exc).__name__
+        try:
+            os.kill({os.getpid()}, 0)
+            reachable = "reachable"
+        except OSError as exc:
+            reachable = type(exc).__name__
+        print(json.dumps({{"pids": pids, "me": os.getpid(), "parent": parent, "kill": reachable}}))
+        """
+    )
+    result = run_code(code)
+    assert result.passed, result
+    seen = json.loads(result.stdout)
+    assert seen["me"] == 1 and seen["pids"] == [1], seen  # only itself: no host process, not even the runner
+    assert seen["parent"] == "FileNotFoundError" and seen["kill"] == "ProcessLookupError"
+    assert ISOLATION.pid_namespace and ISOLATION.private_proc
+    # The sandbox's /proc stayed in its own mount namespace
+    assert Path("/proc/self/mountinfo").read_text() == mounts_before
 
 
 def test_huge_stdout_is_truncated_and_memory_bounded():

@@ -32,6 +32,13 @@ As root (`drop_privileges` defaults to on), in addition:
   Files it left at the top level of the shared temporary directories are removed.
 - Network: a new, empty network namespace (`unshare(CLONE_NEWNET)`): no interface but a downed loopback, so no
   connection to the internet or to services on the host's localhost.
+- Processes: new PID and mount namespaces (`unshare(CLONE_NEWPID | CLONE_NEWNS)`) where the kernel allows them. The
+  code is PID 1 of its own PID namespace and sees a fresh `/proc` mounted there (mounts made private first, so it
+  never appears on the host): it cannot list the host's processes, read their command lines or address them by PID,
+  and everything it started dies with it. `describe_isolation().private_proc` says whether this is active; where it
+  is not (e.g. a container whose seccomp profile refuses `unshare`), a warning is logged and the code can list every
+  process of the host and read its command line. What remains visible either way: the host's other mounts (`/sys`,
+  `/dev`, world-readable files), and the kernel-wide information in `/proc` (`/proc/cpuinfo`, `/proc/meminfo`, ...).
 - If the running interpreter is not executable by that uid (e.g. a pyenv install under `/root`), the first
   interpreter it can run (`/usr/bin/python3`, ...) runs the code instead: only the standard library is guaranteed.
 
@@ -52,8 +59,15 @@ Not enforced (say so where it matters):
 - As root without a usable unprivileged interpreter: no privilege drop, `RLIMIT_NPROC` is not enforced for root, so
   the process count is bounded only by the watchdog (polling); the code can write wherever root can.
 - Reads: the code can read every world-readable file (e.g. the repository, a world-readable token file under a custom
-  `HF_HOME`) and, as any local user can, the command lines of all processes (`/proc/<pid>/cmdline`): pass tokens
-  through the environment or a private file, not on the command line.
+  `HF_HOME`) and, without a private `/proc` (non-root mode, or root where the kernel refuses the namespaces), the
+  command lines of all processes (`/proc/<pid>/cmdline`): pass tokens through the environment or a private file, not
+  on the command line.
+- Completion (`require_completion`): the runner reports that the program's code returned normally with a random
+  nonce over a pipe only the pipeline reads; the nonce is in no file, argument, environment variable or descriptor
+  of the program, so reading its own source, `/proc/self/*` or its descriptors and exiting early does not pass. The
+  program shares its interpreter with the runner, though: code that deliberately inspects the interpreter's own
+  memory (frames, `gc`, `ctypes`) can still find the nonce. No in-process check can rule that out, nor can it stop a
+  solution from tampering with the objects the tests compare; treat a pass as "ran to its end", not as proof.
 - Writes to world-writable directories other than the top level of the shared temporary directories are not cleaned
   up. Disk usage is bounded per file (`RLIMIT_FSIZE`), not in total.
 - CPU: `RLIMIT_CPU` and the timeout bound time, not the share of the machine; run many checks through the bounded
@@ -98,6 +112,7 @@ NetworkIsolation = Literal["auto", "namespace", "guard", "none"]
 # Variable names that must never reach the sandbox, even when passed explicitly through `extra_env`.
 SECRET_NAME_PATTERN = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
 
+_CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
@@ -225,6 +240,8 @@ class SandboxIsolation:
         privilege_drop (`bool`): Code runs as a leased unprivileged uid.
         user_namespace (`bool`): Code runs in its own user namespace (non-root mode).
         pid_namespace (`bool`): Code is PID 1 of its own PID namespace and cannot address outside processes.
+        private_proc (`bool`): Code sees a `/proc` of its own PID namespace (root mode): it cannot list the host's
+            processes or read their command lines.
         network (`str`): `"namespace"` (empty network namespace), `"socket-guard"` (in-process guard only) or `"none"`.
         python_executable (`str`): Interpreter that runs the code.
         process_limit (`str`): `"rlimit"` (kernel-enforced `RLIMIT_NPROC`) or `"watchdog"` (polled).
@@ -236,16 +253,39 @@ class SandboxIsolation:
     network: str
     python_executable: str
     process_limit: str
+    private_proc: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The intermediate process. It runs as `python -I -c _RUNNER <program> <run_name> <parent netns> <guard>`, installs
-# the socket guard where no network namespace took effect, and runs the program in a forked child, so that the
-# program's parent is this runner (and, in a PID namespace, the program is PID 1 there). It exits as the child did.
+# The intermediate process. It runs as
+# `python -I -c _RUNNER <program> <run_name> <parent netns> <guard> <nonce fd> <report fd> <uid> <private proc>`,
+# installs the socket guard where no network namespace took effect, and runs the program in a forked child, so that
+# the program's parent is this runner (and, in a PID namespace, the program is PID 1 there). It exits as the child did.
+#
+# Completion (`require_completion`): the pipeline writes a random nonce into a pipe whose read end is `<nonce fd>`;
+# the runner reads it and closes that pipe before any untrusted code runs, so the nonce is in no file, argument,
+# environment variable or open descriptor of the program. Only when the program's code returned normally does the
+# child write the nonce to `<report fd>` (a pipe read by the pipeline only, never stdout).
+#
+# Private /proc (`<private proc>` = 1, root only): the runner starts as root in new PID and mount namespaces; the
+# child, PID 1 of the new PID namespace, makes every mount private, mounts a fresh /proc that shows only the
+# namespace's processes, then drops to `<uid>` before the program runs. The runner drops to `<uid>` too right after
+# the fork; it is outside the program's PID namespace, hence invisible to it, and only waits.
 # --------------------------------------------------------------------------------------------------------------------
 _RUNNER = r"""
 import os, sys
-path, run_name, parent_netns, guard = sys.argv[1:5]
+path, run_name, parent_netns, guard, nonce_fd, report_fd, uid, private_proc = sys.argv[1:9]
+nonce_fd, report_fd, uid = int(nonce_fd), int(report_fd), int(uid)
+if report_fd >= 0:
+    os.set_inheritable(report_fd, False)  # not passed on to programs the code executes
+nonce = b""
+if nonce_fd >= 0:
+    while True:
+        chunk = os.read(nonce_fd, 256)
+        if not chunk:
+            break
+        nonce += chunk
+    os.close(nonce_fd)
 try:
     own_netns = os.readlink("/proc/self/ns/net")
 except OSError:
@@ -264,10 +304,35 @@ if guard == "1" or (parent_netns and own_netns == parent_netns):
         for _name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
             setattr(_module, _name, _deny)
     socket.create_connection = socket.create_server = _deny
+def drop_privileges():
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    # Changing uid made the process non-dumpable (its /proc entries root-owned): restore what exec would give, so
+    # that the pipeline's sweeps find it (and its children) by uid
+    libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+    if os.getuid() != uid or os.geteuid() != uid or os.getgroups():
+        raise OSError("privileges were not dropped")
+if private_proc == "1":
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
 sys.stdout.flush()
 sys.stderr.flush()
 pid = os.fork()
 if pid == 0:
+    if private_proc == "1":
+        try:
+            # MS_REC | MS_PRIVATE first: the new /proc must never propagate to the host's mount table
+            if libc.mount(None, b"/", None, 0x4000 | 0x40000, None) != 0:
+                raise OSError(ctypes.get_errno(), "making mounts private: " + os.strerror(ctypes.get_errno()))
+            # MS_NOSUID | MS_NODEV | MS_NOEXEC
+            if libc.mount(b"proc", b"/proc", b"proc", 2 | 4 | 8, None) != 0:
+                raise OSError(ctypes.get_errno(), "mounting /proc: " + os.strerror(ctypes.get_errno()))
+            if uid >= 0:
+                drop_privileges()
+        except BaseException as exc:
+            os.write(2, ("sandbox setup failed: %s\n" % (exc,)).encode())
+            os._exit(125)
     # What runpy.run_path does, without its import cost (tens of ms per run)
     sys.argv = [path]
     module = type(sys)(run_name)
@@ -286,7 +351,27 @@ if pid == 0:
             tb = tb.tb_next
         traceback.print_exception(type(exc), exc, tb)
         sys.exit(1)
+    if report_fd >= 0:
+        # The code returned normally: report completion on the channel the pipeline reads (after the output, so that
+        # nothing the program printed is lost if the report is the last thing it does)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os.write(report_fd, nonce)
 else:
+    if report_fd >= 0:
+        os.close(report_fd)
+    if private_proc == "1" and uid >= 0:
+        # The runner drops to the same uid: it holds nothing the program may not have, and the program can end the
+        # run by killing it (it cannot address it otherwise: the runner is outside the program's PID namespace)
+        try:
+            drop_privileges()
+        except BaseException as exc:
+            os.write(2, ("sandbox setup failed: %s\n" % (exc,)).encode())
+            os.kill(pid, 9)
+            os._exit(125)
     import _signal  # not `signal`: its enum import costs more than the rest of the runner
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
@@ -299,14 +384,6 @@ else:
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))
 """
-
-# Appended by `require_completion`: the program counts as passed only if this line runs and prints the run's nonce,
-# so that `sys.exit(0)` or `os._exit(0)` halfway through the tests is not mistaken for success.
-_COMPLETION_LINE = (
-    "\n\nimport os as _sandbox_os, sys as _sandbox_sys\n"
-    "try:\n    _sandbox_sys.stdout.flush()\nexcept Exception:\n    pass\n"
-    "_sandbox_os.write(1, b'\\n{nonce}\\n')\n"
-)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,6 +486,66 @@ def _launches(plan: _Plan, workdir: str = "/") -> bool:
     return completed.returncode == 0
 
 
+def _runner_command(
+    executable: str,
+    program: str,
+    run_name: str = "__main__",
+    parent_netns: str = "",
+    guard: bool = False,
+    nonce_fd: int = -1,
+    report_fd: int = -1,
+    uid: int | None = None,
+    private_proc: bool = False,
+) -> list[str]:
+    return [
+        executable,
+        "-I",
+        "-c",
+        _RUNNER,
+        program,
+        run_name,
+        parent_netns,
+        "1" if guard else "0",
+        str(nonce_fd),
+        str(report_fd),
+        str(-1 if uid is None else uid),
+        "1" if private_proc else "0",
+    ]
+
+
+_PRIVATE_PROC_PROBE = (
+    "import os\nprint(os.getpid(), sorted(p for p in os.listdir('/proc') if p.isdigit()), os.getuid())"
+)
+
+
+def _private_proc_works(executable: str, uid: int | None) -> bool:
+    """Whether the runner, started as root in new PID and mount namespaces, gives the program a /proc of its own."""
+    if _UNSHARE is None:
+        return False
+    try:
+        with _workdir(uid) as workdir:
+            program = os.path.join(workdir, "main.py")
+            with open(program, "w", encoding="utf-8") as f:
+                f.write(_PRIVATE_PROC_PROBE)
+            os.chmod(program, 0o644)
+            completed = subprocess.run(
+                _runner_command(executable, program, uid=uid, private_proc=True),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                cwd=workdir,
+                env=_minimal_env(workdir),
+                preexec_fn=_make_preexec(_Plan(executable, None, _CLONE_NEWPID | _CLONE_NEWNS, False)),
+                timeout=30,
+            )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    expected = f"1 ['1'] {os.getuid() if uid is None else uid}"
+    if completed.returncode != 0 or completed.stdout.decode(errors="replace").strip() != expected:
+        logger.info("Sandbox: no private /proc (%s)", completed.stderr.decode(errors="replace").strip()[-500:])
+        return False
+    return True
+
+
 def _candidate_interpreters(config: SandboxConfig) -> list[str]:
     if config.python_executable is not None:
         return [config.python_executable]
@@ -450,11 +587,17 @@ def _probe_isolation(config: SandboxConfig) -> SandboxIsolation:
             )
 
     want_netns = config.network_isolation in ("auto", "namespace") and _UNSHARE is not None
-    user_ns = pid_ns = netns = False
+    user_ns = pid_ns = netns = private_proc = False
     if is_root:
-        if want_netns:
-            with _uid_lease(config) if privilege_drop else contextlib.nullcontext() as uid:
+        with _uid_lease(config) if privilege_drop else contextlib.nullcontext() as uid:
+            if want_netns:
                 netns = _launches(_Plan(executable, uid, _CLONE_NEWNET, False))
+            pid_ns = private_proc = _private_proc_works(executable, uid)
+        if not private_proc:
+            logger.warning(
+                "Sandbox: running as root but new PID and mount namespaces are not available, so sandboxed code can "
+                "list the host's processes and read their command lines in /proc."
+            )
     elif _UNSHARE is not None:
         # A user namespace gives an unprivileged process its own PID (and network) namespace
         options = [_CLONE_NEWUSER | _CLONE_NEWPID | _CLONE_NEWNET] if want_netns else []
@@ -476,7 +619,9 @@ def _probe_isolation(config: SandboxConfig) -> SandboxIsolation:
         if config.network_isolation == "auto":
             logger.warning("Sandbox: no network namespace available; only an in-process guard blocks networking.")
     enforced = privilege_drop or user_ns or not is_root
-    return SandboxIsolation(privilege_drop, user_ns, pid_ns, network, executable, "rlimit" if enforced else "watchdog")
+    return SandboxIsolation(
+        privilege_drop, user_ns, pid_ns, network, executable, "rlimit" if enforced else "watchdog", private_proc
+    )
 
 
 _ISOLATION_CACHE: dict[tuple, SandboxIsolation] = {}
@@ -830,41 +975,99 @@ def _parent_netns() -> str:
         return ""
 
 
-def _run(code: str, config: SandboxConfig, run_name: str, uid: int | None, isolation: SandboxIsolation, workdir: str):
+def _read_report(fd: int, limit: int = 4096) -> bytes:
+    """What is in the completion pipe once every writer is gone (non-blocking: an escaped writer cannot hang us)."""
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(OSError):
+        while len(data) <= limit:
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def _run(
+    code: str,
+    config: SandboxConfig,
+    run_name: str,
+    uid: int | None,
+    isolation: SandboxIsolation,
+    workdir: str,
+    nonce: bytes | None = None,
+):
     program = os.path.join(workdir, "main.py")
     with open(program, "w", encoding="utf-8") as f:
         f.write(code)
     os.chmod(program, 0o644)
-    if isolation.pid_namespace:
-        flags = _CLONE_NEWUSER | _CLONE_NEWPID | (_CLONE_NEWNET if isolation.network == "namespace" else 0)
+    netns = _CLONE_NEWNET if isolation.network == "namespace" else 0
+    drop_in_runner = isolation.private_proc and uid is not None
+    if isolation.private_proc:
+        # Root: the runner starts as root in new PID and mount namespaces and its child drops to `uid` after
+        # mounting a private /proc (see _RUNNER)
+        flags, plan_uid = _CLONE_NEWPID | _CLONE_NEWNS | netns, None
+    elif isolation.pid_namespace:
+        flags, plan_uid = _CLONE_NEWUSER | _CLONE_NEWPID | netns, uid
     else:
-        flags = _CLONE_NEWNET if isolation.network == "namespace" else 0
-    plan = _Plan(isolation.python_executable, uid, flags, isolation.user_namespace, _rlimits(config, isolation))
-    guard = "1" if isolation.network == "socket-guard" else "0"
+        flags, plan_uid = netns, uid
+    plan = _Plan(isolation.python_executable, plan_uid, flags, isolation.user_namespace, _rlimits(config, isolation))
     parent_netns = _parent_netns() if isolation.network == "namespace" else ""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [isolation.python_executable, "-I", "-c", _RUNNER, program, run_name, parent_netns, guard],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=workdir,
-        env=_minimal_env(workdir, config.extra_env),
-        start_new_session=True,
-        preexec_fn=_make_preexec(plan),
-        umask=0o077,
-    )
+    pipes: list[int] = []
+    nonce_fd = report_fd = report_read = -1
     try:
-        stdout, stderr, reason = _supervise(proc, config, isolation, uid, start)
+        if nonce is not None:
+            # The nonce travels through a pipe the runner empties and closes before the program starts
+            nonce_fd, nonce_write = os.pipe()
+            pipes += [nonce_fd, nonce_write]
+            os.write(nonce_write, nonce)
+            os.close(nonce_write)
+            pipes.remove(nonce_write)
+            report_read, report_fd = os.pipe()
+            pipes += [report_read, report_fd]
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            _runner_command(
+                isolation.python_executable,
+                program,
+                run_name,
+                parent_netns,
+                isolation.network == "socket-guard",
+                nonce_fd,
+                report_fd,
+                uid if drop_in_runner else None,
+                isolation.private_proc,
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env=_minimal_env(workdir, config.extra_env),
+            start_new_session=True,
+            preexec_fn=_make_preexec(plan),
+            umask=0o077,
+            pass_fds=tuple(fd for fd in (nonce_fd, report_fd) if fd >= 0),
+        )
+        for fd in (nonce_fd, report_fd):  # only the runner holds these now
+            if fd >= 0:
+                os.close(fd)
+                pipes.remove(fd)
+        try:
+            stdout, stderr, reason = _supervise(proc, config, isolation, uid, start)
+        finally:
+            if proc.returncode is None:  # supervision itself failed: never leave the tree running
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                _kill_processes(uid=uid) if uid is not None else _kill_processes(uid=os.geteuid(), session=proc.pid)
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        completed = nonce is not None and _read_report(report_read) == nonce
     finally:
-        if proc.returncode is None:  # supervision itself failed: never leave the tree running
+        for fd in pipes:
             with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            _kill_processes(uid=uid) if uid is not None else _kill_processes(uid=os.geteuid(), session=proc.pid)
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    return proc.returncode, stdout, stderr, reason, time.monotonic() - start
+                os.close(fd)
+    return proc.returncode, stdout, stderr, reason, time.monotonic() - start, completed
 
 
 def run_code(
@@ -883,16 +1086,16 @@ def run_code(
             name so that a solution's `if __name__ == "__main__":` block (often reading `input()`) does not run,
             as in the reference HumanEval and MBPP evaluators.
         require_completion (`bool`, *optional*, defaults to `False`): Count the run as passed only if the program ran
-            to its last line (an appended line prints a random nonce), so that exiting early with status 0
-            (`sys.exit(0)`, `os._exit(0)`, `unittest.main()`) before the tests ran is a failure.
+            to its end: its code returned normally, after which the sandbox's runner (not the program) reports a
+            random nonce over a pipe that only the pipeline reads. The nonce never appears in the program's file,
+            arguments, environment or descriptors, so exiting early with status 0 (`sys.exit(0)`, `os._exit(0)`,
+            `unittest.main()`) before the tests ran, or replaying anything the program can read, is a failure.
 
     Returns:
         `SandboxResult`
     """
     config = config or SandboxConfig()
-    nonce = f"trl-pplmask-completed-{secrets.token_hex(16)}"
-    if require_completion:
-        code = code + _COMPLETION_LINE.format(nonce=nonce)
+    nonce = secrets.token_bytes(32) if require_completion else None
     start = time.monotonic()
     try:
         isolation = describe_isolation(config)
@@ -900,8 +1103,8 @@ def run_code(
         with lease as uid:
             try:
                 with _workdir(uid) as workdir:
-                    returncode, stdout, stderr, reason, duration = _run(
-                        code, config, run_name, uid, isolation, workdir
+                    returncode, stdout, stderr, reason, duration, completed = _run(
+                        code, config, run_name, uid, isolation, workdir, nonce
                     )
             finally:
                 if uid is not None:
@@ -921,8 +1124,6 @@ def run_code(
     status, detail = _classify(returncode, reason)
     out = stdout.text()
     if require_completion:
-        completed = nonce in out
-        out = out.replace(f"\n{nonce}\n", "")
         if status == "passed" and not completed:
             status, detail = "failed", "exited with status 0 before its last line (sys.exit/os._exit in the code?)"
     return SandboxResult(

@@ -89,7 +89,9 @@ def test_never_unmasks():
     labels = [IGNORE_INDEX, 5, IGNORE_INDEX, 7]
     for strategy in STRATEGIES:
         config = cfg(strategy, fraction=0.5) if strategy == "fraction" else cfg(strategy, threshold=2.5)
-        mask = compute_mask([9.0, 9.0, 0.0, 0.0], labels, config, dpf_nll=[20.0] * 4, threshold=2.5)
+        mask = compute_mask(
+            [9.0, 9.0, 0.0, 0.0], labels, config, dpf_nll=[20.0] * 4, token_entropy=[0.1] * 4, threshold=2.5
+        )
         out = apply_mask(labels, mask)
         assert all(o == IGNORE_INDEX for o, lab in zip(out, labels) if lab == IGNORE_INDEX), strategy
         assert all(o in (lab, IGNORE_INDEX) for o, lab in zip(out, labels)), strategy
@@ -263,6 +265,103 @@ def test_lowest():
     assert compute_mask(nll, labels, cfg("lowest", threshold=t)).tolist() == [True, True, False, False, False]
 
 
+def test_lowest_count_masks_threshold_count_lowest_first():
+    nll = [0.0, 3.0, 0.2, 0.05, 2.0, 0.2, 0.7, 9.0]
+    labels = [IGNORE_INDEX, 1, 2, 3, 4, 5, 6, IGNORE_INDEX]
+    # threshold 2.5 (log 0.916) masks 3.0 and 2.0: two tokens, so lowest_count masks the two lowest trainable ones.
+    # The untrainable 0.0 and 9.0 are never candidates
+    assert compute_mask(nll, labels, cfg(threshold=2.5)).sum() == 2
+    # 0.05, then of the two 0.2 (a tie at the boundary) the earlier position: deterministic
+    mask = compute_mask(nll, labels, cfg("lowest_count", threshold=2.5))
+    assert mask.tolist() == [False, False, True, True, False, False, False, False]
+    assert compute_mask(nll, labels, cfg("lowest_count", threshold=2.5)).tolist() == mask.tolist()
+    # Nothing above the threshold: nothing masked
+    assert not compute_mask([0.1, 0.2, 0.3], [1, 2, 3], cfg("lowest_count", threshold=2.5)).any()
+    # The resolved threshold override (as for "fraction") sets the count too
+    assert compute_mask(nll, labels, cfg("lowest_count"), threshold=1.5).sum() == 3  # log 1.5 = 0.405
+
+
+@settings(max_examples=200, deadline=None)
+@given(nll=nll_lists, data=st.data())
+def test_lowest_count_property(nll, data):
+    """Same count as "threshold" in every example, and no kept trainable token has a lower NLL than a masked one."""
+    n = len(nll)
+    trainable = np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    labels = [i if keep else IGNORE_INDEX for i, keep in enumerate(trainable)]
+    t = data.draw(st.floats(min_value=1.0001, max_value=1e4))
+    reference = compute_mask(nll, labels, cfg(threshold=t))
+    mask = compute_mask(nll, labels, cfg("lowest_count", threshold=t))
+    values = np.asarray(nll)
+    assert mask.sum() == reference.sum()
+    assert not (mask & ~trainable).any()
+    kept = trainable & ~mask
+    if mask.any() and kept.any():
+        assert values[mask].max() <= values[kept].min()
+        # Among equal values at the boundary, the earlier positions are the masked ones
+        boundary = values[mask].max()
+        tied = np.flatnonzero(trainable & (values == boundary))
+        assert mask[tied].tolist() == sorted(mask[tied].tolist(), reverse=True)
+
+
+def test_stm_entropy_rule():
+    rng = np.random.default_rng(0)
+    n = 400
+    nll = rng.exponential(1.0, n)
+    entropy = rng.uniform(0.0, 3.0, n)
+    labels = labels_for(n, prompt=37)
+    for t, h in [(2.5, 1.0), (1.5, 0.3), (10.0, 2.5)]:
+        mask = compute_mask(nll, labels, cfg("stm_entropy", threshold=t, entropy_threshold=h), token_entropy=entropy)
+        rule = (np.asarray(labels) != IGNORE_INDEX) & (np.exp(nll) > t) & (entropy < h)
+        assert mask.tolist() == rule.tolist()
+        assert 0 < mask.sum() < compute_mask(nll, labels, cfg(threshold=t)).sum()  # a strict subset of STM here
+    # Hand-made: high perplexity AND low entropy; entropy exactly at the bound is kept; untrainable never masked
+    nll = [5.0, 5.0, 5.0, 0.1, 5.0]
+    entropy = [0.0, 0.5, 1.0, 0.0, 2.0]
+    labels = [IGNORE_INDEX, 1, 2, 3, 4]
+    mask = compute_mask(nll, labels, cfg("stm_entropy"), token_entropy=entropy)
+    assert mask.tolist() == [False, True, False, False, False]
+
+
+def test_stm_entropy_needs_entropy():
+    with pytest.raises(ValueError, match=r"needs the per-token entropies .* 'token_entropy'.*trl-pplmask score"):
+        compute_mask([5.0, 5.0], [1, 2], cfg("stm_entropy"))
+    with pytest.raises(ValueError, match=r"`token_entropy` has 1 values but `token_nll` has 2"):
+        compute_mask([5.0, 5.0], [1, 2], cfg("stm_entropy"), token_entropy=[0.1])
+    # mask_dataset: a clear error naming the column and how to get it
+    ds = scored_dataset([([0.0, 5.0, 0.1], 1)])
+    with pytest.raises(
+        ValueError, match=r"missing column 'token_entropy'.*rescore the dataset with `trl-pplmask score`"
+    ):
+        mask_dataset(ds, cfg("stm_entropy"))
+    with pytest.raises(ValueError, match=r"missing column 'ent'"):
+        mask_dataset(ds.add_column("token_entropy", [[0.0] * 3]), cfg("stm_entropy", entropy_column="ent"))
+    # Other strategies do not need it
+    mask_dataset(ds, cfg())
+    assert cfg("stm_entropy").needs_entropy and not cfg().needs_entropy
+
+
+def test_mask_dataset_stm_entropy():
+    rows = [([0.0, 5.0, 5.0, 0.1, 3.0], 1), ([0.0, 4.0, 4.0], 0)]
+    entropy = [[0.0, 0.2, 1.5, 0.1, 0.9], [0.0, 0.99, 1.0]]
+    ds = scored_dataset(rows).add_column("token_entropy", entropy)
+    masked, stats = mask_dataset(ds, cfg("stm_entropy", threshold=2.5, entropy_threshold=1.0))
+    assert masked[0]["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 102, 103, IGNORE_INDEX]
+    assert masked[1]["labels"] == [100, IGNORE_INDEX, 102]
+    assert stats["masked_tokens"] == 3 and stats["strategy"] == "stm_entropy"
+    # Re-masking a masked dataset with another entropy bound restores and re-masks from the trainable tokens
+    loose, stats = mask_dataset(masked, cfg("stm_entropy", threshold=2.5, entropy_threshold=2.0))
+    assert loose[0]["labels"] == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 103, IGNORE_INDEX]
+    assert stats["masked_tokens"] == 5
+    # A renamed column, and a bad one (length, non-finite) is an error naming it
+    renamed = ds.rename_column("token_entropy", "ent")
+    again, _ = mask_dataset(renamed, cfg("stm_entropy", entropy_column="ent"))
+    assert again["labels"] == masked["labels"]
+    for bad in ([0.0, 0.1], [0.0, float("nan"), 0.1, 0.1, 0.1]):
+        broken = scored_dataset(rows[:1]).add_column("token_entropy", [bad])
+        with pytest.raises(ValueError, match=r"Row 0: `token_entropy`"):
+            mask_dataset(broken, cfg("stm_entropy"))
+
+
 def test_dpf_and_stm_dpf():
     nll = [0.0, 0.9, 0.8, 3.0, 0.5, 0.2]
     dpf = [9.0, 0.9, 1.5, 3.0, 0.2, 4.0]
@@ -365,7 +464,7 @@ def test_mask_dataset_dpf_columns():
 # errors
 
 
-@pytest.mark.parametrize("strategy", ["threshold", "random", "stm_dpf", "lowest"])
+@pytest.mark.parametrize("strategy", ["threshold", "random", "stm_dpf", "lowest", "lowest_count", "stm_entropy"])
 @pytest.mark.parametrize("t", [1.0, 0.5, 0.0, -2.0, float("nan")])
 def test_threshold_must_exceed_one(strategy, t):
     with pytest.raises(ValueError, match="above 1"):
@@ -381,6 +480,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="dpf_ratio"):
         cfg("dpf", dpf_ratio=0.0)
     assert cfg("dpf").needs_dpf and cfg("stm_dpf").needs_dpf and not cfg().needs_dpf
+    for entropy_threshold in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="entropy_threshold must be a positive, finite"):
+            cfg("stm_entropy", entropy_threshold=entropy_threshold)
 
 
 @pytest.mark.parametrize("nll,relation", [([0.0, 1.0], "shorter"), ([0.0, 1.0, 2.0, 3.0], "longer")])

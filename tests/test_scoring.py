@@ -1,5 +1,5 @@
-"""Per-token NLL scoring: exactness against a plain reference, batch independence, soft-capping, PEFT, memory bound,
-cache, errors and batching."""
+"""Per-token NLL and entropy scoring: exactness against a plain reference, batch independence, soft-capping, PEFT,
+memory bound, cache, errors and batching."""
 
 from __future__ import annotations
 
@@ -44,6 +44,20 @@ def expected(model, example, all_tokens=False) -> np.ndarray:
         ref[np.asarray(example["labels"]) == IGNORE_INDEX] = 0.0
     ref[0] = 0.0
     return ref
+
+
+@torch.no_grad()
+def expected_entropy(model, example, all_tokens=False) -> np.ndarray:
+    """Entropy of the full softmax of the model's own forward logits (float32) at the position predicting each token;
+    0.0 at position 0 and, unless `all_tokens`, on unlabeled tokens."""
+    ids = torch.tensor([example["input_ids"]])
+    log_p = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    out = np.zeros(len(example["input_ids"]), dtype=np.float32)
+    out[1:] = -(log_p.exp() * log_p).sum(-1)[:-1].numpy()
+    if not all_tokens and "labels" in example:
+        out[np.asarray(example["labels"]) == IGNORE_INDEX] = 0.0
+    out[0] = 0.0
+    return out
 
 
 def random_dataset(lengths, vocab_size, seed=0, prompt_fraction=0.3):
@@ -104,6 +118,19 @@ def test_matches_reference_on_embedded_model(embedded_scored, embedded_reference
         assert (np.exp(got[trained]) > 2.5).any()
 
 
+def test_entropy_on_embedded_model(embedded_model, embedded_scored):
+    for example in embedded_scored:
+        got = np.asarray(example["token_entropy"])
+        assert got.shape == (len(example["input_ids"]),)
+        np.testing.assert_allclose(got, expected_entropy(embedded_model, example), atol=1e-4, rtol=0)
+        trained = np.asarray(example["labels"]) != IGNORE_INDEX
+        assert (got[~trained] == 0).all() and (got[trained] > 0).all()
+        # Below the uniform distribution's log(vocab), and spread out: some confident positions, some not
+        assert got.max() < np.log(embedded_model.config.vocab_size)
+        assert got[trained].min() < 0.5 < got[trained].max()
+    assert embedded_scored.features["token_entropy"].feature.dtype == "float32"
+
+
 @pytest.mark.slow
 def test_embedded_model_batch_independence(embedded_model, tokenizer, gsm8k_tokens, embedded_scored):
     lengths = [len(x) for x in gsm8k_tokens["input_ids"]]
@@ -152,6 +179,119 @@ def test_batch_independence_tiny_model(peaky_llama):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (b2) token_entropy
+
+
+def test_entropy_matches_full_softmax(peaky_llama):
+    lengths = [5, 17, 40, 64, 3, 2, 33]
+    ds = random_dataset(lengths, 512)
+    rows = ds.to_list()
+    rows[2]["labels"][20] = IGNORE_INDEX  # a hole in the completion is not scored either
+    ds = Dataset.from_list(rows)
+    alone = score(ds, peaky_llama, max_tokens_per_batch=1)
+    padded = score(ds, peaky_llama, max_tokens_per_batch=10_000)  # shorter examples padded next to longer ones
+    assert alone.column_names == [*ds.column_names, "token_nll", "token_entropy"]
+    spread = []
+    for a, b in zip(alone, padded):
+        got = np.asarray(a["token_entropy"])
+        assert got.shape == (len(a["input_ids"]),) == np.shape(a["token_nll"])
+        ref = expected_entropy(peaky_llama, a)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(b["token_entropy"], got, atol=1e-5, rtol=0)
+        scored = np.asarray(a["labels"]) != IGNORE_INDEX
+        scored[0] = False
+        assert (got[~scored] == 0.0).all()  # untouched positions (prompt, hole, position 0)
+        assert (got[scored] > 0.0).all()
+        spread.extend(got[scored])
+    # A real check: the peaky model's entropies are far from uniform (log 512 = 6.24) and differ between positions
+    assert np.ptp(spread) > 1.0 and max(spread) < np.log(512)
+    # The NLLs are the same whether or not the entropies are computed with them
+    plain = score(ds, peaky_llama, max_tokens_per_batch=10_000, entropy_column=None)
+    assert plain.column_names == [*ds.column_names, "token_nll"]
+    for a, b in zip(plain, padded):
+        np.testing.assert_allclose(a["token_nll"], b["token_nll"], atol=1e-6, rtol=0)
+
+
+def test_batch_token_nll_return_entropy(peaky_llama):
+    ds = random_dataset([30, 12], 512, prompt_fraction=0.0)
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    attention = torch.zeros(2, 30, dtype=torch.long)
+    for i, row in enumerate(ds["input_ids"]):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    nll_only = batch_token_nll(peaky_llama, ids, attention, attention)
+    assert isinstance(nll_only, torch.Tensor)  # the default return is unchanged
+    # A small chunk budget: several LM-head chunks, same values
+    nll, entropy = batch_token_nll(peaky_llama, ids, attention, attention, 4 * 512 * 7, return_entropy=True)
+    assert nll.shape == entropy.shape == ids.shape and entropy.dtype == torch.float32
+    np.testing.assert_allclose(nll.numpy(), nll_only.numpy(), atol=1e-6, rtol=0)
+    assert (entropy[:, 0] == 0).all() and (entropy[1, 12:] == 0).all()  # position 0 and padding
+    for i, example in enumerate(ds):
+        n = len(example["input_ids"])
+        ref = expected_entropy(peaky_llama, example, all_tokens=True)
+        np.testing.assert_allclose(entropy[i, :n].numpy(), ref, atol=1e-4, rtol=0)
+    # selected_log_probs on no rows
+    log_probs, ent = selected_log_probs(
+        peaky_llama, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), return_entropy=True
+    )
+    assert log_probs.shape == ent.shape == (0,) and ent.dtype == torch.float32
+
+
+def test_entropy_column_settings(peaky_llama):
+    ds = random_dataset([9, 6], 512)
+    out = score(ds, peaky_llama, output_column="ref_nll", entropy_column="ref_entropy")
+    assert "ref_entropy" in out.column_names and "token_entropy" not in out.column_names
+    assert out.features["ref_entropy"].feature.dtype == "float32"
+    with pytest.raises(ValueError, match="entropy_column and output_column are both 'token_nll'"):
+        ScoringConfig(entropy_column="token_nll")
+
+
+def test_collator_stm_entropy_on_the_fly(peaky_llama, monkeypatch):
+    """`PplMaskCollator` with `stm_entropy` and a reference model: NLLs and entropies from one on-the-fly pass, the
+    same labels as masking the scored dataset; from the dataset's columns when present."""
+    from types import SimpleNamespace
+
+    import trl_pplmask.collator as collator_module
+    from trl_pplmask.masking import PplMaskConfig, mask_dataset
+
+    ds = random_dataset([30, 12, 21], 512)
+    scored = score(ds, peaky_llama)
+    nll = np.concatenate(scored["token_nll"])
+    entropy = np.concatenate(scored["token_entropy"])
+    # Thresholds in the middle of this model's values, so that both conditions matter
+    config = PplMaskConfig(
+        strategy="stm_entropy",
+        threshold=float(np.exp(np.median(nll[nll > 0]))),
+        entropy_threshold=float(np.median(entropy[entropy > 0])),
+    )
+    expected_labels, stats = mask_dataset(scored, config)
+    _, stm_stats = mask_dataset(scored, PplMaskConfig(threshold=config.threshold))
+    assert 0 < stats["masked_tokens"] < stm_stats["masked_tokens"]
+
+    calls = []
+    original = collator_module.batch_token_nll
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("return_entropy", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(collator_module, "batch_token_nll", counting)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)  # the collator reads only the pad token
+    on_the_fly = collator_module.PplMaskCollator(tokenizer, config=config, reference_model=peaky_llama)(ds.to_list())
+    assert calls == [True]  # one pass gives both
+    from_columns = collator_module.PplMaskCollator(tokenizer, config=config)(scored.to_list())
+    assert calls == [True]
+    for i, example in enumerate(expected_labels):
+        n = len(example["labels"])
+        assert on_the_fly["labels"][i, :n].tolist() == example["labels"]
+        assert from_columns["labels"][i, :n].tolist() == example["labels"]
+    # NLLs present but no entropies (the on-the-fly pass is only for batches without NLLs): a clear error
+    collator = collator_module.PplMaskCollator(tokenizer, config=config, reference_model=peaky_llama)
+    with pytest.raises(ValueError, match=r"entropies in column 'token_entropy'.*trl-pplmask score"):
+        collator(scored.remove_columns("token_entropy").to_list())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # (c) output logit transforms: Gemma-2 soft-capping and logit scales
 
 
@@ -195,6 +335,9 @@ def test_gemma2_softcapping():
         for example in scored:
             got = np.asarray(example["token_nll"])
             np.testing.assert_allclose(got, expected(model, example, all_tokens=True), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(
+                example["token_entropy"], expected_entropy(model, example, all_tokens=True), atol=1e-4, rtol=0
+            )
             # The cap matters here: without it the NLLs are clearly different
             assert np.abs(got - uncapped_nll(model, example["input_ids"])).max() > 0.1
             # With a cap of 2 every logit is in (-2, 2): no NLL can exceed log(vocab) + 4
@@ -232,13 +375,15 @@ def test_logit_scale_models(kind):
         got = np.asarray(example["token_nll"])
         np.testing.assert_allclose(got, expected(model, example, all_tokens=True), atol=1e-5, rtol=0)
         assert np.abs(got - uncapped_nll(model, example["input_ids"])).max() > 0.01
+        entropy = expected_entropy(model, example, all_tokens=True)
+        np.testing.assert_allclose(example["token_entropy"], entropy, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
 def test_fused_kernel_path(kind, monkeypatch):
     """On CUDA the LM head goes through TRL's fused `ChunkedLogProbFunction` (torch ops where Triton is missing):
     forced here on CPU, the arguments `selected_log_probs` passes it (soft-cap, scale) reproduce the model's own
-    forward too."""
+    forward too, entropies included (the kernel's `"entropy"` output)."""
     model = tiny_gemma2(softcap=2.0) if kind == "gemma2" else tiny_scaled(kind)[0]
     monkeypatch.setattr(scoring, "_use_triton", lambda device: True)
     calls = []
@@ -250,6 +395,8 @@ def test_fused_kernel_path(kind, monkeypatch):
     assert not calls  # the fused path projects with the weight itself, not through the LM head module
     for example in scored:
         np.testing.assert_allclose(example["token_nll"], expected(model, example, all_tokens=True), atol=2e-5, rtol=0)
+        entropy = expected_entropy(model, example, all_tokens=True)
+        np.testing.assert_allclose(example["token_entropy"], entropy, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,6 +564,29 @@ def test_cache(peaky_llama, counted, score_cache):
     n = len(counted)
     score(ds, model, use_cache=False, cache_dir=score_cache, max_tokens_per_batch=40)
     assert len(counted) > n
+
+
+def test_cache_entropy(peaky_llama, counted, score_cache):
+    ds = random_dataset([20, 30, 9], 512)
+    kwargs = dict(use_cache=True, cache_dir=score_cache)
+    # An entry written without entropies does not answer a call that wants them...
+    plain = score(ds, peaky_llama, entropy_column=None, **kwargs)
+    assert "token_entropy" not in plain.column_names
+    n = len(counted)
+    first = score(ds, peaky_llama, **kwargs)
+    assert len(counted) > n
+    assert first["token_nll"] == plain["token_nll"]
+    # ...and the new entry holds both: restored exactly, for either kind of call, with no model call
+    n = len(counted)
+    again = score(Dataset.from_list(ds.to_list()), peaky_llama, **kwargs)
+    nll_only = score(ds, peaky_llama, entropy_column=None, **kwargs)
+    assert len(counted) == n
+    assert again["token_entropy"] == first["token_entropy"] and again["token_nll"] == first["token_nll"]
+    assert again.features["token_entropy"].feature.dtype == "float32"
+    assert "token_entropy" not in nll_only.column_names and nll_only["token_nll"] == first["token_nll"]
+    assert [len(x) for x in again["token_entropy"]] == [len(x) for x in ds["input_ids"]]
+    assert len(list(Path(score_cache).glob("*.npz"))) == 1
+    assert scoring._CACHE_VERSION != "1"  # entries of the NLL-only format are not read as current ones
 
 
 def test_cache_ignores_corrupt_file(peaky_llama, counted, score_cache):

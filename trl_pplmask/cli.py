@@ -41,6 +41,9 @@ def _add_mask_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, help="Fraction of completion tokens to mask (strategy fraction).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of strategy random.")
     parser.add_argument("--dpf-nll-column", default="token_nll_dpf", help="NLLs under a first fine-tuned model.")
+    parser.add_argument(
+        "--entropy-threshold", type=float, default=1.0, help="Entropy bound in nats of strategy stm_entropy."
+    )
     parser.add_argument("--drop-empty", action="store_true", help="Drop examples left with no trainable token.")
 
 
@@ -51,6 +54,7 @@ def _mask_config(args: argparse.Namespace) -> PplMaskConfig:
         fraction=args.fraction,
         seed=args.seed,
         dpf_nll_column=args.dpf_nll_column,
+        entropy_threshold=args.entropy_threshold,
     )
 
 

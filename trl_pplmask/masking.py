@@ -1,8 +1,9 @@
 """Mask strategies on per-token NLL arrays: the single home of every mask rule.
 
 Pure functions (NumPy, no model, no I/O) shared by the collator, the dataset builder and the CLI. A token's
-perplexity is `exp(token_nll)`. Only *trainable* tokens (label != -100, or `trainable_mask == 1` when the labels
-were already masked) are candidates; a mask never un-masks anything.
+perplexity is `exp(token_nll)`; `stm_entropy` also reads `token_entropy`, the entropy (nats) of the reference model's
+predictive distribution at the position that predicts the token. Only *trainable* tokens (label != -100, or
+`trainable_mask == 1` when the labels were already masked) are candidates; a mask never un-masks anything.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import numpy as np
 
 IGNORE_INDEX = -100
 NLL_COLUMN = "token_nll"
+ENTROPY_COLUMN = "token_entropy"
 TRAINABLE_COLUMN = "trainable_mask"
-STRATEGIES = ("threshold", "fraction", "random", "lowest", "dpf", "stm_dpf", "none")
+STRATEGIES = ("threshold", "fraction", "random", "lowest", "lowest_count", "dpf", "stm_dpf", "stm_entropy", "none")
+# Strategies that mask per example as many tokens as "threshold" would, chosen by another rule
+_COUNT_MATCHED = ("random", "lowest_count")
 
 
 @dataclass
@@ -33,12 +37,19 @@ class PplMaskConfig:
             - `"random"`: in each example, mask as many tokens as `"threshold"` would, chosen uniformly at random
               without replacement (the paper's random-masking ablation); deterministic for a `seed`.
             - `"lowest"`: mask `exp(nll) < threshold` (the paper's lowest-perplexity ablation).
+            - `"lowest_count"`: in each example, mask as many tokens as `"threshold"` would, choosing the ones with
+              the *lowest* perplexity (ties broken by position, first token first): the lowest-perplexity control
+              at the same masked count as STM.
             - `"dpf"`: mask tokens whose perplexity under a first fine-tuned model (`dpf_nll_column`) exceeds their
               perplexity under the reference model by a factor larger than `dpf_ratio`.
             - `"stm_dpf"`: the union of `"threshold"` and `"dpf"`.
+            - `"stm_entropy"`: mask a token when `exp(nll) > threshold` *and* the reference model's predictive
+              entropy there (`entropy_column`) is below `entropy_threshold`: a confident conflict, where the model
+              is sure of another token than the reference's.
             - `"none"`: mask nothing (ground-truth baseline with the same pipeline).
         threshold (`float`, *optional*, defaults to `2.5`):
-            Perplexity threshold of `"threshold"`, `"random"`, `"lowest"` and `"stm_dpf"`. The paper uses 2.5.
+            Perplexity threshold of `"threshold"`, `"random"`, `"lowest"`, `"lowest_count"`, `"stm_dpf"` and
+            `"stm_entropy"`. The paper uses 2.5.
         fraction (`float`, *optional*):
             Target fraction of trainable tokens to mask with `"fraction"`, in `[0, 1]`.
         seed (`int`, *optional*, defaults to `0`):
@@ -49,6 +60,12 @@ class PplMaskConfig:
             Column holding the per-token NLL under the reference model.
         dpf_nll_column (`str`, *optional*, defaults to `"token_nll_dpf"`):
             Column holding the per-token NLL under the first fine-tuned model, for `"dpf"` and `"stm_dpf"`.
+        entropy_threshold (`float`, *optional*, defaults to `1.0`):
+            Entropy bound of `"stm_entropy"`, in nats: a token is masked only where the entropy is strictly below it.
+            For scale, a uniform choice between `k` tokens has entropy `log(k)` (`log(2.7) = 1.0`).
+        entropy_column (`str`, *optional*, defaults to `"token_entropy"`):
+            Column holding the per-token predictive entropy under the reference model, for `"stm_entropy"`
+            (written by `trl-pplmask score` next to `token_nll`).
     """
 
     strategy: str = "threshold"
@@ -58,11 +75,15 @@ class PplMaskConfig:
     dpf_ratio: float = 1.0
     nll_column: str = NLL_COLUMN
     dpf_nll_column: str = "token_nll_dpf"
+    entropy_threshold: float = 1.0
+    entropy_column: str = ENTROPY_COLUMN
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown mask strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-        if self.strategy in ("threshold", "random", "stm_dpf") and not self.threshold > 1.0:
+        if self.strategy in ("threshold", "random", "lowest_count", "stm_dpf", "stm_entropy") and not (
+            self.threshold > 1.0
+        ):
             raise ValueError(
                 f"threshold={self.threshold} masks every token (a perplexity is always >= 1). Use a value above 1; "
                 "the paper uses 2.5."
@@ -73,10 +94,18 @@ class PplMaskConfig:
             raise ValueError(f"Strategy 'fraction' needs `fraction` in [0, 1], got {self.fraction!r}.")
         if self.dpf_ratio <= 0:
             raise ValueError(f"dpf_ratio must be positive, got {self.dpf_ratio}.")
+        if not (self.entropy_threshold > 0 and math.isfinite(self.entropy_threshold)):
+            raise ValueError(
+                f"entropy_threshold must be a positive, finite number of nats, got {self.entropy_threshold}."
+            )
 
     @property
     def needs_dpf(self) -> bool:
         return self.strategy in ("dpf", "stm_dpf")
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.strategy == "stm_entropy"
 
 
 def trainable_positions(labels: Sequence[int], trainable_mask: Sequence[int] | None = None) -> np.ndarray:
@@ -115,6 +144,14 @@ def _threshold_mask(nll: np.ndarray, trainable: np.ndarray, threshold: float) ->
     return trainable & (nll > log_threshold)
 
 
+def _entropy_missing_message(config: PplMaskConfig) -> str:
+    return (
+        f"Strategy {config.strategy!r} needs the per-token entropies of the reference model in column "
+        f"{config.entropy_column!r}: rescore the dataset with `trl-pplmask score` (or `score_dataset`), which writes "
+        f"`token_entropy` next to `token_nll`."
+    )
+
+
 def compute_mask(
     token_nll: Sequence[float],
     labels: Sequence[int],
@@ -122,6 +159,7 @@ def compute_mask(
     *,
     trainable_mask: Sequence[int] | None = None,
     dpf_nll: Sequence[float] | None = None,
+    token_entropy: Sequence[float] | None = None,
     row_id: int = 0,
     threshold: float | None = None,
 ) -> np.ndarray:
@@ -134,6 +172,8 @@ def compute_mask(
         trainable_mask (`Sequence[int]`, *optional*): 1 on tokens trainable before masking; defaults to
             `labels != -100`. Lets already-masked labels be re-thresholded.
         dpf_nll (`Sequence[float]`, *optional*): NLL under the first fine-tuned model, for `"dpf"`/`"stm_dpf"`.
+        token_entropy (`Sequence[float]`, *optional*): Predictive entropy (nats) of the reference model at the
+            position that predicts each token, aligned with `labels`, for `"stm_entropy"`.
         row_id (`int`, *optional*): Identifies the example in the `"random"` draw.
         threshold (`float`, *optional*): Overrides `config.threshold`; `"fraction"` passes its resolved value here.
     """
@@ -151,13 +191,27 @@ def compute_mask(
         return _threshold_mask(nll, trainable, t)
     if strategy == "lowest":
         return trainable & (nll < math.log(t))
-    if strategy == "random":
+    if strategy in _COUNT_MATCHED:
         count = int(_threshold_mask(nll, trainable, t).sum())
         candidates = np.flatnonzero(trainable)
-        rng = np.random.default_rng([config.seed, row_id])
+        if strategy == "random":
+            chosen = np.random.default_rng([config.seed, row_id]).choice(candidates, size=count, replace=False)
+        else:
+            # `candidates` is in position order and the sort is stable: equal perplexities go first token first
+            chosen = candidates[np.argsort(nll[candidates], kind="stable")[:count]]
         mask = np.zeros_like(trainable)
-        mask[rng.choice(candidates, size=count, replace=False)] = True
+        mask[chosen] = True
         return mask
+    if strategy == "stm_entropy":
+        if token_entropy is None:
+            raise ValueError(_entropy_missing_message(config))
+        entropy = np.asarray(token_entropy, dtype=np.float64)
+        if entropy.shape != nll.shape:
+            raise ValueError(
+                f"`{config.entropy_column}` has {entropy.size} values but `{config.nll_column}` has {nll.size}: both "
+                "must come from scoring the same input_ids."
+            )
+        return _threshold_mask(nll, trainable, t) & (entropy < config.entropy_threshold)
     if dpf_nll is None:
         raise ValueError(
             f"Strategy {strategy!r} needs the NLLs under a first fine-tuned model in column "
@@ -233,7 +287,7 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
 
     Args:
         dataset (`datasets.Dataset`): Columns `input_ids`, `labels` and `config.nll_column` (and
-            `config.dpf_nll_column` for DPF strategies).
+            `config.dpf_nll_column` for DPF strategies, `config.entropy_column` for `"stm_entropy"`).
         config (`PplMaskConfig`): The strategy.
         drop_empty (`bool`, *optional*, defaults to `False`): Drop examples left with no trainable token. They are
             counted in the statistics either way.
@@ -246,6 +300,8 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Cannot mask: missing column(s) {missing}. Score the dataset first (`trl-pplmask score`).")
+    if config.needs_entropy and config.entropy_column not in dataset.column_names:
+        raise ValueError(f"Cannot mask: missing column {config.entropy_column!r}. {_entropy_missing_message(config)}")
     has_trainable = TRAINABLE_COLUMN in dataset.column_names
     threshold = config.threshold
     if config.strategy == "fraction":
@@ -262,6 +318,9 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
         check_nll(example[config.nll_column], example["input_ids"], where, config.nll_column)
         if config.needs_dpf:
             check_nll(example[config.dpf_nll_column], example["input_ids"], where, config.dpf_nll_column)
+        entropy = None
+        if config.needs_entropy:
+            entropy = check_nll(example[config.entropy_column], example["input_ids"], where, config.entropy_column)
         trainable_mask = example[TRAINABLE_COLUMN] if has_trainable else None
         trainable = trainable_positions(example["labels"], trainable_mask)
         mask = compute_mask(
@@ -270,6 +329,7 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
             config,
             trainable_mask=trainable_mask,
             dpf_nll=example.get(config.dpf_nll_column) if config.needs_dpf else None,
+            token_entropy=entropy,
             row_id=example["row_id"] if has_row_id else idx,
             threshold=threshold,
         )

@@ -1,9 +1,10 @@
-"""Per-token negative log-likelihood of a tokenized dataset under a reference model.
+"""Per-token negative log-likelihood (and predictive entropy) of a tokenized dataset under a reference model.
 
-`token_nll[i] = -log p(input_ids[i] | input_ids[:i])`, 0.0 at position 0 and wherever nothing is scored. The
-backbone runs once per batch; the LM head runs only on the positions that predict a scored token, in row chunks
-(TRL's fused Triton kernel on CUDA), with the model's own logit scale and final-logit soft-capping, and the
-log-softmax in float32. No `[batch, seq, vocab]` float32 tensor is ever built.
+`token_nll[i] = -log p(input_ids[i] | input_ids[:i])` and `token_entropy[i] = -sum_v p(v | input_ids[:i]) log p(v |
+input_ids[:i])` (nats), both 0.0 at position 0 and wherever nothing is scored. The backbone runs once per batch; the
+LM head runs only on the positions that predict a scored token, in row chunks (TRL's fused Triton kernel on CUDA),
+with the model's own logit scale and final-logit soft-capping, and the log-softmax in float32. The entropy comes
+from the same pass over the logits as the NLL. No `[batch, seq, vocab]` float32 tensor is ever built.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.kernels import ChunkedLogProbFunction
 from trl.kernels.chunked_logprob import _use_triton
 
-from .masking import IGNORE_INDEX, NLL_COLUMN
+from .masking import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN
 from .models import cache_dir
 
 
-_CACHE_VERSION = "1"
+# 2: entries also hold the entropies (`entropy_lengths`/`entropy_values`)
+_CACHE_VERSION = "2"
 
 
 @dataclass
@@ -51,6 +53,11 @@ class ScoringConfig:
             With a PEFT model, score with its adapter disabled (the frozen base model).
         output_column (`str`, *optional*, defaults to `"token_nll"`):
             Name of the column to write.
+        entropy_column (`str` or `None`, *optional*, defaults to `"token_entropy"`):
+            Name of the column of per-token predictive entropies (nats) to write next to the NLLs, computed in the
+            same LM-head pass (strategy `"stm_entropy"` reads it); `None` computes no entropy. When scoring a second
+            model into another `output_column` (e.g. DPF's `"token_nll_dpf"`), give this another name or `None`, or
+            it replaces the reference model's entropies.
         use_cache (`bool`, *optional*, defaults to `True`):
             Reuse the result of an identical earlier call (same tokens, same model weights, same settings).
         cache_dir (`str`, *optional*):
@@ -63,6 +70,7 @@ class ScoringConfig:
     score_all_tokens: bool = False
     disable_adapter: bool = False
     output_column: str = NLL_COLUMN
+    entropy_column: str | None = ENTROPY_COLUMN
     use_cache: bool = True
     cache_dir: str | None = None
     show_progress: bool = True
@@ -70,6 +78,8 @@ class ScoringConfig:
     def __post_init__(self):
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
             raise ValueError(f"max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
+        if self.entropy_column is not None and self.entropy_column == self.output_column:
+            raise ValueError(f"entropy_column and output_column are both {self.output_column!r}; use two names.")
 
 
 def distributed_state() -> PartialState:
@@ -134,34 +144,62 @@ def output_logit_transform(config) -> tuple[float, float | None]:
 
 
 def selected_log_probs(
-    causal_lm: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, logits_chunk_bytes: int = 2**28
-) -> torch.Tensor:
+    causal_lm: PreTrainedModel,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    logits_chunk_bytes: int = 2**28,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`log p(target)` for each row of `hidden` (`[N, H]`), without materialising the `[N, vocab]` logits at once.
 
     The LM head runs on row chunks of at most `logits_chunk_bytes` of float32 logits; the model's logit scale and
     soft-capping are applied and the log-softmax is computed in float32. On CUDA with Triton, TRL's fused
     chunked kernel does the same in tiles.
+
+    Args:
+        causal_lm (`PreTrainedModel`): The model whose output embeddings (LM head) and logit transform are used.
+        hidden (`torch.Tensor`): Final hidden states, `[N, H]`, one row per position to score.
+        targets (`torch.Tensor`): Token ids, `[N]`, whose log-probability is returned.
+        logits_chunk_bytes (`int`, *optional*, defaults to `2**28`): Bound on the float32 logits of one chunk.
+        return_entropy (`bool`, *optional*, defaults to `False`): Also return the entropy (nats) of each row's
+            predictive distribution, from the same pass over the logits.
+
+    Returns:
+        `torch.Tensor` of float32 log-probabilities `[N]`, or `(log_probs, entropy)` with `return_entropy=True`.
     """
     lm_head = causal_lm.get_output_embeddings()
     scale, softcap = output_logit_transform(causal_lm.config)
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if return_entropy else empty
     if _use_triton(hidden.device) and type(lm_head) is torch.nn.Linear:
-        return ChunkedLogProbFunction.apply(
-            hidden, lm_head.weight, lm_head.bias, targets, 1.0, 32768, softcap, scale, ("log_probs",)
-        )[0].float()
+        # TRL's kernel folds the entropy into the same online-logsumexp pass when asked for it
+        outputs = ("log_probs", "entropy") if return_entropy else ("log_probs",)
+        log_probs, entropy, *_ = ChunkedLogProbFunction.apply(
+            hidden, lm_head.weight, lm_head.bias, targets, 1.0, 32768, softcap, scale, outputs
+        )
+        return (log_probs.float(), entropy.float()) if return_entropy else log_probs.float()
     vocab = lm_head.weight.shape[0]
     rows = max(1, logits_chunk_bytes // (4 * vocab))
-    out = []
+    out, entropies = [], []
     for h, t in zip(hidden.split(rows), targets.split(rows)):
         logits = lm_head(h).float()
         if scale != 1.0:
             logits.mul_(scale)
         if softcap is not None:
             logits.div_(softcap).tanh_().mul_(softcap)
-        out.append(logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-        del logits
-    return torch.cat(out)
+        # The steps of `logsumexp`, kept so that the entropy reuses them: with z = logits - max and e = exp(z),
+        # log p(v) = z_v - log(sum e) and entropy = log(sum e) - sum(e * z) / sum(e). The shift is in place, and e is
+        # the one temporary of the size of the chunk, as in `torch.logsumexp`.
+        logits.sub_(logits.amax(dim=-1, keepdim=True))
+        exp = logits.exp()
+        sum_exp = exp.sum(dim=-1)
+        log_sum_exp = sum_exp.log()
+        out.append(logits.gather(-1, t[:, None]).squeeze(-1) - log_sum_exp)
+        if return_entropy:
+            entropies.append(log_sum_exp - exp.mul_(logits).sum(dim=-1) / sum_exp)
+        del logits, exp
+    return (torch.cat(out), torch.cat(entropies)) if return_entropy else torch.cat(out)
 
 
 def adapter_context(model: torch.nn.Module, disable_adapter: bool):
@@ -181,10 +219,23 @@ def batch_token_nll(
     attention_mask: torch.Tensor,
     score_mask: torch.Tensor,
     logits_chunk_bytes: int = 2**28,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """NLL of each token given its prefix, `[batch, seq]` float32, 0.0 where `score_mask` is False and at position 0.
 
     The backbone runs once on the batch; the LM head runs only on the positions that predict a scored token.
+
+    Args:
+        model (`torch.nn.Module`): Causal LM (transformers, PEFT or accelerate-wrapped).
+        input_ids (`torch.Tensor`): Token ids, `[batch, seq]`.
+        attention_mask (`torch.Tensor`): 1 on real tokens, 0 on padding, `[batch, seq]`.
+        score_mask (`torch.Tensor`): True (or 1) on the tokens to score, `[batch, seq]`.
+        logits_chunk_bytes (`int`, *optional*, defaults to `2**28`): See [`selected_log_probs`].
+        return_entropy (`bool`, *optional*, defaults to `False`): Also return the entropy (nats) of the predictive
+            distribution at the position that predicts each scored token (0.0 elsewhere), from the same pass.
+
+    Returns:
+        `torch.Tensor` `nll`, or `(nll, entropy)` with `return_entropy=True`, each `[batch, seq]` float32.
     """
     causal_lm = _causal_lm(model)
     # Without padding, no mask lets attention take its causal fast path instead of building a [seq, seq] mask
@@ -194,15 +245,22 @@ def batch_token_nll(
     predicts = score_mask[:, 1:].bool().to(hidden.device)
     predicts &= attention_mask[:, 1:].bool().to(hidden.device)
     lm_device = causal_lm.get_output_embeddings().weight.device
-    log_probs = selected_log_probs(
+    selected = selected_log_probs(
         causal_lm,
         hidden[:, :-1][predicts].to(lm_device),
         input_ids[:, 1:].to(hidden.device)[predicts].to(lm_device),
         logits_chunk_bytes,
+        return_entropy=return_entropy,
     )
+    log_probs, entropy = selected if return_entropy else (selected, None)
+    predicts = predicts.to(lm_device)
     nll = torch.zeros(input_ids.shape, dtype=torch.float32, device=lm_device)
-    nll[:, 1:][predicts.to(lm_device)] = -log_probs
-    return nll
+    nll[:, 1:][predicts] = -log_probs
+    if not return_entropy:
+        return nll
+    token_entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=lm_device)
+    token_entropy[:, 1:][predicts] = entropy
+    return nll, token_entropy
 
 
 def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
@@ -254,28 +312,46 @@ def _cache_path(config: ScoringConfig, dataset: Dataset, model: torch.nn.Module)
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
 
-def _save_cache(path: Path, nlls: list[np.ndarray]) -> None:
+def _flatten(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(x) for x in rows], dtype=np.int64)
+    values = np.concatenate(rows).astype(np.float32) if rows else np.zeros(0, np.float32)
+    return lengths, values
+
+
+def _unflatten(lengths: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def _save_cache(path: Path, scores: tuple[list[np.ndarray], list[np.ndarray] | None]) -> None:
+    """Write `(nlls, entropies)` (entropies `None` when not computed) to one `.npz` entry, atomically."""
+    nlls, entropies = scores
     path.parent.mkdir(parents=True, exist_ok=True)
-    lengths = np.array([len(x) for x in nlls], dtype=np.int64)
-    values = np.concatenate(nlls).astype(np.float32) if nlls else np.zeros(0, np.float32)
+    lengths, values = _flatten(nlls)
+    arrays = {"lengths": lengths, "values": values}
+    if entropies is not None:
+        arrays["entropy_lengths"], arrays["entropy_values"] = _flatten(entropies)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     os.close(fd)
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, lengths=lengths, values=values)
+            np.savez(f, **arrays)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _load_cache(path: Path) -> list[np.ndarray] | None:
+def _load_cache(path: Path) -> tuple[list[np.ndarray], list[np.ndarray] | None] | None:
+    """`(nlls, entropies)` of a cache entry (entropies `None` if the entry has none), or `None` if unreadable."""
     try:
         with np.load(path) as data:
             lengths, values = data["lengths"], data["values"]
+            entropy = (data["entropy_lengths"], data["entropy_values"]) if "entropy_values" in data.files else None
     except (OSError, KeyError, ValueError):
         return None
-    return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    if entropy is not None and not np.array_equal(entropy[0], lengths):
+        return None
+    return _unflatten(lengths, values), None if entropy is None else _unflatten(*entropy)
 
 
 def _score_rows(
@@ -286,9 +362,11 @@ def _score_rows(
     config: ScoringConfig,
     pad_token_id: int,
     show_progress: bool,
-) -> dict[int, np.ndarray]:
+) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """`{example index: (nll, entropy)}` for the examples of `batches` (entropy `None` without `entropy_column`)."""
     device = next(model.parameters()).device
-    results: dict[int, np.ndarray] = {}
+    with_entropy = config.entropy_column is not None
+    results: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     total = sum(len(input_ids[i]) for b in batches for i in b)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Scoring", disable=not show_progress)
     start = time.perf_counter()
@@ -300,9 +378,11 @@ def _score_rows(
                 ids = _pad([input_ids[i] for i in batch], pad_token_id, device)
                 attention = _pad([[1] * len(input_ids[i]) for i in batch], 0, device)
                 score = _pad([score_masks[i].astype(np.int64).tolist() for i in batch], 0, device)
-                nll = batch_token_nll(model, ids, attention, score).cpu().numpy()
+                out = batch_token_nll(model, ids, attention, score, return_entropy=with_entropy)
+                nll, entropy = (t.cpu().numpy() for t in out) if with_entropy else (out.cpu().numpy(), None)
                 for row, i in enumerate(batch):
-                    results[i] = nll[row, : len(input_ids[i])]
+                    n = len(input_ids[i])
+                    results[i] = (nll[row, :n], None if entropy is None else entropy[row, :n])
                 done = sum(len(input_ids[i]) for i in batch)
                 bar.update(done)
                 bar.set_postfix(tok_per_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.0f}")
@@ -319,7 +399,7 @@ def score_dataset(
     config: ScoringConfig | None = None,
     **config_kwargs,
 ) -> Dataset:
-    """Add the per-token NLL of every example under `model` as a column (`token_nll` by default).
+    """Add the per-token NLL (`token_nll`) and predictive entropy (`token_entropy`) of every example under `model`.
 
     Runs unchanged under `accelerate launch`: each process scores a share of the batches and every process returns
     the same, complete dataset. Place the model on `PartialState().device` in that case.
@@ -333,7 +413,8 @@ def score_dataset(
         config (`ScoringConfig`, *optional*): Settings; or pass them as keyword arguments.
 
     Returns:
-        `Dataset`: the input dataset with a float32 list column of NLLs aligned with `input_ids`.
+        `Dataset`: the input dataset with float32 list columns of NLLs (`config.output_column`) and, unless
+        `config.entropy_column` is `None`, of entropies, both aligned with `input_ids`.
     """
     if config is None:
         config = ScoringConfig(**config_kwargs)
@@ -352,12 +433,14 @@ def score_dataset(
     # entry yet (or ever, without a shared file system).
     cache_file = _cache_path(config, dataset, model) if config.use_cache and main else None
     cached = _load_cache(cache_file) if cache_file is not None and cache_file.exists() else None
-    if cached is not None and len(cached) != len(dataset):
+    if cached is not None and len(cached[0]) != len(dataset):
         cached = None
+    if cached is not None and config.entropy_column is not None and cached[1] is None:
+        cached = None  # scored without entropies: score again, and the new entry holds both
     if config.use_cache and state.num_processes > 1:
         cached = broadcast_object_list([cached])[0]
     if cached is not None:
-        return _with_column(dataset, config.output_column, cached)
+        return _with_scores(dataset, config, *cached)
 
     input_ids = dataset["input_ids"]
     has_labels = "labels" in dataset.column_names and not config.score_all_tokens
@@ -374,12 +457,20 @@ def score_dataset(
     my_batches = batches[state.process_index :: state.num_processes]
     mine = _score_rows(model, input_ids, score_masks, my_batches, config, pad_token_id, config.show_progress and main)
     if state.num_processes > 1:
-        gathered = gather_object([(i, v.tolist()) for i, v in mine.items()])
-        mine = {i: np.asarray(v, dtype=np.float32) for i, v in gathered}
-    nlls = [mine[i].astype(np.float32) for i in range(len(dataset))]
+        gathered = gather_object(
+            [(i, nll.tolist(), None if ent is None else ent.tolist()) for i, (nll, ent) in mine.items()]
+        )
+        mine = {
+            i: (np.asarray(nll, dtype=np.float32), None if ent is None else np.asarray(ent, dtype=np.float32))
+            for i, nll, ent in gathered
+        }
+    nlls = [mine[i][0].astype(np.float32) for i in range(len(dataset))]
+    entropies = None
+    if config.entropy_column is not None:
+        entropies = [mine[i][1].astype(np.float32) for i in range(len(dataset))]
     if cache_file is not None and main:
-        _save_cache(cache_file, nlls)
-    return _with_column(dataset, config.output_column, nlls)
+        _save_cache(cache_file, (nlls, entropies))
+    return _with_scores(dataset, config, nlls, entropies)
 
 
 def _pad_token_id(tokenizer: PreTrainedTokenizerBase | None) -> int:
@@ -395,6 +486,16 @@ def _with_column(dataset: Dataset, name: str, values: list[np.ndarray]) -> Datas
         dataset = dataset.remove_columns(name)
     feature = Sequence(Value("float32"))
     return dataset.add_column(name, [v.tolist() for v in values], feature=feature)
+
+
+def _with_scores(
+    dataset: Dataset, config: ScoringConfig, nlls: list[np.ndarray], entropies: list[np.ndarray] | None
+) -> Dataset:
+    """The NLL column, then the entropy column next to it when the config asks for one."""
+    dataset = _with_column(dataset, config.output_column, nlls)
+    if config.entropy_column is not None:
+        dataset = _with_column(dataset, config.entropy_column, entropies)
+    return dataset
 
 
 def scoring_settings(config: ScoringConfig) -> dict:

@@ -238,10 +238,11 @@ def test_eta_from_finished_stages(tmp_path):
     config = config_from_dict(minimal(tmp_path))
     stages = plan_stages(config)  # prepare, train gt, train stm, eval base, eval gt, eval stm, report
     state = {"stages": {"prepare": {"status": "done", "seconds": 2.0}}}
-    assert estimate_remaining(stages, state, 1) is None
+    assert estimate_remaining(stages, state, 1) == (5.0, ["train", "eval"])
     state["stages"]["train:gt"] = {"status": "done", "seconds": 100.0}
+    assert estimate_remaining(stages, state, 2) == (100 + 5, ["eval"])
     state["stages"]["eval:base"] = {"status": "done", "seconds": 30.0}
-    assert estimate_remaining(stages, state, 2) == pytest.approx(100 + 30 + 30 + 5)
+    assert estimate_remaining(stages, state, 2) == (pytest.approx(100 + 30 + 30 + 5), [])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,8 +250,14 @@ def test_eta_from_finished_stages(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the embedded tokenizer, saved to a folder, and a perplexity threshold at the median
+    token perplexity it gives GSM8K answers (a random model's perplexities all lie near the vocabulary size, so the
+    paper's 2.5 would mask everything)."""
+    import numpy as np
+    import torch
     from conftest import tiny_llama
 
+    from trl_pplmask.data import load_task
     from trl_pplmask.models import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
@@ -258,10 +265,14 @@ def tiny_model_dir(tmp_path_factory):
     model = tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+    ids = torch.tensor([tokenizer(load_task("gsm8k", "train", 1)[0]["answer"])["input_ids"]])
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    return path, float(np.exp(np.median(nll.numpy())))
 
 
-def micro_config(tmp_path, model: Path, arms: list) -> dict:
+def micro_config(tmp_path, tiny: tuple[Path, float], arms: list) -> dict:
+    model, threshold = tiny
     return {
         "model": str(model),
         "output_dir": str(tmp_path / "study"),
@@ -280,13 +291,14 @@ def micro_config(tmp_path, model: Path, arms: list) -> dict:
             "save_strategy": "no",
             "logging_steps": 1,
         },
-        "mask": {"threshold": 2.5, "entropy_threshold": 20.0},
+        "mask": {"threshold": threshold, "entropy_threshold": 20.0},
         "arms": arms,
         "self_output": {"probe_rows": 2, "num_samples": 1, "max_new_tokens": 8, "min_acceptance": 0.0},
         "eval": {
-            "tasks": ["gsm8k", "gsm8k_nll", "arc_challenge_mc"],
+            "tasks": ["gsm8k", "gsm8k_nll", "arc_challenge_mc", "arc_challenge_drift"],
             "limit": 4,
             "max_new_tokens": 8,
+            "drift_max_new_tokens": 8,
             "n_resamples": 50,
             "cache_dir": str(tmp_path / "eval-cache"),
         },
@@ -306,6 +318,7 @@ def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, ca
     first = config_from_dict(micro_config(tmp_path, tiny_model_dir, ["base", "gt"]))
     run_study(first)
     adapter = tmp_path / "study" / "arms" / "gt" / "adapter_model.safetensors"
+
     assert adapter.is_file() and (adapter.parent / "pplmask_config.json").is_file()
     mtime = adapter.stat().st_mtime_ns
 

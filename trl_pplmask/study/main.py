@@ -64,7 +64,9 @@ def build_study_json(
 ) -> dict[str, Any]:
     from ..evaluation import package_versions
 
-    stages = state.get("stages", {})
+    planned = [stage.name for stage in plan_stages(config)]
+    stages = {name: state["stages"][name] for name in planned if name in state.get("stages", {})}
+    has_self_output = any(arm.kind == "self_output" for arm in config.arms)
     return _jsonable(
         {
             "format_version": 1,
@@ -80,7 +82,7 @@ def build_study_json(
             },
             "stages": stages,
             "data": state.get("data"),
-            "self_output": state.get("self_output"),
+            "self_output": state.get("self_output") if has_self_output else None,
             "arms": arms,
             "relative_to_gt": relative_to_gt(report) if report is not None else None,
             "report": {"files": ["report.json", "report.md", "report.png"]} if report is not None else None,

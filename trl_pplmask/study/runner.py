@@ -209,32 +209,35 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def estimate_remaining(stages: list[Stage], state: dict[str, Any], start: int) -> float | None:
-    """Seconds left for `stages[start:]`, from the measured times of finished stages of the same kind (`None` when
-    a kind that is still to run has no measurement yet)."""
+def estimate_remaining(stages: list[Stage], state: dict[str, Any], start: int) -> tuple[float, list[str]]:
+    """Seconds left for `stages[start:]`, from the measured times of finished stages of the same kind, and the kinds
+    still to run that have no measurement yet (not counted)."""
     measured: dict[str, list[float]] = {}
     for stage in stages:
         entry = state.get("stages", {}).get(stage.name)
         if entry and entry.get("status") == "done" and entry.get("seconds") is not None:
             measured.setdefault(stage.kind, []).append(entry["seconds"])
-    total = 0.0
+    total, unknown = 0.0, []
     for stage in stages[start:]:
         entry = state.get("stages", {}).get(stage.name)
         if entry and entry.get("status") in ("done", "skipped"):
             continue
-        if stage.kind in ("prepare", "report"):
-            total += sum(measured.get(stage.kind, [5.0])) / len(measured.get(stage.kind, [5.0]))
+        times = measured.get(stage.kind) or ([5.0] if stage.kind in ("prepare", "report") else None)
+        if times is None:
+            if stage.kind not in unknown:
+                unknown.append(stage.kind)
             continue
-        if not measured.get(stage.kind):
-            return None
-        total += sum(measured[stage.kind]) / len(measured[stage.kind])
-    return total
+        total += sum(times) / len(times)
+    return total, unknown
 
 
 def _progress(stages: list[Stage], index: int, state: dict[str, Any], started: float) -> None:
     stage = stages[index]
-    eta = estimate_remaining(stages, state, index)
-    eta_text = f"ETA {_fmt_seconds(eta)}" if eta is not None else "ETA after the first stage of each kind"
+    eta, unknown = estimate_remaining(stages, state, index)
+    if not unknown:
+        eta_text = f"ETA {_fmt_seconds(eta)}"
+    else:
+        eta_text = f"ETA {_fmt_seconds(eta)} + {', '.join(unknown)} stages (timed once the first one finishes)"
     print(
         f"[study {index + 1}/{len(stages)}] {stage.name}: {stage.description} "
         f"(elapsed {_fmt_seconds(time.time() - started)}, {eta_text})",
@@ -479,7 +482,8 @@ def train_arm(config: StudyConfig, arm: ArmConfig, paths: StudyPaths, data_finge
             process.wait()
             raise
     if returncode != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
+        lines = [line for line in re.split(r"[\r\n]", log_path.read_text(errors="replace")) if line.strip()]
+        tail = "\n".join(lines[-25:])  # progress bars rewrite their line with \r: keep the last state of each
         raise RuntimeError(
             f"Training arm {arm.label!r} failed (exit code {returncode}); its log is {log_path}. Last lines:\n{tail}"
         )

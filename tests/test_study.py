@@ -19,12 +19,8 @@ from trl_pplmask.study import (
     plan_stages,
     render_plan,
 )
-from trl_pplmask.study.runner import (
-    estimate_remaining,
-    finished_arm,
-    missing_features,
-    prepare_data,
-)
+from trl_pplmask.study.prepare import prepare_data
+from trl_pplmask.study.runner import estimate_remaining, finished_arm, missing_features
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +228,12 @@ def test_finished_arm_with_other_settings_is_refused(tmp_path):
     (arm_dir / "arm.json").unlink()
     with pytest.raises(ValueError, match="delete"):
         finished_arm(arm_dir, {**identity, "settings": {**settings, "pplmask_threshold": 2.0}}, "stm")
+    record = json.loads((arm_dir / "pplmask_config.json").read_text())
+    record["training"] = {"learning_rate": 2e-4, "max_steps": 1}
+    (arm_dir / "pplmask_config.json").write_text(json.dumps(record))
+    assert finished_arm(arm_dir, identity, "stm") is not None
+    with pytest.raises(ValueError, match="max_steps: finished run 1, YAML 2"):
+        finished_arm(arm_dir, {**identity, "settings": {**settings, "max_steps": 2}}, "stm")
 
 
 def test_eta_from_finished_stages(tmp_path):

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .config import StudyConfig, load_study_config
+from .prepare import prepare_data, run_self_output
 from .runner import (
     StudyPaths,
     _atomic_write,
@@ -23,10 +24,8 @@ from .runner import (
     missing_features,
     model_specs,
     plan_stages,
-    prepare_data,
     relative_to_gt,
     render_plan,
-    run_self_output,
     sft_flags,
     train_arm,
     write_study_report,

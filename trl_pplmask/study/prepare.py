@@ -96,6 +96,7 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
     from datasets import load_from_disk
 
     from ..generation import SelfOutputConfig, generate_self_outputs, self_output_statistics
+    from ..hub import release_accelerator_memory
     from ..models import load_model
 
     so = config.self_output
@@ -138,6 +139,7 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
         shutil.rmtree(paths.self_output_data, ignore_errors=True)
         full.select_columns(["prompt", "completion", "row_id"]).save_to_disk(str(paths.self_output_data))
     del model
+    release_accelerator_memory()  # the next stages train and evaluate in this machine's memory
     info = _jsonable(info)
     _atomic_write(paths.self_output_info, json.dumps(info, indent=1))
     return info, False

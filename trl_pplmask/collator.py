@@ -101,15 +101,19 @@ class PplMaskCollator:
         self.reset_stats()
         if s["completion_tokens"] == 0:
             return {}
-        return {
-            "pplmask/masked_fraction": s["masked_tokens"] / s["completion_tokens"],
-            "pplmask/completion_ppl": float(np.exp(s["completion_nll_sum"] / s["completion_tokens"])),
-        }
+        stats = {"pplmask/masked_fraction": s["masked_tokens"] / s["completion_tokens"]}
+        if self.config.strategy != "none":  # strategy none scores nothing
+            stats["pplmask/completion_ppl"] = float(np.exp(s["completion_nll_sum"] / s["completion_tokens"]))
+        return stats
 
     def __call__(self, examples: list[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if not examples:
             raise ValueError("PplMaskCollator received an empty batch.")
-        nlls, entropies = self._batch_nlls(examples)
+        if self.config.strategy == "none":
+            # Nothing to mask: no scores needed (plain SFT through the same pipeline)
+            nlls, entropies = [np.zeros(len(ex["input_ids"])) for ex in examples], None
+        else:
+            nlls, entropies = self._batch_nlls(examples)
         threshold = None
         if self.config.strategy == "fraction":
             threshold = resolve_fraction_threshold(

@@ -1,0 +1,140 @@
+"""Step time of `trl-pplmask sft` arms on the same batches, side by side in one process, and peak memory per arm.
+
+Arms (all LoRA on the same model, same rows, same batches):
+- `sft`: plain SFT (`pplmask_strategy none`), what `trl sft` trains;
+- `stm_prescored`: STM from a pre-scored training set (the mask is read from columns);
+- `stm_online`: STM scored on the fly per batch by the adapter-disabled model (one extra no-grad forward);
+- `stm_anchor`: anchored STM, pre-scored (one extra no-grad backbone pass + the KL on the masked tokens).
+
+A step is the collator call plus `trainer.training_step` (forward, backward), what the Trainer does per batch. Arms
+alternate round by round so that machine load hits all of them alike; the medians and their ratio to `sft` are
+printed. With `--memory`, each arm also runs alone in a child process that reports its peak RSS.
+
+    python benchmarks/bench_sft_step.py --rows 8 --rounds 3 --batch-size 4 --max-length 384 [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ARMS = {
+    "sft": ["--pplmask_strategy", "none"],
+    "stm_prescored": ["--pplmask_prescore"],
+    "stm_online": [],
+    "stm_anchor": ["--pplmask_prescore", "--pplmask_anchor"],
+}
+
+
+def arm_argv(workdir: Path, data: Path, model: str, args: argparse.Namespace, arm: str) -> list[str]:
+    return [
+        "--model_name_or_path", model, "--dtype", "float32", "--dataset_name", str(data),
+        "--output_dir", str(workdir / arm), "--max_length", str(args.max_length),
+        "--use_peft", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear",
+        "--per_device_train_batch_size", str(args.batch_size), "--use_cpu", "--bf16", "false",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--max_steps", "1",
+        "--activation_checkpointing", "false", *ARMS[arm],
+    ]  # fmt: skip
+
+
+def build(workdir: Path, data: Path, model: str, args: argparse.Namespace, arm: str):
+    from trl_pplmask.sft import build_trainer, parse_args
+
+    trainer, collator, _, _ = build_trainer(*parse_args(arm_argv(workdir, data, model, args, arm)))
+    trainer.model.train()
+    # The optimizer is not part of the comparison; training_step needs the accelerator-prepared model only
+    return trainer, collator
+
+
+def one_step(trainer, collator, rows) -> float:
+    start = time.perf_counter()
+    batch = collator(rows)
+    trainer.training_step(trainer.model, batch)
+    trainer.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def prepare_data(workdir: Path, rows: int) -> Path:
+    from trl_pplmask.data import load_task
+
+    path = workdir / "data"
+    load_task("gsm8k", "train", limit=rows).save_to_disk(str(path))
+    return path
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one arm alone for 2 steps and print its peak RSS (MiB)."""
+    workdir = Path(args.workdir)
+    trainer, collator = build(workdir, workdir / "data", args.model, args, args.child)
+    rows = [trainer.train_dataset[i] for i in range(args.batch_size)]
+    for _ in range(2):
+        one_step(trainer, collator, rows)
+    print(json.dumps({"arm": args.child, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--memory", action="store_true", help="Also measure each arm's peak RSS in a child process.")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    data = prepare_data(workdir, args.rows)
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}, model {args.model}")
+    trainers = {arm: build(workdir, data, args.model, args, arm) for arm in ARMS}
+    batches = [list(range(i, i + args.batch_size)) for i in range(0, args.rows - args.batch_size + 1, args.batch_size)]
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    tokens = 0
+    for round_index in range(args.rounds + 1):  # round 0 warms up every arm
+        for indices in batches:
+            for arm, (trainer, collator) in trainers.items():
+                rows = [trainer.train_dataset[i] for i in indices]
+                elapsed = one_step(trainer, collator, rows)
+                if round_index:
+                    times[arm].append(elapsed)
+                    tokens += sum(len(r["input_ids"]) for r in rows) if arm == "sft" else 0
+        print(
+            f"round {round_index}: " + ", ".join(f"{a} {statistics.median(t or [0]):.2f}s" for a, t in times.items())
+        )
+    base = statistics.median(times["sft"])
+    print(f"\n{len(times['sft'])} steps per arm, {tokens / max(len(times['sft']), 1):.0f} tokens per batch")
+    print("| arm | median step (s) | vs sft |")
+    print("| --- | ---: | ---: |")
+    for arm, values in times.items():
+        median = statistics.median(values)
+        print(f"| {arm} | {median:.2f} | {median / base:.2f}x |")
+    print(f"load average after: {os.getloadavg()}")
+    if args.memory:
+        print("\n| arm | peak RSS (MiB), alone, 2 steps |")
+        print("| --- | ---: |")
+        for arm in ARMS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", arm, "--workdir", str(workdir), "--model", args.model,
+                 "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {arm} | {result['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,10 +8,11 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from .masking import STRATEGIES, TRAINABLE_COLUMN, PplMaskConfig, trainable_positions
+from .masking import IGNORE_INDEX, STRATEGIES, TRAINABLE_COLUMN, PplMaskConfig, trainable_positions
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -59,42 +60,272 @@ def _mask_config(args: argparse.Namespace) -> PplMaskConfig:
 
 
 def _score(args: argparse.Namespace, dataset):
-    from .data import tokenize_dataset
-    from .models import load_model
+    from .data import ROW_ID_COLUMN, tokenize_dataset
+    from .models import load_model, load_tokenizer
     from .scoring import ScoringConfig, distributed_state, score_dataset
 
-    state = distributed_state()
-    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=state.device)
-    tokenized = tokenize_dataset(dataset, tokenizer, max_length=args.max_length)
     config = ScoringConfig(
         max_tokens_per_batch=args.max_tokens_per_batch,
         score_all_tokens=args.score_all_tokens,
         disable_adapter=args.disable_adapter,
         output_column=args.output_column,
     )
-    return score_dataset(tokenized, model, tokenizer, config), tokenizer
+    pretokenized = "input_ids" in dataset.column_names
+    if pretokenized:
+        _check_pretokenized(dataset, args.max_length)
+        tokenized = dataset
+    else:
+        _check_assistant_turns(dataset)
+        # Tokenize (cheap) before loading the model, so that truncation problems are reported first
+        tokenized = tokenize_dataset(dataset, load_tokenizer(args.model), max_length=args.max_length)
+        dropped = len(dataset) - len(tokenized)
+        if dropped == len(dataset):
+            raise ValueError(
+                f"All {len(dataset)} rows were dropped when truncating to --max-length {args.max_length} (no "
+                "trainable token left within it). Raise --max-length to the SFTConfig.max_length used for training."
+            )
+        if dropped:
+            kept = set(tokenized[ROW_ID_COLUMN]) if ROW_ID_COLUMN in tokenized.column_names else set()
+            lost = [i for i in range(len(dataset)) if i not in kept][:10]
+            print(
+                f"trl-pplmask score: warning: {dropped} of {len(dataset)} rows dropped by truncation to --max-length "
+                f"{args.max_length} (no trainable token left; row ids {lost}{'...' if dropped > len(lost) else ''}).",
+                file=sys.stderr,
+            )
+    state = distributed_state()
+    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=state.device)
+    if not (pretokenized and TRAINABLE_COLUMN in dataset.column_names):
+        return score_dataset(tokenized, model, tokenizer, config), tokenizer
+    # A masked dataset (`build`, `mask`): its labels hide the tokens masked by perplexity. Score every token SFT
+    # trains on before masking (`trainable_mask`), as for the unmasked data, and keep the labels as they are.
+    restored = [
+        np.where(np.asarray(mask, dtype=bool), np.asarray(ids), IGNORE_INDEX).tolist()
+        for ids, mask in zip(dataset["input_ids"], dataset[TRAINABLE_COLUMN])
+    ]
+    view = dataset.select_columns(["input_ids"]).add_column("labels", restored)
+    scored = score_dataset(view, model, tokenizer, config)
+    for column in (config.output_column, config.entropy_column):
+        if column is not None:
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+            dataset = dataset.add_column(column, scored[column], feature=scored.features[column])
+    return dataset, tokenizer
+
+
+# Columns that `score` must never overwrite with NLLs: what training reads, and what `mask` writes
+_PROTECTED_COLUMNS = (
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "position_ids",
+    "completion_mask",
+    "assistant_masks",
+    TRAINABLE_COLUMN,
+    "row_id",
+    "num_completion_tokens",
+    "num_masked",
+    "masked_fraction",
+)
+
+
+def _check_output_column(name: str, dataset=None) -> None:
+    problem = None
+    if not name or not name.strip():
+        problem = "is empty"
+    elif name in _PROTECTED_COLUMNS:
+        problem = "is a column that training or `mask` reads"
+    elif dataset is not None and name in dataset.column_names:
+        feature = dataset.features[name]
+        inner = getattr(feature, "feature", None)
+        if getattr(inner, "dtype", None) not in ("float32", "float64"):
+            problem = f"is an existing column of the dataset ({feature})"
+    if problem:
+        raise ValueError(
+            f"--output-column {name!r} {problem}; writing NLLs there would destroy it. Use another name, e.g. the "
+            "default `token_nll` (or `token_nll_dpf` for DPF's fine-tuned model)."
+        )
+
+
+def _check_pretokenized(dataset, max_length: int) -> None:
+    """A dataset that already has `input_ids` is scored as it is: it must agree with --max-length and itself."""
+    columns = dataset.column_names
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    for column in ("labels", TRAINABLE_COLUMN):
+        if column in columns:
+            for row, (values, length) in enumerate(zip(dataset[column], lengths)):
+                if values is None or len(values) != length:
+                    got = "no value" if values is None else f"{len(values)} values"
+                    raise ValueError(
+                        f"Row {row}: `{column}` has {got} but `input_ids` has {length} tokens. The dataset is already "
+                        "tokenized, so its columns must be aligned: rebuild it, or score the raw data instead."
+                    )
+    longest = max(lengths, default=0)
+    if longest > max_length:
+        row = lengths.index(longest)
+        raise ValueError(
+            f"Row {row} already has {longest} tokens, more than --max-length {max_length}. The dataset is "
+            "tokenized, so `score` does not truncate it; SFT would, and the NLLs would no longer match. Pass "
+            f"--max-length {longest} or more (the SFTConfig.max_length used for training), or score the raw data."
+        )
+
+
+def _check_assistant_turns(dataset) -> None:
+    """Conversational rows whose assistant turns are all empty have nothing to train on (like an empty completion)."""
+    for column in ("messages", "completion", "conversations"):
+        if column not in dataset.column_names:
+            continue
+        for row, turns in enumerate(dataset[column]):
+            if not isinstance(turns, list):
+                continue
+            for turn in turns:
+                if not isinstance(turn, dict):
+                    continue
+                role = turn.get("role", turn.get("from"))
+                content = turn.get("content", turn.get("value"))
+                if role in ("assistant", "gpt") and (content is None or not str(content).strip()):
+                    raise ValueError(
+                        f"Row {row}: column {column!r} has an empty assistant turn; there is nothing to score or "
+                        "train on there. Fix or drop that row."
+                    )
+
+
+def _check_positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value}.")
+
+
+def _check_output_folder(output: str, overwrite: bool, source: str | None = None) -> Path:
+    """Refuse an output that is a file, a non-empty folder (without --overwrite), or overlaps the input."""
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder path (new, or empty).")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--output {output} is not empty. Choose a new or empty folder, or pass --overwrite to replace it (the "
+            "new dataset is written beside it first and swapped in only once complete)."
+        )
+    if source is not None and Path(source).expanduser().exists():
+        source_path, resolved = Path(source).expanduser().resolve(), path.resolve()
+        if source_path == resolved or resolved in source_path.parents or source_path in resolved.parents:
+            raise ValueError(
+                f"--output {output} overlaps the input {source}; writing there would change or delete the input. "
+                "Choose a folder outside it."
+            )
+    return path
+
+
+def _stale(entry: Path, marker: str) -> bool:
+    """Whether `entry` (named `.<name>-<marker>-<pid>-...`) was left by a process that no longer runs."""
+    try:
+        pid = int(entry.name.split(f"-{marker}-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return pid == os.getpid()
+
+
+def _save_atomically(dataset, output: Path) -> None:
+    """`save_to_disk` into a staging folder beside `output`, then swap it in: a crash never leaves a partial output."""
+    import shutil
+    import tempfile
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for entry in output.parent.glob(f".{output.name}-staging-*"):
+        if _stale(entry, "staging"):  # left by a run that was killed
+            shutil.rmtree(entry, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-{os.getpid()}-", dir=output.parent))
+    try:
+        dataset.save_to_disk(str(staging / "dataset"))
+        if output.exists() and any(output.iterdir()):
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-{os.getpid()}-", dir=output.parent))
+            os.replace(output, trash / "old")
+            os.replace(staging / "dataset", output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            if output.exists():
+                output.rmdir()  # empty
+            os.replace(staging / "dataset", output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_input(spec: str, split: str, config: str | None = None, limit: int | None = None):
+    import datasets
+
+    from .data import load_any_dataset
+
+    # Maps write their results to a temporary folder, never as cache-*.arrow files into the input's folder
+    datasets.disable_caching()
+    dataset = load_any_dataset(spec, split, config, limit)
+    if len(dataset) == 0:
+        raise ValueError(f"{spec} (split {split!r}) has no rows; there is nothing to process.")
+    return dataset
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .data import load_any_dataset
     from .scoring import distributed_state
 
-    dataset = load_any_dataset(args.dataset, args.split, args.dataset_config, args.limit)
+    _check_positive("--max-length", args.max_length)
+    _check_positive("--max-tokens-per-batch", args.max_tokens_per_batch)
+    _check_positive("--limit", args.limit)
+    _check_output_column(args.output_column)
+    output = _check_output_folder(args.output, args.overwrite, args.dataset)
+    dataset = _load_input(args.dataset, args.split, args.dataset_config, args.limit)
+    _check_output_column(args.output_column, dataset)
     scored, _ = _score(args, dataset)
     if distributed_state().is_main_process:
-        scored.save_to_disk(args.output)
-        print(f"Scored {len(scored)} examples -> {args.output}")
+        _save_atomically(scored, output)
+        dropped = len(dataset) - len(scored)
+        note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
+        print(f"Scored {len(scored)} examples{note} -> {args.output}")
         _print_summary(scored, PplMaskConfig(threshold=2.5), args.output_column)
     return 0
 
 
+def _check_nll_values(dataset, column: str) -> None:
+    """NLLs are >= 0 (perplexity >= 1): a negative value means the column holds something else."""
+    import pyarrow.compute as pc
+
+    values = dataset.data.column(column)
+    flat = pc.list_flatten(values)
+    if len(flat) == 0 or pc.min(flat).as_py() is None or pc.min(flat).as_py() >= -1e-4:
+        return
+    for row, nll in enumerate(dataset[column]):
+        nll = np.asarray(nll, dtype=np.float64)
+        if nll.size and nll.min() < -1e-4:
+            token = int(np.argmin(nll))
+            raise ValueError(
+                f"Row {row}: `{column}` holds a negative NLL ({nll[token]:g}) at token {token}, i.e. a perplexity "
+                "below 1. NLLs are never negative: this column does not hold `trl-pplmask score` output; rescore."
+            )
+
+
 def cmd_mask(args: argparse.Namespace) -> int:
-    from .data import load_any_dataset
     from .masking import mask_dataset
 
-    dataset = load_any_dataset(args.input, args.split)
-    masked, stats = mask_dataset(dataset, _mask_config(args), drop_empty=args.drop_empty)
-    masked.save_to_disk(args.output)
+    if not math.isfinite(args.threshold):
+        raise ValueError(
+            f"--threshold must be a finite perplexity, got {args.threshold}. Use e.g. 2.5 (the paper's value); to "
+            "mask nothing, do not run `mask`."
+        )
+    if args.fraction is not None and args.strategy != "fraction":
+        raise ValueError(
+            f"--fraction applies only to --strategy fraction, not {args.strategy!r}; drop --fraction or pass "
+            "--strategy fraction."
+        )
+    config = _mask_config(args)
+    output = _check_output_folder(args.output, args.overwrite, args.input)
+    dataset = _load_input(args.input, args.split)
+    for column in (config.nll_column, config.dpf_nll_column if config.needs_dpf else None):
+        if column is not None and column in dataset.column_names:
+            _check_nll_values(dataset, column)
+    masked, stats = mask_dataset(dataset, config, drop_empty=args.drop_empty)
+    _save_atomically(masked, output)
     print(json.dumps(stats, indent=2))
     print(f"Masked dataset -> {args.output}")
     return 0
@@ -149,21 +380,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    score = sub.add_parser("score", help="Tokenize a dataset like SFTTrainer and add per-token NLLs (token_nll).")
+    score = sub.add_parser(
+        "score",
+        help="Tokenize a dataset like SFTTrainer and add per-token NLLs (token_nll).",
+        description="Tokenize a dataset exactly as SFTTrainer does and add the per-token NLL of every trainable token "
+        "under --model. A dataset that is already tokenized (e.g. from `build` or `mask`) is scored as it is, on "
+        "every token SFT trains on before masking. The output folder is written atomically.",
+    )
     _add_model_args(score)
     _add_dataset_args(score)
-    score.add_argument("--output", required=True, help="Folder for Dataset.save_to_disk.")
+    score.add_argument("--output", required=True, help="New or empty folder for Dataset.save_to_disk.")
+    score.add_argument(
+        "--overwrite", action="store_true", help="Replace a non-empty --output (only once the new data is complete)."
+    )
     score.add_argument("--max-length", type=int, default=1024, help="SFTConfig.max_length used for training.")
     score.add_argument("--max-tokens-per-batch", type=int, help="Token budget per batch (default: by device).")
     score.add_argument("--score-all-tokens", action="store_true", help="Score prompt tokens too.")
     score.add_argument("--disable-adapter", action="store_true", help="Score with the PEFT adapter disabled.")
-    score.add_argument("--output-column", default="token_nll")
+    score.add_argument(
+        "--output-column",
+        default="token_nll",
+        help="Column for the NLLs (default token_nll; token_nll_dpf for DPF's fine-tuned model). Never an existing "
+        "non-NLL column such as labels or input_ids.",
+    )
     score.set_defaults(func=cmd_score)
 
-    mask = sub.add_parser("mask", help="Mask the labels of a scored dataset and add mask statistics.")
+    mask = sub.add_parser(
+        "mask",
+        help="Mask the labels of a scored dataset and add mask statistics.",
+        description="Set the labels of high-perplexity tokens to -100 (Selective Token Masking) in a dataset scored "
+        "by `trl-pplmask score`, add per-example statistics and print the overall ones. The input is never "
+        "modified; the output folder is written atomically.",
+    )
     mask.add_argument("--input", required=True, help="Scored dataset (folder from `trl-pplmask score`).")
-    mask.add_argument("--split", default="train")
-    mask.add_argument("--output", required=True)
+    mask.add_argument("--split", default="train", help="Split to use when --input holds several (default train).")
+    mask.add_argument("--output", required=True, help="New or empty folder for Dataset.save_to_disk.")
+    mask.add_argument(
+        "--overwrite", action="store_true", help="Replace a non-empty --output (only once the new data is complete)."
+    )
     _add_mask_args(mask)
     mask.set_defaults(func=cmd_mask)
 

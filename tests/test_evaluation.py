@@ -436,6 +436,65 @@ def test_report_signs_lower_is_better_target_gain(tmp_path):
     assert paths["report.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reference_comparison_known_case(tmp_path):
+    """Share of gt's target gain kept and of its non-target degradation avoided, on hand-computed per-item results
+    (accuracy, a lower-is-better NLL, drift, and a task gt improved, which is left out)."""
+    from trl_pplmask.evaluation import run_evaluation
+    from trl_pplmask.reference_arm import compare_with_reference
+
+    names = ["gsm8k", "gsm8k_nll", "arc_challenge_mc", "mbpp_nll", "arc_challenge_drift", "math_nll"]
+    tasks = [resolve_task(name) for name in names]
+    scores = {  # per task: base, gt, stm
+        "gsm8k": ([0, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]),  # stm keeps 0.25 / 0.5 of gt's gain
+        "gsm8k_nll": ([1, 1, 1, 1], [0.5] * 4, [2] * 4),  # the target's family: not a non-target task
+        "arc_challenge_mc": ([1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 1, 0]),  # gt -0.5, stm -0.25: avoided 50%
+        "mbpp_nll": ([1, 1], [2, 2], [1.25, 1.25]),  # gt -1, stm -0.25 (lower is better): avoided 75%
+        "arc_challenge_drift": ([0, 0], [0.1, 0.1], [0.3, 0.3]),  # gt -0.1, stm -0.3: avoided -200%
+        "math_nll": ([1, 1], [0.5, 0.5], [3, 3]),  # gt improved it: no degradation to avoid
+    }
+    labels = ["base", "gt", "stm"]
+    results = {
+        label: {name: _synthetic_result(label, task, scores[name][k]) for name, task in zip(names, tasks)}
+        for k, label in enumerate(labels)
+    }
+    models = [ModelSpec("base", "smollm2-135m-instruct", None, True)]
+    models += [ModelSpec(label, "smollm2-135m-instruct") for label in labels[1:]]
+    config = EvalConfig(tasks=names, n_resamples=300, reference="gt")
+    report = build_report(models, tasks, results, config)
+    comparison = report["reference_comparison"]
+    assert comparison == compare_with_reference(report, "gt")
+    assert comparison["reference_target_gain"] == pytest.approx(0.5)
+    assert comparison["degraded_tasks"] == ["arc_challenge_mc", "mbpp_nll", "arc_challenge_drift"]
+    assert list(comparison["arms"]) == ["stm"]
+    stm = comparison["arms"]["stm"]
+    assert stm["target_gain_kept"] == pytest.approx(0.5)
+    shares = {name: row["degradation_avoided"] for name, row in stm["tasks"].items() if name != "math_nll"}
+    assert shares == pytest.approx({"arc_challenge_mc": 0.5, "mbpp_nll": 0.75, "arc_challenge_drift": -2.0})
+    assert stm["tasks"]["math_nll"]["degradation_avoided"] is None
+    assert stm["degradation_avoided"] == pytest.approx((0.5 + 0.75 - 2.0) / 3) and stm["n_degraded_tasks"] == 3
+    assert stm["tasks"]["mbpp_nll"]["degradation_avoided_ci"] == pytest.approx([0.75, 0.75])  # constant items
+    low, high = stm["degradation_avoided_ci"]
+    assert low <= stm["degradation_avoided"] <= high
+    assert comparison["reference_tasks"]["mbpp_nll"]["significant"]
+    assert not comparison["reference_tasks"]["arc_challenge_mc"]["significant"]  # 4 items: the CI reaches 0
+    markdown = write_report(report, tmp_path)["report.md"].read_text()
+    section = markdown[markdown.index("## Against gt") :]
+    assert "| stm | 50% [" in section and "avoided on mbpp_nll" in section and "75% [75%, 75%]" in section
+    # Bad references fail before anything runs
+    with pytest.raises(ValueError, match="not in the report"):
+        compare_with_reference(report, "sft")
+    with pytest.raises(ValueError, match="not the base model"):
+        compare_with_reference(report, "base")
+    with pytest.raises(ValueError, match="reference model 'sft' is not among the fine-tuned models"):
+        run_evaluation(models, EvalConfig(tasks=names, reference="sft"))
+    # A reference that did not improve the target leaves the share kept undefined, with a note
+    flat = compare_with_reference(report, "stm")  # stm's target gain is positive: gt keeps 200% of it
+    assert flat["arms"]["gt"]["target_gain_kept"] == pytest.approx(2.0)
+    results["gt"]["gsm8k"] = _synthetic_result("gt", tasks[0], [0, 0, 0, 0])
+    none = compare_with_reference(build_report(models, tasks, results, EvalConfig(tasks=names)), "gt")
+    assert none["arms"]["stm"]["target_gain_kept"] is None and "did not improve the target" in none["notes"][0]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # End to end: the embedded model against a LoRA adapter
 # --------------------------------------------------------------------------------------------------------------------

@@ -138,6 +138,9 @@ class EvalConfig:
             Level of the bootstrap intervals.
         seed (`int`, *optional*, defaults to `0`):
             Seed of torch (generation is greedy, hence deterministic anyway) and of the bootstrap.
+        reference (`str`, *optional*):
+            Label of a fine-tuned model (e.g. `gt`) that every other fine-tuned model is compared with: share of its
+            target gain kept and of its non-target degradation avoided ([`~trl_pplmask.reference_arm`]).
         backend (`str`, *optional*, defaults to `"builtin"`):
             `builtin` or `lm-eval` (see the module docstring; falls back to `builtin` where lm-eval cannot run).
         cache_dir (`str`, *optional*):
@@ -163,6 +166,7 @@ class EvalConfig:
     n_resamples: int = 1000
     confidence: float = 0.95
     seed: int = 0
+    reference: str | None = None
     backend: str = "builtin"
     cache_dir: str | None = None
     use_cache: bool = True
@@ -1155,6 +1159,11 @@ def run_evaluation(
     models = list(models)
     if not models or not models[0].is_base or sum(m.is_base for m in models) != 1:
         raise ValueError("Pass exactly one base model, first (see build_model_specs).")
+    if config.reference is not None and config.reference not in [m.label for m in models[1:]]:
+        raise ValueError(
+            f"The reference model {config.reference!r} is not among the fine-tuned models "
+            f"{[m.label for m in models[1:]]}; pass its label (e.g. --adapter gt=PATH --reference gt)."
+        )
     tasks = [resolve_task(name, config.splits) for name in config.tasks]
     # Rows are loaded once and shared by every model; a --limit beyond a split fails here, before any model runs
     rows = {task.name: load_eval_rows(task, config.limit) for task in tasks}
@@ -1307,8 +1316,9 @@ def build_report(
     notes: Sequence[str] = (),
     command: str | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-serialisable dict: settings, versions, models, tasks, per-item results, intervals and
-    the forgetting summary of every non-base model."""
+    """The report as a JSON-serialisable dict: settings, versions, models, tasks, per-item results, intervals, the
+    forgetting summary of every non-base model and, with `config.reference`, every other fine-tuned model against
+    the reference (`reference_comparison`, see [`~trl_pplmask.reference_arm.compare_with_reference`])."""
     base = next(m.label for m in models if m.is_base)
     family = target_family(tasks, config.target)
     metric = load_forgetting_metric() if len(models) > 1 else None
@@ -1326,7 +1336,7 @@ def build_report(
             confidence=config.confidence,
             seed=config.seed,
         )
-    return {
+    report = {
         "format_version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -1345,6 +1355,11 @@ def build_report(
         },
         "forgetting": forgetting,
     }
+    if config.reference is not None:
+        from .reference_arm import compare_with_reference
+
+        report["reference_comparison"] = compare_with_reference(report, config.reference)
+    return report
 
 
 def ordered_tasks(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1422,6 +1437,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += _forgetting_lines(report, tasks, level)
+    if report.get("reference_comparison"):
+        from .reference_arm import reference_markdown
+
+        lines += reference_markdown(report["reference_comparison"])
     if report["notes"]:
         lines += ["", "## Notes", "", *(f"- {note}" for note in report["notes"])]
     cached = [f"{label}/{name}" for label, by_task in results.items() for name, r in by_task.items() if r["cached"]]
@@ -1588,6 +1607,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n_resamples=args.bootstrap,
         confidence=args.confidence,
         seed=args.seed,
+        reference=args.reference,
         backend=args.backend,
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
@@ -1639,6 +1659,12 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the intervals.")
     parser.add_argument("--confidence", type=float, default=0.95, help="Level of the bootstrap intervals.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reference",
+        metavar="LABEL",
+        help="A fine-tuned model (e.g. gt) the others are compared with: share of its target gain kept and of its "
+        "non-target degradation avoided.",
+    )
     parser.add_argument(
         "--backend",
         default="builtin",

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from conftest import tiny_llama
@@ -138,6 +139,7 @@ def test_inputs_are_never_modified(scored, tmp_path, tiny_model_dir):
     assert cli_main(["mask", "--input", str(tmp_path / "rescored"), "--output", str(tmp_path / "again")]) == 0
     assert _snapshot(source) == before  # no cache-*.arrow written into the input folder
     assert not list((tmp_path / "rescored").glob("cache-*"))
+    assert datasets.is_caching_enabled()  # switched off only while a command runs, not for the rest of the process
 
 
 def test_output_overlapping_the_input_is_refused(scored, tmp_path, capsys):

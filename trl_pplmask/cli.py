@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -254,13 +255,23 @@ def _save_atomically(dataset, output: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_input(spec: str, split: str, config: str | None = None, limit: int | None = None):
+@contextlib.contextmanager
+def _no_cache_beside_input():
+    """Maps write their results to a temporary folder, never as cache-*.arrow files into the input's folder."""
     import datasets
 
+    enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_caching()
+
+
+def _load_input(spec: str, split: str, config: str | None = None, limit: int | None = None):
     from .data import load_any_dataset
 
-    # Maps write their results to a temporary folder, never as cache-*.arrow files into the input's folder
-    datasets.disable_caching()
     dataset = load_any_dataset(spec, split, config, limit)
     if len(dataset) == 0:
         raise ValueError(f"{spec} (split {split!r}) has no rows; there is nothing to process.")
@@ -275,11 +286,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     _check_positive("--limit", args.limit)
     _check_output_column(args.output_column)
     output = _check_output_folder(args.output, args.overwrite, args.dataset)
-    dataset = _load_input(args.dataset, args.split, args.dataset_config, args.limit)
-    _check_output_column(args.output_column, dataset)
-    scored, _ = _score(args, dataset)
+    with _no_cache_beside_input():
+        dataset = _load_input(args.dataset, args.split, args.dataset_config, args.limit)
+        _check_output_column(args.output_column, dataset)
+        scored, _ = _score(args, dataset)
+        if distributed_state().is_main_process:
+            _save_atomically(scored, output)
     if distributed_state().is_main_process:
-        _save_atomically(scored, output)
         dropped = len(dataset) - len(scored)
         note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
         print(f"Scored {len(scored)} examples{note} -> {args.output}")
@@ -320,12 +333,13 @@ def cmd_mask(args: argparse.Namespace) -> int:
         )
     config = _mask_config(args)
     output = _check_output_folder(args.output, args.overwrite, args.input)
-    dataset = _load_input(args.input, args.split)
-    for column in (config.nll_column, config.dpf_nll_column if config.needs_dpf else None):
-        if column is not None and column in dataset.column_names:
-            _check_nll_values(dataset, column)
-    masked, stats = mask_dataset(dataset, config, drop_empty=args.drop_empty)
-    _save_atomically(masked, output)
+    with _no_cache_beside_input():
+        dataset = _load_input(args.input, args.split)
+        for column in (config.nll_column, config.dpf_nll_column if config.needs_dpf else None):
+            if column is not None and column in dataset.column_names:
+                _check_nll_values(dataset, column)
+        masked, stats = mask_dataset(dataset, config, drop_empty=args.drop_empty)
+        _save_atomically(masked, output)
     print(json.dumps(stats, indent=2))
     print(f"Masked dataset -> {args.output}")
     return 0

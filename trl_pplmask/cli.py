@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands():
     """Subcommands of the Hub and generation pipelines, registered by their modules."""
     registrars = []
-    for module_name in ("hub", "generation", "evaluation"):
+    for module_name in ("hub", "generation", "evaluation", "sft", "study"):
         try:
             module = __import__(f"trl_pplmask.{module_name}", fromlist=["register_cli"])
         except ImportError:
@@ -461,6 +461,10 @@ def _optional_commands():
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:
+        # `sft` is parsed by TRL's own parser (every `trl sft` flag and YAML recipe), not by argparse here
+        return _run_sft(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -469,6 +473,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("TRL_PPLMASK_DEBUG"):
             raise
         print(f"trl-pplmask {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_sft(argv: list[str]) -> int:
+    from .sft import cli as sft_cli
+
+    try:
+        return sft_cli(argv)
+    except (ValueError, OSError, ImportError, TypeError) as err:
+        if os.environ.get("TRL_PPLMASK_DEBUG"):
+            raise
+        print(f"trl-pplmask sft: error: {err}", file=sys.stderr)
         return 2
 
 

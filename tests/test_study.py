@@ -344,6 +344,7 @@ def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, ca
     assert study["versions"]["trl"] and study["wall_time_seconds"]["total"] > 0
     report = json.loads((root / "report.json").read_text())
     assert list(report["results"]) == arms
+    assert study["relative_to_gt"] == report["reference_comparison"] and study["relative_to_gt"]
     assert json.loads((root / "study.json").read_text())["status"] == "complete"
 
     # 3. Changed settings for a finished arm: refused, nothing retrained

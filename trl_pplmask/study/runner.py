@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -385,24 +386,26 @@ def evaluate_model(config: StudyConfig, specs, label: str) -> None:
 
     base = specs[0]
     chosen = [base] if label == base.label else [base, next(s for s in specs if s.label == label)]
-    run_evaluation(chosen, config.eval.eval_config())
+    run_evaluation(chosen, dataclasses.replace(config.eval.eval_config(), reference=None))
 
 
 def write_study_report(config: StudyConfig, paths: StudyPaths, specs, command: str | None) -> dict[str, Any]:
+    """The report of every model (all results from the cache), with every arm compared with `gt` when it ran: share
+    of GT's target gain kept and of its non-target degradation avoided (`reference_comparison`)."""
     from ..evaluation import run_evaluation
 
-    return run_evaluation(specs, config.eval.eval_config(), paths.root, command)
+    eval_config = config.eval.eval_config()
+    labels = [spec.label for spec in specs[1:]]
+    if eval_config.reference is None and "gt" in labels and len(labels) > 1:
+        eval_config = dataclasses.replace(eval_config, reference="gt")
+    elif eval_config.reference is not None and eval_config.reference not in labels:
+        eval_config = dataclasses.replace(eval_config, reference=None)  # e.g. the reference arm was left out
+    return run_evaluation(specs, eval_config, paths.root, command)
 
 
 def relative_to_gt(report: dict[str, Any]) -> dict[str, Any] | None:
-    """Per arm against `gt`: share of GT's target gain kept and of its non-target degradation avoided, from the
-    evaluation module when it provides them (else `None`)."""
-    from .. import evaluation
-
-    compute = getattr(evaluation, "relative_to_reference", None) or getattr(evaluation, "gain_shares", None)
-    if compute is None or "gt" not in report.get("results", {}):
-        return None
-    return compute(report, reference="gt")
+    """Per arm against the reference arm (`gt`): the report's `reference_comparison`, or `None`."""
+    return report.get("reference_comparison")
 
 
 def machine() -> dict[str, Any]:

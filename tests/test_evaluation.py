@@ -714,3 +714,76 @@ def test_drift_task_end_to_end(tmp_path, data_dir):
     assert "arc_challenge_drift kl ↓" in markdown and "arc_challenge_drift entropy ·" in markdown
     again = run_evaluation(specs, config)
     assert all(r["cached"] for by_task in again["results"].values() for r in by_task.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Instruction following: project prompts, IFEval checkers from if-verifiable
+# --------------------------------------------------------------------------------------------------------------------
+_FOLLOWS = {  # kind: (a response that follows the first row of that kind, one that does not)
+    "include_word": ("My friend loves the ocean.", "The ocean is large."),
+    "word_twice": ("A friend is a friend.", "A friend is nice."),
+    "avoid_word": ("The sea is wide and deep.", "The sea is full of water."),
+    "min_words": (" ".join(["word"] * 50), " ".join(["word"] * 49)),
+    "max_words": (" ".join(["word"] * 59), " ".join(["word"] * 60)),
+    "postscript": ("The ocean is wide.\nP.S. I love it.", "The ocean is wide."),
+    "highlight": ("The ocean is *very* wide.", "The ocean is very wide."),
+}
+
+
+def test_instruction_rows_and_checkers():
+    pytest.importorskip("if_verifiable")
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    from trl_pplmask.instruction_following import CONSTRAINTS, build_rows, check_following
+
+    rows = build_rows()
+    assert len(rows) == 56 and [r["row_id"] for r in rows] == list(range(56))
+    assert build_rows(7) == rows[:7] and build_rows() == rows  # deterministic, prefixes cover every kind
+    assert [r["kind"] for r in rows[:7]] == [c.name for c in CONSTRAINTS]
+    assert len({r["prompt"][0]["content"] for r in rows}) == 56
+    assert all(r["instruction_id"] in INSTRUCTION_DICT for r in rows)
+    first = {r["kind"]: r for r in reversed(rows)}  # the first row of each kind (topic: the ocean)
+    assert set(first) == set(_FOLLOWS)
+    for kind, (good, bad) in _FOLLOWS.items():
+        assert check_following(first[kind], good) == (True, True), kind
+        assert check_following(first[kind], bad)[0] is False, kind
+    assert check_following(first["highlight"], "") == (False, False)
+    with pytest.raises(ValueError, match="--limit 57 is larger than instruction_following, which has 56 rows"):
+        build_rows(57)
+
+
+def test_instruction_following_skipped_without_checker(monkeypatch):
+    import trl_pplmask.instruction_following as instruction_following
+    from trl_pplmask.evaluation import _available
+
+    monkeypatch.setattr(instruction_following, "checker_available", lambda: False)
+    config = EvalConfig(tasks=["gsm8k", "instruction_following"])
+    notes = []
+    kept = _available([resolve_task(name) for name in config.tasks], config, notes)
+    assert [t.name for t in kept] == ["gsm8k"]
+    assert notes and "instruction_following skipped" in notes[0] and "pip install" in notes[0]
+    target = EvalConfig(tasks=["instruction_following"])
+    with pytest.raises(ValueError, match="target task cannot run.*if-verifiable"):
+        _available([resolve_task("instruction_following")], target, [])
+
+
+def test_instruction_following_task_end_to_end(tmp_path):
+    pytest.importorskip("if_verifiable")
+    from trl_pplmask.evaluation import run_evaluation
+
+    base = _tiny_model_folder(tmp_path / "base", tiny_llama(initializer_range=0.3))
+    config = EvalConfig(
+        tasks=["instruction_following"],
+        limit=7,
+        instruction_max_new_tokens=6,
+        cache_dir=str(tmp_path / "cache"),
+        n_resamples=50,
+        show_progress=False,
+        device="cpu",
+    )
+    report = run_evaluation(build_model_specs(base), config, tmp_path / "report")
+    result = report["results"]["base"]["instruction_following"]
+    assert [item["kind"] for item in result["items"]] == list(_FOLLOWS)
+    assert all(item["new_tokens"] <= 6 and item["scores"]["accuracy"] in (0.0, 1.0) for item in result["items"])
+    assert set(result["stats"]["accuracy_by_kind"]) == set(_FOLLOWS)
+    assert "instruction_following accuracy ↑" in (tmp_path / "report" / "report.md").read_text()

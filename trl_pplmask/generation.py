@@ -54,15 +54,12 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 from .data import ROW_ID_COLUMN
 from .masking import IGNORE_INDEX, NLL_COLUMN
 from .models import EMBEDDED_MODEL_ALIAS, model_slug
+from .self_output_cli import BACKENDS, FALLBACKS, MODES, SELECTIONS, add_self_output_args
 from .verifiers import Verifier, get_verifier, verify_batch
 
 
 logger = logging.getLogger(__name__)
 
-MODES = ("self-output", "rephrase")
-SELECTIONS = ("lowest_ppl", "first", "random")
-FALLBACKS = ("ground_truth", "skip")
-BACKENDS = ("transformers", "vllm")
 SOURCE_SELF = "self"
 SOURCE_GROUND_TRUTH = "ground_truth"
 CHECKPOINT_FORMAT = "trl-pplmask-self-output-checkpoint"
@@ -1613,49 +1610,6 @@ def render_self_output_card(folder: str | Path, template_path: str | Path | None
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def add_self_output_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `trl-pplmask self-output` (also used by `hub_scripts/build_self_output.py`)."""
-    parser.add_argument(
-        "--dataset",
-        required=True,
-        help="Task (gsm8k, mbpp, math, arc_challenge, humaneval), or prompt/completion data.",
-    )
-    parser.add_argument("--dataset-config", help="Config of a Hub dataset.")
-    parser.add_argument("--split", default="train", help="Split to generate for (default: train).")
-    parser.add_argument("--limit", type=int, help="Use only the first N rows.")
-    parser.add_argument("--verifier", help="Verifier: task name or module:function (default: the task's).")
-    parser.add_argument(
-        "--models", nargs="+", default=[EMBEDDED_MODEL_ALIAS], help="Generating models: one config each."
-    )
-    parser.add_argument("--config-names", nargs="+", help="Config name per model (default: slug of the model name).")
-    parser.add_argument("--mode", default="self-output", choices=MODES)
-    parser.add_argument("--num-samples", type=int, default=4, help="Responses sampled per row (paper: 32).")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--selection", default="lowest_ppl", choices=SELECTIONS)
-    parser.add_argument("--fallback", default="ground_truth", choices=FALLBACKS)
-    parser.add_argument("--select-truncated", action="store_true", help="Allow choosing responses cut at the limit.")
-    parser.add_argument("--backend", default="transformers", choices=BACKENDS)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, help="Prompts per generation batch (default: 8, vLLM 256).")
-    parser.add_argument("--max-tokens-per-batch", type=int, help="transformers: token budget of a generation batch.")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
-    parser.add_argument("--ppl-threshold", type=float, default=2.5, help="Token perplexity counted as high (2.5).")
-    parser.add_argument("--output-dir", help="Folder to write (default: <dataset>-self-output).")
-    parser.add_argument("--checkpoint-dir", help="Resumable checkpoints (default: <output-dir>-checkpoints).")
-    parser.add_argument("--max-shard-size", default="500MB")
-    parser.add_argument("--repo-id", help="Hub repo the folder is for (usage snippets, default of push).")
-    parser.add_argument("--pretty-name", help="Card title.")
-    parser.add_argument("--license", help="License of the source data (known for the tasks).")
-    parser.add_argument("--language", nargs="+", default=["en"])
-    parser.add_argument(
-        "--card-template", help="Jinja template of the card (default: trl_pplmask/cards/self_output.md.jinja)."
-    )
-    return parser
-
-
 def build_config_from_args(args: argparse.Namespace, prog: str = "trl-pplmask self-output") -> SelfOutputBuildConfig:
     """The [`SelfOutputBuildConfig`] of parsed `add_self_output_args` arguments."""
     from .hub import command_line
@@ -1718,13 +1672,10 @@ def cmd_self_output(args: argparse.Namespace, prog: str = "trl-pplmask self-outp
 
 
 def register_cli(subparsers) -> None:
-    """Add `self-output` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    parser = subparsers.add_parser(
-        "self-output",
-        help="Generate verified self-output/rephrase SFT data and build a Hub-layout <task>-self-output folder.",
-    )
-    add_self_output_args(parser)
-    parser.set_defaults(func=cmd_self_output)
+    """Add `self-output` to the `trl-pplmask` command (defined in `trl_pplmask.self_output_cli`, without torch)."""
+    from .self_output_cli import register_cli as register
+
+    register(subparsers)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask self-output") -> int:

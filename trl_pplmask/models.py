@@ -11,9 +11,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # torch and transformers are imported where used: `trl-pplmask --help` must not wait for them
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 EMBEDDED_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -79,6 +82,9 @@ def embedded_model_path() -> Path:
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     # A GGUF-loaded model refuses `save_pretrained`; rebuild it from its config and load the dequantized weights.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
@@ -101,6 +107,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a Hub id, local path or the embedded alias, with a pad token set."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -108,6 +116,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    import torch
+
     if dtype is None or dtype == "auto":
         return "auto"
     if isinstance(dtype, torch.dtype):
@@ -146,6 +156,9 @@ def load_model(
     Returns:
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model in eval mode and its tokenizer.
     """
+    import torch
+    from transformers import AutoModelForCausalLM
+
     path = resolve_model_path(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype))

@@ -1429,6 +1429,15 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}%"
 
 
+def _other_budgets(tasks: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    budgets = []
+    if any(t["kind"] == "instruct" for t in tasks):
+        budgets.append(f"instruction_following {settings.get('instruction_max_new_tokens')}")
+    if any(t["kind"] == "drift" for t in tasks):
+        budgets.append(f"drift base answers {settings.get('drift_max_new_tokens')}")
+    return f" ({', '.join(budgets)})" if budgets else ""
+
+
 def _with_ci(value: float | None, ci: Sequence[float | None]) -> str:
     return f"{_fmt(value, True)} [{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]"
 
@@ -1454,7 +1463,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Target task: **{report['target']}**. Base model: **{base}**. "
         f"Items per task: {items}. "
-        f"Greedy decoding, max_new_tokens {settings['max_new_tokens']}. Backend: {settings['backend']}.",
+        f"Greedy decoding, max_new_tokens {settings['max_new_tokens']}{_other_budgets(tasks, settings)}. "
+        f"Backend: {settings['backend']}.",
         "",
         "## Results",
         "",
@@ -1556,7 +1566,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     fig, axes = plt.subplots(
         n_rows,
         len(panels),
-        figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(labels)) / 2 + 2), 4.2 * n_rows),
+        figsize=(max(7.0, 1.6 * len(tasks) * max(1, len(labels)) / 2 + 2), 4.2 * n_rows),
         squeeze=False,
     )
     width = 0.8 / len(labels)
@@ -1608,7 +1618,9 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
             ticks(ax, panel)
             ax.set_ylabel(f"gain vs {report['base']} (positive = better)")
     level = f"{100 * report['settings']['confidence']:g}%"
-    fig.suptitle(f"Target {report['target']}: models against {report['base']} ({level} bootstrap intervals)")
+    fig.suptitle(
+        f"Target {report['target']}: models against {report['base']}\n({level} bootstrap intervals)", fontsize="medium"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,6 +4,7 @@ memory bound, cache, errors and batching."""
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,59 @@ def test_entropy_matches_full_softmax(peaky_llama):
     assert plain.column_names == [*ds.column_names, "token_nll"]
     for a, b in zip(plain, padded):
         np.testing.assert_allclose(a["token_nll"], b["token_nll"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_softmax_row_blocks(peaky_llama, monkeypatch, dtype):
+    """On CPU the log-softmax and entropy run on cache-sized row blocks of each LM-head chunk: blocks of 3 rows (and a
+    last, shorter one) give the plain reference's values, for a float32 model and for a bfloat16 one (whose logits are
+    converted to float32 block by block)."""
+    model = copy.deepcopy(peaky_llama).to(dtype)
+    monkeypatch.setattr(scoring, "_CPU_SOFTMAX_BLOCK_BYTES", 4 * 512 * 3)
+    hidden = torch.randn(20, 64, dtype=dtype)
+    targets = torch.randint(0, 512, (20,))
+    log_probs, entropy = selected_log_probs(model, hidden, targets, return_entropy=True)
+    logits = model.lm_head(hidden).float()
+    log_p = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(log_probs, log_p.gather(-1, targets[:, None]).squeeze(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1), atol=1e-4, rtol=0)
+    assert log_probs.dtype == entropy.dtype == torch.float32
+    # Through score_dataset too, with chunks of 7 rows split into blocks of 3, 3 and 1
+    ds = random_dataset([30, 12], 512)
+    scored = score(ds, peaky_llama, max_tokens_per_batch=10_000)
+    calls = []
+    handle = peaky_llama.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        monkeypatch.setattr(
+            scoring, "batch_token_nll", functools.partial(scoring.batch_token_nll, logits_chunk_bytes=4 * 512 * 7)
+        )
+        blocked = score(ds, peaky_llama, max_tokens_per_batch=10_000)
+    finally:
+        handle.remove()
+    assert max(calls) == 7
+    for a, b in zip(scored, blocked):
+        np.testing.assert_allclose(b["token_nll"], a["token_nll"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(b["token_entropy"], a["token_entropy"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(b["token_entropy"], expected_entropy(peaky_llama, b), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "granite"])
+def test_selected_log_probs_gradient(peaky_llama, monkeypatch, kind):
+    """The log-probabilities stay differentiable (in-place steps only on tensors autograd did not save), over several
+    row blocks, with soft-capping and logit scales."""
+    model = {"llama": lambda: peaky_llama, "gemma2": tiny_gemma2, "granite": lambda: tiny_scaled("granite")[0]}[kind]()
+    monkeypatch.setattr(scoring, "_CPU_SOFTMAX_BLOCK_BYTES", 4 * 512 * 3)
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 64, requires_grad=True)
+    targets = torch.randint(0, 512, (10,))
+    selected_log_probs(model, hidden, targets).sum().backward()
+    reference = hidden.detach().clone().requires_grad_()
+    scale, softcap = output_logit_transform(model.config)
+    logits = model.lm_head(reference) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).sum().backward()
+    torch.testing.assert_close(hidden.grad, reference.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_token_nll_return_entropy(peaky_llama):

@@ -35,7 +35,8 @@ class PplMaskCollator:
     `*-pplmasked` dataset), masks from it, so a published dataset can be re-thresholded at train time. Without one,
     and with a `reference_model`, scores each batch on the fly under `torch.no_grad()`. A `PeftModel` passed as
     reference (typically the very model being trained) is scored with its adapter disabled, so the frozen base serves
-    as the reference without a second copy in memory.
+    as the reference without a second copy in memory. Strategy `"stm_entropy"` also reads `token_entropy`, from the
+    examples or from the same on-the-fly pass.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`):

@@ -211,3 +211,130 @@ def test_rows_dropped_by_truncation_are_reported(tmp_path, tiny_model_dir, capsy
     # Everything dropped: say so, rather than "the dataset is empty"
     _fails(_argv(data, tiny_model_dir, tmp_path / "none") + ["--max-length", "3"], capsys,
            "All 3 rows were dropped", "--max-length 3")  # fmt: skip
+
+
+# Items 9, 10, 12: every bad input is one clear message (what, where, how to fix) before any expensive work, with no
+# output and no change to the inputs. Each case: command line (built from the fixture folder `w`), expected phrases,
+# exit status, whether a model may be loaded (the adapter cases need the base model).
+def _bad_input_files(w: Path, tiny_model_dir: Path) -> None:
+    (w / "trunc.jsonl").write_text(json.dumps(ROWS[0]) + '\n{"prompt": "What is 1 + 1?", "compl')
+    (w / "empty.jsonl").write_text("")
+    _jsonl(w / "types.jsonl", [{"prompt": 1, "completion": 2}])
+    _jsonl(w / "nocontent.jsonl", [{"messages": [{"role": "user"}, {"role": "assistant", "content": "Hi"}]}])
+    _jsonl(w / "rows.jsonl", ROWS)
+    Dataset.from_dict({"input_ids": [], "labels": [], "token_nll": []}).save_to_disk(str(w / "zero"))
+    Dataset.from_dict({"input_ids": [[1, 2, 3, 4]], "labels": [[1, 2]], "token_nll": [[0.1] * 4]}).save_to_disk(
+        str(w / "short")
+    )
+    for name, info in (("empty-info", {}), ("bad-json", None)):
+        (w / name / "cfg").mkdir(parents=True)
+        (w / name / "README.md").write_text("---\n---\n")
+        text = "{not json" if info is None else json.dumps(info)
+        (w / name / "cfg" / "build_info.json").write_text(text)
+    good = {"kind": "pplmasked", "built_at": "2025-01-01T00:00:00Z", "source": {"dataset": "gsm8k"}}
+    (w / "built" / "cfg").mkdir(parents=True)
+    (w / "built" / "README.md").write_text("---\n---\n")
+    (w / "built" / "cfg" / "build_info.json").write_text(json.dumps({**good, "settings": {}, "splits": {}}))
+
+
+BAD_INPUTS = {
+    # score
+    "score-truncated-jsonl": (["score", "--dataset", "{w}/trunc.jsonl"], ["line 2 is not valid JSON", "cut off"]),
+    "score-empty-jsonl": (["score", "--dataset", "{w}/empty.jsonl"], ["empty.jsonl is empty"]),
+    "score-wrong-type": (["score", "--dataset", "{w}/types.jsonl"], ["Row 0", "'prompt'", "not a string"]),
+    "score-message-without-content": (["score", "--dataset", "{w}/nocontent.jsonl"], ["Row 0", "`content`"]),
+    "score-missing-file": (["score", "--dataset", "./nope.jsonl"], ["nope.jsonl does not exist"]),
+    "score-missing-model": (["score", "--dataset", "{w}/rows.jsonl", "--model", "./nomodel"], ["model folder"]),
+    "score-unknown-task": (["score", "--dataset", "gsm9k"], ["Unknown task 'gsm9k'", "did you mean 'gsm8k'"]),
+    "score-missing-adapter": (["score", "--dataset", "{w}/rows.jsonl", "--adapter", "./nope"], ["adapter folder"]),
+    # mask
+    "mask-zero-rows": (["mask", "--input", "{w}/zero"], ["saved dataset with no rows"]),
+    "mask-short-labels": (["mask", "--input", "{w}/short"], ["Row 0", "`labels` has 2 values", "4 tokens"]),
+    "mask-config-of-a-file": (["mask", "--input", "{w}/short", "--dataset-config", "x"], ["--dataset-config", "x"]),
+    # build
+    "build-truncated-jsonl": (["build", "--dataset", "{w}/trunc.jsonl"], ["line 2 is not valid JSON"]),
+    "build-unknown-task": (["build", "--dataset", "gsm9k"], ["did you mean 'gsm8k'"]),
+    "build-nan-threshold": (["build", "--dataset", "{w}/rows.jsonl", "--threshold", "nan"], ["finite"]),
+    "build-missing-model": (["build", "--dataset", "{w}/rows.jsonl", "--models", "./nomodel"], ["model folder"]),
+    # self-output
+    "self-output-truncated-jsonl": (
+        ["self-output", "--dataset", "{w}/trunc.jsonl", "--verifier", "gsm8k"],
+        ["line 2 is not valid JSON"],
+    ),
+    "self-output-unknown-task": (["self-output", "--dataset", "gsm9k"], ["did you mean 'gsm8k'"]),
+    "self-output-nan-threshold": (["self-output", "--dataset", "gsm8k", "--ppl-threshold", "nan"], ["finite"]),
+    # push
+    "push-empty-build-info": (["push", "{w}/empty-info", "--dry-run", "--repo-id", "o/n"], ["has no 'kind'"]),
+    "push-build-info-not-json": (["push", "{w}/bad-json", "--dry-run", "--repo-id", "o/n"], ["not valid JSON"]),
+    "push-dry-run-bad-repo-id": (["push", "{w}/built", "--dry-run", "--repo-id", "not a repo!"], ["--repo-id"]),
+}
+_OUTPUT_OPTION = {"score": "--output", "mask": "--output", "build": "--output-dir", "self-output": "--output-dir"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_message_before_any_work(case, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import transformers
+
+    w = tmp_path / "w"
+    w.mkdir()
+    _bad_input_files(w, tiny_model_dir)
+    argv, expected = BAD_INPUTS[case]
+    argv = [arg.format(w=w) for arg in argv]
+    command = argv[0]
+    if command in _OUTPUT_OPTION:
+        argv += [_OUTPUT_OPTION[command], str(tmp_path / "out")]
+    if command in ("score",) and "--model" not in argv:
+        argv += ["--model", str(tiny_model_dir)]
+    if command == "build":
+        argv += ["--no-cache", *(["--models", str(tiny_model_dir)] if "--models" not in argv else [])]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(w)
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    assert code != 0, err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no staging, cache or checkpoint folder either
+    assert _snapshot(w) == before
+
+
+def test_adapter_of_another_shape_is_refused(tmp_path, tiny_model_dir, capsys):
+    """An adapter saved for the same model name but trained on weights of another shape (score and eval load it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = tiny_llama().config.to_dict()
+    other = LlamaForCausalLM(LlamaConfig(**{**base, "hidden_size": 32, "intermediate_size": 64}))
+    other.config.name_or_path = str(tiny_model_dir)
+    adapter = tmp_path / "adapter"
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    argv = [*_argv(data, tiny_model_dir, tmp_path / "out"), "--adapter", str(adapter)]
+    err = _fails(argv, capsys, "does not fit the model", "other shapes", "load it on that model")
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mask_selects_a_config_of_a_multi_config_folder(tmp_path, capsys):
+    """`mask --dataset-config` picks one scoring model's config of a Hub-layout folder (item 12)."""
+    folder = tmp_path / "gsm8k-pplmasked"
+    for name, rows in (("a", 1), ("b", 2)):
+        (folder / name).mkdir(parents=True)
+        nll = [[0.1, 5.0, 0.2]] * rows
+        data = {"input_ids": [[1, 2, 3]] * rows, "labels": [[-100, 2, 3]] * rows, "token_nll": nll}
+        Dataset.from_dict(data).to_parquet(folder / name / "train-00000-of-00001.parquet")
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train-*.parquet\n" for name in "ab"
+    )
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    out = tmp_path / "masked"
+    assert cli_main(["mask", "--input", str(folder), "--dataset-config", "b", "--output", str(out)]) == 0
+    masked = load_from_disk(str(out))
+    assert len(masked) == 2 and masked["labels"][0] == [-100, -100, 3]

@@ -560,3 +560,41 @@ def test_build_refuses_a_folder_of_another_kind(tmp_path, capsys):
     assert cli_main(["build", "--dataset", "gsm8k", "--limit", "2", "--output-dir", str(folder)]) == 2
     assert "of kind 'self-output', not perplexity-masked data" in capsys.readouterr().err
     assert snapshot(folder) == before
+
+
+def test_staging_of_a_dead_build_is_removed_and_a_live_ones_kept(tmp_path):
+    """A build killed before its cleanup (SIGKILL) leaves `.NAME-staging-<pid>-*`; the next build removes it."""
+    output = tmp_path / "gsm8k-pplmasked"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".{output.name}-staging-{dead.stdout.strip()}-abc"
+    live = tmp_path / f".{output.name}-staging-{os.getppid()}-def"  # a build still running (our parent)
+    other = tmp_path / f".other-staging-{dead.stdout.strip()}-ghi"
+    for folder in (left, live, other):
+        (folder / "cfg").mkdir(parents=True)
+    staging = hub.make_staging(output)
+    assert staging.is_dir() and f"-staging-{os.getpid()}-" in staging.name
+    assert not left.exists() and live.exists() and other.exists()
+
+
+def test_sigterm_during_build_leaves_no_staging_folder(tmp_path, tiny_model_dir):
+    """SIGTERM ends `build` through its cleanup, as SIGINT does: no staging folder, no output, exit status 143."""
+    import signal
+    import time
+
+    rows = [{"prompt": f"What is {i} + {i}? " * 8, "completion": f"{i} + {i} = {2 * i}. " * 8} for i in range(400)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    argv = ["build", "--dataset", str(data), "--models", str(tiny_model_dir), "--output-dir", str(output)]
+    argv += ["--no-cache"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "trl_pplmask.cli", *argv], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out-staging-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out-staging-*")), "the build never staged (or finished first)"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert not list(tmp_path.glob(".out-staging-*")) and not output.exists()

@@ -155,17 +155,8 @@ def _check_output_column(name: str, dataset=None) -> None:
 
 def _check_pretokenized(dataset, max_length: int) -> None:
     """A dataset that already has `input_ids` is scored as it is: it must agree with --max-length and itself."""
-    columns = dataset.column_names
+    _check_aligned(dataset, [c for c in ("labels", TRAINABLE_COLUMN) if c in dataset.column_names])
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    for column in ("labels", TRAINABLE_COLUMN):
-        if column in columns:
-            for row, (values, length) in enumerate(zip(dataset[column], lengths)):
-                if values is None or len(values) != length:
-                    got = "no value" if values is None else f"{len(values)} values"
-                    raise ValueError(
-                        f"Row {row}: `{column}` has {got} but `input_ids` has {length} tokens. The dataset is already "
-                        "tokenized, so its columns must be aligned: rebuild it, or score the raw data instead."
-                    )
     longest = max(lengths, default=0)
     if longest > max_length:
         row = lengths.index(longest)
@@ -285,12 +276,16 @@ def _load_input(spec: str, split: str, config: str | None = None, limit: int | N
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .models import check_model_path
     from .scoring import distributed_state
 
     _check_positive("--max-length", args.max_length)
     _check_positive("--max-tokens-per-batch", args.max_tokens_per_batch)
     _check_positive("--limit", args.limit)
     _check_output_column(args.output_column)
+    check_model_path(args.model)
+    if args.adapter:
+        check_model_path(args.adapter, "adapter")
     output = _check_output_folder(args.output, args.overwrite, args.dataset)
     with _no_cache_beside_input():
         dataset = _load_input(args.dataset, args.split, args.dataset_config, args.limit)
@@ -304,6 +299,21 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"Scored {len(scored)} examples{note} -> {args.output}")
         _print_summary(scored, PplMaskConfig(threshold=2.5), args.output_column)
     return 0
+
+
+def _check_aligned(dataset, columns: Sequence[str]) -> None:
+    """Every per-token column has one value per token of `input_ids`; name the first row and column that has not."""
+    if "input_ids" not in dataset.column_names:
+        return
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    for column in columns:
+        for row, (values, length) in enumerate(zip(dataset[column], lengths)):
+            if values is None or len(values) != length:
+                got = "no value" if values is None else f"{len(values)} values"
+                raise ValueError(
+                    f"Row {row}: `{column}` has {got} but `input_ids` has {length} tokens; per-token columns must be "
+                    "aligned with `input_ids`. Rebuild the dataset (`trl-pplmask score` on the raw data)."
+                )
 
 
 def _check_nll_values(dataset, column: str) -> None:
@@ -340,9 +350,11 @@ def cmd_mask(args: argparse.Namespace) -> int:
     config = _mask_config(args)
     output = _check_output_folder(args.output, args.overwrite, args.input)
     with _no_cache_beside_input():
-        dataset = _load_input(args.input, args.split)
-        for column in (config.nll_column, config.dpf_nll_column if config.needs_dpf else None):
-            if column is not None and column in dataset.column_names:
+        dataset = _load_input(args.input, args.split, args.dataset_config)
+        nll_columns = [c for c in (config.nll_column, config.dpf_nll_column if config.needs_dpf else None) if c]
+        _check_aligned(dataset, [c for c in ("labels", TRAINABLE_COLUMN, *nll_columns) if c in dataset.column_names])
+        for column in nll_columns:
+            if column in dataset.column_names:
                 _check_nll_values(dataset, column)
         masked, stats = mask_dataset(dataset, config, drop_empty=args.drop_empty)
         _save_atomically(masked, output)
@@ -435,6 +447,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "modified; the output folder is written atomically.",
     )
     mask.add_argument("--input", required=True, help="Scored dataset (folder from `trl-pplmask score`).")
+    mask.add_argument(
+        "--dataset-config", help="Config (scoring model) of a Hub-layout folder or Hub id with several, from `build`."
+    )
     mask.add_argument("--split", default="train", help="Split to use when --input holds several (default train).")
     mask.add_argument("--output", required=True, help="New or empty folder for Dataset.save_to_disk.")
     mask.add_argument(
@@ -525,12 +540,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _terminate_cleanly():
+            return args.func(args)
     except (ValueError, OSError, ImportError, TypeError) as err:  # OSError: files, network (ConnectionError)
         if os.environ.get("TRL_PPLMASK_DEBUG"):
             raise
         print(f"trl-pplmask {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """SIGTERM ends the command as SIGINT does, through its `finally` blocks: staging folders are removed and no
+    partial output is left (the default action would kill the process on the spot). Exit status 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _run_sft(argv: list[str]) -> int:

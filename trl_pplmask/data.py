@@ -237,6 +237,9 @@ def _validate_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> str:
         for i, value in enumerate(dataset[column]):
             if value is None or (isinstance(value, (str, list)) and len(value) == 0):
                 raise ValueError(f"Row {i}: column {column!r} is empty; fix or drop that row.")
+            problem = _value_problem(value, fmt)
+            if problem:
+                raise ValueError(f"Row {i}: column {column!r} {problem}; fix or drop that row.")
     if fmt != "text" and fmt != "prompt_completion" and not tokenizer.chat_template:
         raise ValueError(
             f"The dataset is conversational ({fmt}) but the tokenizer {tokenizer.name_or_path!r} has no chat "
@@ -244,6 +247,27 @@ def _validate_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> str:
             "`text`/plain `prompt`+`completion`."
         )
     return fmt
+
+
+def _value_problem(value: Any, fmt: str) -> str | None:
+    """What is wrong with one cell of a format's column (a string, or a list of messages), or `None`."""
+    if fmt in ("text", "prompt_completion"):
+        if not isinstance(value, str):
+            return f"holds {value!r:.60} ({type(value).__name__}), not a string (the {fmt} format)"
+        return None
+    if not isinstance(value, list):
+        return f"holds {value!r:.60} ({type(value).__name__}), not a list of messages"
+    role_key, content_key = ("from", "value") if fmt == "conversations" else ("role", "content")
+    for j, message in enumerate(value):
+        if not isinstance(message, dict):
+            return f"message {j} is a {type(message).__name__}, not a {{{role_key}, {content_key}}} mapping"
+        for key in (role_key, content_key):
+            if key == content_key and message.get(content_key) is None and message.get("tool_calls"):
+                continue  # a tool call carries no content
+            if not isinstance(message.get(key), str):
+                got = "has none" if message.get(key) is None else f"is a {type(message[key]).__name__}"
+                return f"message {j} needs a string `{key}` but {got} (keys: {sorted(k for k in message)})"
+    return None
 
 
 class _PreparationHost:
@@ -334,18 +358,127 @@ def load_any_dataset(spec: str, split: str = "train", config: str | None = None,
 
     if spec in TASKS:
         return load_task(spec, split, limit)
+    check_dataset_spec(spec)
     path = Path(spec).expanduser()
+    if config is not None and (
+        path.is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    ):
+        raise ValueError(
+            f"--dataset-config {config!r} names a config of a Hub dataset or Hub-layout folder (from `trl-pplmask "
+            f"build`), but {spec} is a single dataset ({'a file' if path.is_file() else 'a save_to_disk folder'}). "
+            "Drop --dataset-config."
+        )
     if path.is_dir() and (path / "state.json").is_file():
-        dataset = load_from_disk(str(path))
+        try:
+            dataset = load_from_disk(str(path))
+        except IndexError:  # datasets cannot open a saved dataset of 0 rows (no arrow file)
+            state = json.loads((path / "state.json").read_text())
+            if state.get("_data_files"):
+                raise
+            raise ValueError(f"{spec} is a saved dataset with no rows; there is nothing to process.") from None
     elif path.is_dir() and (path / "dataset_dict.json").is_file():
-        dataset = load_from_disk(str(path))[split]
+        splits = load_from_disk(str(path))
+        if split not in splits:
+            raise ValueError(f"{spec} has no split {split!r}; it has {sorted(splits)}. Pass one with --split.")
+        dataset = splits[split]
     elif path.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use .jsonl, .json, .parquet or .csv.")
-        dataset = load_dataset(kind, data_files=str(path), split="train")
+        dataset = _load_file(path)
+    elif path.is_dir():
+        dataset = load_dataset(spec, config, split=split)  # a Hub-layout folder (parquet files and a card)
     else:
-        dataset = load_dataset(spec, config, split=split)
+        try:
+            dataset = load_dataset(spec, config, split=split)
+        except (OSError, ValueError) as err:  # DatasetNotFoundError, ConnectionError, a missing config or split
+            raise ValueError(
+                f"{spec!r} is not a task ({', '.join(TASKS)}) nor an existing file or folder, and loading it as a Hub "
+                f"dataset failed: {err}"
+            ) from err
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
+
+
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".arrow")
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Refuse, before any loading, a dataset argument that names a missing local path or misspells a task.
+
+    Raises:
+        FileNotFoundError: `spec` looks like a local path (`./x`, `/x`, `~/x`, `x.jsonl`, `a/b/c`) that does not exist.
+        ValueError: `spec` is close to a task name (`gsm9k`) and is not a local path.
+    """
+    import difflib
+
+    if spec in TASKS:
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        return
+    text = str(spec)
+    looks_local = (
+        text.startswith((".", "/", "~"))
+        or text.endswith(_LOCAL_SUFFIXES)
+        or text.count("/") >= 2
+        or os.sep != "/"
+        and os.sep in text
+    )
+    if looks_local:
+        raise FileNotFoundError(
+            f"{spec} does not exist (resolved to {path.resolve()}). Give an existing .jsonl/.json/.parquet/.csv file "
+            f"or dataset folder, a task name ({', '.join(TASKS)}) or a Hub dataset id (org/name)."
+        )
+    close = difflib.get_close_matches(text.lower(), list(TASKS), n=1, cutoff=0.75)
+    if "/" not in text and close:
+        raise ValueError(
+            f"Unknown task {spec!r}; did you mean {close[0]!r}? Tasks: {', '.join(TASKS)} (a Hub dataset id has the "
+            "form org/name)."
+        )
+
+
+def _load_file(path: Path) -> Dataset:
+    """A .jsonl/.json/.parquet/.csv file as a Dataset; a malformed or empty file is a clear `ValueError`."""
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use .jsonl, .json, .parquet or .csv.")
+    if path.stat().st_size == 0 or (kind == "json" and not _has_text(path)):
+        raise ValueError(f"{path} is empty; there are no rows to load.")
+    try:
+        return load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parser errors (DatasetGenerationError, StopIteration, ArrowInvalid)
+        detail = _bad_json_line(path) if kind == "json" else None
+        cause = err.__cause__ or err.__context__ or err
+        reason = detail or f"{type(cause).__name__}: {str(cause)[:300]}"
+        fix = "every line one JSON object with the same fields" if kind == "json" else "rewrite or convert it"
+        raise ValueError(f"{path} could not be read as {kind}: {reason}. Fix the file ({fix}).") from err
+
+
+def _has_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file stops being JSON Lines: `line N: <reason>`, or `None` (a .json document parses)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError:
+            pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            truncated = " (the line is cut off)" if number == len(text.splitlines()) else ""
+            return f"line {number} is not valid JSON{truncated}: {err.msg} (column {err.colno}): {line[:80]!r}"
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object with fields: {line[:80]!r}"
+    return None

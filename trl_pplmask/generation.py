@@ -39,7 +39,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1269,6 +1268,9 @@ class SelfOutputBuildConfig:
     def __post_init__(self):
         from datasets.utils.py_utils import convert_file_size_to_int
 
+        from .data import check_dataset_spec
+
+        check_dataset_spec(self.dataset)  # a misspelt task or a missing file, before the verifier is looked up
         if not self.models:
             raise ValueError("models is empty: name at least one generating model.")
         if self.config_names is not None and len(self.config_names) != len(self.models):
@@ -1281,8 +1283,10 @@ class SelfOutputBuildConfig:
             raise ValueError(f"Several models map to the same config name in {names}; pass distinct config_names.")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit must be positive, got {self.limit}.")
-        if not self.ppl_threshold > 1.0:
-            raise ValueError(f"ppl_threshold must be above 1 (a perplexity is always >= 1), got {self.ppl_threshold}.")
+        if not math.isfinite(self.ppl_threshold) or not self.ppl_threshold > 1.0:
+            raise ValueError(
+                f"ppl_threshold must be a finite value above 1 (perplexities are >= 1), got {self.ppl_threshold}."
+            )
         if self.verifier is None:
             from .verifiers import VERIFIERS
 
@@ -1365,7 +1369,14 @@ def build_self_output(config: SelfOutputBuildConfig) -> Path:
     Returns:
         `Path`: the output folder.
     """
-    from .hub import ASSETS_DIR, card_template_path, check_existing_folder, commit_staging, release_accelerator_memory
+    from .hub import (
+        ASSETS_DIR,
+        card_template_path,
+        check_existing_folder,
+        commit_staging,
+        make_staging,
+        release_accelerator_memory,
+    )
     from .models import load_model
 
     output = config.resolved_output_dir()
@@ -1380,7 +1391,7 @@ def build_self_output(config: SelfOutputBuildConfig) -> Path:
     template_path = card_template_path(config.template_path, CARD_TEMPLATE)
     names = config.resolved_config_names()
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-", dir=output.parent.resolve()))
+    staging = make_staging(output)
     try:
         (staging / ASSETS_DIR).mkdir()
         for index, (name, config_name) in enumerate(zip(config.models, names)):

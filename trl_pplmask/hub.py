@@ -166,6 +166,10 @@ class BuildConfig:
     command: str | None = None
 
     def __post_init__(self):
+        if not math.isfinite(self.threshold):
+            raise ValueError(
+                f"threshold must be a finite perplexity, got {self.threshold}. Use a value above 1 (the paper: 2.5)."
+            )
         if not self.threshold > 1.0:
             raise ValueError(
                 f"threshold={self.threshold} masks every completion token (a perplexity is always >= 1). Use a value "
@@ -566,9 +570,52 @@ def read_build_infos(folder: Path) -> dict[str, dict[str, Any]]:
     """`config name -> build info` of every config of a built folder."""
     infos = {}
     for path in sorted(Path(folder).glob(f"*/{BUILD_INFO_FILE}")):
-        with open(path, encoding="utf-8") as f:
-            infos[path.parent.name] = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); {_REBUILD_HINT}") from None
+        if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+            raise ValueError(f"{path} has no 'kind' (it is not a build's record); {_REBUILD_HINT}")
+        infos[path.parent.name] = info
     return infos
+
+
+def check_build_infos(folder: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """Every `build_info.json` has what the card, `push` and later builds read; name the first that has not."""
+    for name, info in infos.items():
+        problem = _build_info_problem(info)
+        if problem:
+            raise ValueError(f"{Path(folder) / name / BUILD_INFO_FILE} {problem}; {_REBUILD_HINT}")
+
+
+_REBUILD_HINT = "rebuild that config (trl-pplmask build / self-output into the same folder) or remove its folder."
+
+
+def _build_info_problem(info: Any) -> str | None:
+    """What a `build_info.json` lacks of what the card, `push` and later builds read, or `None`."""
+    if not isinstance(info, dict):
+        return f"holds a JSON {type(info).__name__}, not an object"
+    for key, kind in (("kind", str), ("built_at", str), ("source", dict), ("settings", dict), ("splits", dict)):
+        if not isinstance(info.get(key), kind):
+            return f"has no {key!r} {'object' if kind is dict else 'string'} (keys: {sorted(info)})"
+    if not isinstance(info["source"].get("dataset"), str):
+        return "has no source.dataset"
+    return None
+
+
+def make_staging(output: Path) -> Path:
+    """A new staging folder `.<name>-staging-<pid>-*` beside `output`, after removing those of dead processes.
+
+    A build killed (SIGKILL, power loss) before its cleanup leaves its staging folder; the pid in the name lets a
+    later build tell it from one of a build still running.
+    """
+    from .cli import _stale
+
+    for entry in output.parent.glob(f".{output.name}-staging-*"):
+        if entry.is_dir() and _stale(entry, "staging"):
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-{os.getpid()}-", dir=output.parent.resolve()))
 
 
 def check_existing_folder(output: Path, source: dict[str, Any], kind: str, description: str) -> None:
@@ -598,6 +645,8 @@ def check_existing_folder(output: Path, source: dict[str, Any], kind: str, descr
                 f"Output folder {output} holds config {name!r} of kind {info.get('kind')!r}, not {description} "
                 "data: choose another output folder."
             )
+    check_build_infos(output, infos)
+    for name, info in infos.items():
         if info["source"]["dataset"] != source["dataset"]:
             raise ValueError(
                 f"Output folder {output} holds config {name!r} built from {info['source']['dataset']!r}, not "
@@ -666,7 +715,7 @@ def build_pplmasked(config: BuildConfig) -> Path:
 
     state = PartialState()
     output.parent.mkdir(parents=True, exist_ok=True)  # every check passed: from here on, writing is expected
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-", dir=output.parent.resolve()))
+    staging = make_staging(output)
     try:
         (staging / ASSETS_DIR).mkdir()
         names = config.resolved_config_names()
@@ -923,11 +972,13 @@ def _human_size(size: int) -> str:
 def _check_built_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; build it first with `trl-pplmask build`.")
-    if not (folder / "README.md").is_file() or not read_build_infos(folder):
+    infos = read_build_infos(folder)
+    if not (folder / "README.md").is_file() or not infos:
         raise ValueError(
             f"{folder} is not a built pplmasked folder (no README.md or no {BUILD_INFO_FILE}); build it with "
             "`trl-pplmask build` first."
         )
+    check_build_infos(folder, infos)
 
 
 def default_repo_id(folder: str | Path) -> str | None:
@@ -971,6 +1022,7 @@ def push_folder(
     repo_id = repo_id or default_repo_id(folder)
     if not repo_id:
         raise ValueError("No repo id: pass --repo-id org/name (or build with --repo-id).")
+    check_repo_id(repo_id)
     built_for = default_repo_id(folder)
     if built_for and built_for != repo_id:
         logger.warning(
@@ -988,6 +1040,16 @@ def push_folder(
             print(f"  {size:>12,d}  {path}")
         return files
     return _upload(folder, repo_id, private, revision, create_pr, token, commit_message)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A Hub dataset repo id is `org/name` (or `name`, in the token's namespace), in the Hub's characters."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"--repo-id {repo_id!r} is not a valid Hub repo id: {err} Use org/name.") from None
 
 
 def _upload(folder, repo_id, private, revision, create_pr, token, commit_message):

@@ -102,7 +102,25 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map the embedded alias to its cache directory; pass any other Hub id or local path through."""
     if str(name_or_path).lower() == EMBEDDED_MODEL_ALIAS:
         return str(embedded_model_path())
+    check_model_path(name_or_path)
     return str(name_or_path)
+
+
+def check_model_path(name_or_path: str, what: str = "model") -> None:
+    """Refuse a local-looking path (`./x`, `/x`, `~/x`, `a/b/c`) that does not exist, before the Hub is asked.
+
+    A Hub id is `name` or `org/name`; anything else is a path, and a missing one would otherwise be reported as an
+    invalid repo id.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    if text.startswith((".", "/", "~")) or text.count("/") >= 2 or (os.sep != "/" and os.sep in text):
+        raise FileNotFoundError(
+            f"The {what} folder {text} does not exist (resolved to {path.resolve()}). Give an existing folder, a Hub "
+            f"id (org/name) or the embedded alias {EMBEDDED_MODEL_ALIAS!r}."
+        )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -174,6 +192,7 @@ def load_model(
 def _attach_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
     from peft import PeftConfig, PeftModel
 
+    check_model_path(adapter, "adapter")
     adapter_config = PeftConfig.from_pretrained(adapter)
     expected = adapter_config.base_model_name_or_path
     actual = model.config.name_or_path
@@ -182,4 +201,13 @@ def _attach_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
             f"The adapter at {adapter!r} was trained on {expected!r}, but the base model is {actual!r}. "
             "Load the adapter on the model it was trained on."
         )
-    return PeftModel.from_pretrained(model, adapter)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as err:  # torch's load_state_dict: "size mismatch for ..."
+        if "size mismatch" not in str(err):
+            raise
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise ValueError(
+            f"The adapter at {adapter!r} does not fit the model {actual or '?'!r}: its weights have other shapes "
+            f"({detail[:300]}). It was trained on {expected or 'another model'!r}; load it on that model."
+        ) from None

@@ -583,7 +583,7 @@ def test_embedded_self_output_folder_loads_and_its_card_matches_the_data(task, r
     card = (folder / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["configs"] == [
-        {"config_name": CONFIG, "data_files": [{"split": "train", "path": f"{CONFIG}/train-*"}]}
+        {"config_name": CONFIG, "data_files": [{"split": "train", "path": f"{CONFIG}/train-*"}], "default": True}
     ]
     figure = f"assets/{CONFIG}-ppl-hist.png"
     assert f"]({figure})" in card and (folder / figure).stat().st_size > 10_000

@@ -177,8 +177,8 @@ def test_card_round_trips_lists_configs_and_matches_parquet(built):
     assert {"trl", "sft", "perplexity-masking"} <= set(data["tags"])
     assert data["size_categories"] == ["n<1K"] and data["source_datasets"] == ["openai/gsm8k"]
     assert data["pretty_name"]
-    assert data["configs"] == [
-        {"config_name": CONFIG, "data_files": [{"split": "train", "path": f"{CONFIG}/train-*"}]}
+    assert data["configs"] == [  # the only config is the default: load_dataset(folder) needs no config name
+        {"config_name": CONFIG, "data_files": [{"split": "train", "path": f"{CONFIG}/train-*"}], "default": True}
     ]
 
     # How it was built, usage and citation
@@ -263,6 +263,16 @@ def test_add_second_config_keeps_first_and_unmasked_test_split(built, tiny_model
     assert_card_matches_parquet(folder)
     info = json.loads((folder / "tiny-llama" / "build_info.json").read_text())
     assert info["revision"] == "local" and info["splits"]["test"]["strategy"] == "none"
+
+    # Item 13: a config name is optional; the first built stays the default when configs are added, the card says so
+    assert [c.get("default", False) for c in card.data.to_dict()["configs"]] == [True, False]
+    assert load_dataset(str(folder), split="train").num_rows == LIMIT
+    assert f"loads the default config,\n`{CONFIG}`" in card.text
+    assert cli_main([*argv[:-1], "--default-config", "tiny-llama", "--no-cache"]) == 0  # chosen: kept from then on
+    assert cli_main([*argv[:-1], "--no-cache"]) == 0
+    card = DatasetCard.load(folder / "README.md")
+    assert [c.get("default", False) for c in card.data.to_dict()["configs"]] == [False, True]
+    assert load_dataset(str(folder), split="train").num_rows == 3
 
 
 def _bigram_model_dir(tokenizer, path: Path, token_id: int) -> Path:

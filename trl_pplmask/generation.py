@@ -1570,6 +1570,7 @@ def render_self_output_card(folder: str | Path, template_path: str | Path | None
         atomic_write_text,
         card_configs,
         card_template_path,
+        default_config_name,
         read_build_infos,
         size_category,
         source_short_name,
@@ -1594,7 +1595,7 @@ def render_self_output_card(folder: str | Path, template_path: str | Path | None
         size_categories=[size_category(largest)],
         source_datasets=[source["hub_id"]] if source.get("hub_id") else ["original"],
         pretty_name=pretty_name,
-        configs=card_configs(infos),
+        configs=card_configs(infos, default_config_name(folder, infos)),
         dataset_info=[infos[c]["dataset_info"] for c in sorted(infos) if "dataset_info" in infos[c]],
     )
     first = sorted(infos)[0]

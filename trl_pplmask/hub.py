@@ -164,6 +164,7 @@ class BuildConfig:
     language: list[str] = field(default_factory=lambda: ["en"])
     template_path: str | None = None
     command: str | None = None
+    default_config: str | None = None
 
     def __post_init__(self):
         if not math.isfinite(self.threshold):
@@ -702,6 +703,13 @@ def build_pplmasked(config: BuildConfig) -> Path:
     output = config.resolved_output_dir()
     source = describe_source(config)
     check_existing_folder(output, source, DATASET_KIND, "perplexity-masked")
+    if config.default_config is not None:
+        known = set(config.resolved_config_names()) | set(read_build_infos(output) if output.is_dir() else {})
+        if config.default_config not in known:
+            raise ValueError(
+                f"--default-config {config.default_config!r} is not a config of {output}: after this build it holds "
+                f"{sorted(known)}. Name one of those."
+            )
     splits = load_source_splits(config)
     fmt, conversational = None, False
     for split, dataset in splits.items():
@@ -729,7 +737,7 @@ def build_pplmasked(config: BuildConfig) -> Path:
                 logger.info("config %s: %s", config_name, json.dumps(info["splits"]))
         if state.is_main_process:
             commit_staging(staging, output, names)
-            render_card(output, template_path=template_path)
+            render_card(output, template_path=template_path, default_config=config.default_config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
@@ -823,15 +831,35 @@ def size_category(num_examples: int) -> str:
     return "n>1M"
 
 
-def card_configs(infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The card's YAML `configs:`: one entry per config, a `data_files` pattern per split."""
-    return [
-        {
-            "config_name": name,
-            "data_files": [{"split": split, "path": f"{name}/{split}-*"} for split in info["splits"]],
-        }
-        for name, info in sorted(infos.items())
-    ]
+def card_configs(infos: dict[str, dict[str, Any]], default: str | None = None) -> list[dict[str, Any]]:
+    """The card's YAML `configs:`: one entry per config, a `data_files` pattern per split; `default` is marked
+    `default: true`, the config that `load_dataset(repo)` loads when no config name is given."""
+    configs = []
+    for name, info in sorted(infos.items()):
+        entry = {"config_name": name, "data_files": [{"split": s, "path": f"{name}/{s}-*"} for s in info["splits"]]}
+        if name == default:
+            entry["default"] = True
+        configs.append(entry)
+    return configs
+
+
+def default_config_name(folder: Path, infos: dict[str, dict[str, Any]], requested: str | None = None) -> str:
+    """The folder's default config: `requested` (--default-config), else the one its card already marks (stable
+    when configs are added), else the first built."""
+    if requested is not None:
+        if requested not in infos:
+            raise ValueError(f"--default-config {requested!r} is not a config of {folder}; it has {sorted(infos)}.")
+        return requested
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        try:
+            configs = DatasetCard.load(readme).data.to_dict().get("configs") or []
+        except Exception:  # an unreadable card is rewritten below; fall back to the first built
+            configs = []
+        marked = [c.get("config_name") for c in configs if isinstance(c, dict) and c.get("default")]
+        if marked and marked[0] in infos:
+            return marked[0]
+    return min(infos, key=lambda name: (infos[name]["built_at"], name))
 
 
 def dataset_infos(folder: Path, infos: dict[str, dict[str, Any]]):
@@ -891,15 +919,19 @@ def _card_rows(infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def render_card(folder: str | Path, template_path: str | Path | None = None) -> DatasetCard:
+def render_card(
+    folder: str | Path, template_path: str | Path | None = None, default_config: str | None = None
+) -> DatasetCard:
     """Render `README.md` of a built folder from the build info of all its configs, and save it.
 
-    Folder-wide fields (repo id, title, license, source) come from the most recent build.
+    Folder-wide fields (repo id, title, license, source) come from the most recent build. One config is marked as
+    the default (see [`default_config_name`]), so that `load_dataset(repo)` works without a config name.
     """
     folder = Path(folder)
     infos = read_build_infos(folder)
     if not infos:
         raise ValueError(f"{folder} holds no built config ({BUILD_INFO_FILE}); run `trl-pplmask build` first.")
+    default = default_config_name(folder, infos, default_config)
     latest = max(infos.values(), key=lambda info: info["built_at"])
     source, settings = latest["source"], latest["settings"]
     name = source_short_name(source["dataset"])
@@ -914,7 +946,7 @@ def render_card(folder: str | Path, template_path: str | Path | None = None) -> 
         size_categories=[size_category(largest)],
         source_datasets=[source["hub_id"]] if source.get("hub_id") else ["original"],
         pretty_name=pretty_name,
-        configs=card_configs(infos),
+        configs=card_configs(infos, default),
     )
     dataset_infos(folder, infos).to_dataset_card_data(card_data)
     first = sorted(infos)[0]
@@ -933,6 +965,7 @@ def render_card(folder: str | Path, template_path: str | Path | None = None) -> 
         unmasked_splits=unmasked,
         threshold=latest["settings"]["threshold"],
         arxiv_id=PAPER_ARXIV_ID,
+        default_config=default,
     )
     atomic_write_text(folder / "README.md", str(card))
     return card
@@ -1131,6 +1164,11 @@ def add_build_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--format", default="auto", choices=FORMATS, help="TRL format every row must follow.")
     parser.add_argument("--models", nargs="+", default=[EMBEDDED_MODEL_ALIAS], help="Scoring models: one config each.")
     parser.add_argument("--config-names", nargs="+", help="Config name per model (default: slug of the model name).")
+    parser.add_argument(
+        "--default-config",
+        help="Config that load_dataset(repo) loads without a config name (default: the one the card already marks, "
+        "else the first built).",
+    )
     parser.add_argument("--splits", nargs="+", default=["train"], help="Splits to build (default: train).")
     parser.add_argument("--unmasked-splits", nargs="*", default=["test"], help="Splits left unmasked (default: test).")
     parser.add_argument(
@@ -1179,6 +1217,7 @@ def build_config_from_args(args: argparse.Namespace, prog: str = "trl-pplmask bu
         language=list(args.language),
         template_path=args.card_template,
         command=command_line(args, prog),
+        default_config=args.default_config,
     )
 
 

@@ -55,12 +55,7 @@ def test_top_level_help_lists_every_command_without_importing_torch():
         "push",
         "self-output",
         "study",
-        pytest.param(
-            "eval",
-            marks=pytest.mark.xfail(
-                strict=True, reason="trl_pplmask.evaluation imports torch at module level, and defines eval's args"
-            ),
-        ),
+        "eval",
     ],
 )
 def test_subcommand_help_does_not_import_torch(command):
@@ -77,9 +72,22 @@ def test_every_option_has_help():
         assert sub.description, command
         for action in sub._actions:
             assert action.help, f"{command} {action.option_strings} has no help text"
-    sub = build_parser(["self-output"])._actions[-1].choices["self-output"]
-    for action in sub._actions:
-        assert action.help, f"self-output {action.option_strings} has no help text"
+    for command in ("self-output", "eval"):
+        sub = build_parser([command])._actions[-1].choices[command]
+        for action in sub._actions:
+            assert action.help, f"{command} {action.option_strings} has no help text"
+
+
+def test_eval_help_lists_the_tasks_evaluation_accepts():
+    """`eval`'s light argument module names the same tasks and data sets as `trl_pplmask.evaluation`."""
+    from trl_pplmask import eval_cli
+    from trl_pplmask.data import TASKS
+    from trl_pplmask.evaluation import available_tasks, resolve_task
+
+    assert eval_cli.DATASETS == tuple(TASKS)
+    assert eval_cli.task_names() == available_tasks()
+    for name in eval_cli.DEFAULT_TASKS:
+        resolve_task(name)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -488,7 +488,7 @@ COMMANDS = {
         "Generate verified self-output/rephrase SFT data and build a Hub-layout <task>-self-output folder.",
     ),
     "eval": (
-        "trl_pplmask.evaluation",
+        "trl_pplmask.eval_cli",
         "Forgetting report: target and non-target tasks, base against fine-tuned models.",
     ),
     "sft": (

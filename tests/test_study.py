@@ -355,3 +355,11 @@ def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, ca
     assert adapter.stat().st_mtime_ns == mtime
     assert yaml.safe_load((root / "arms" / "gt" / "config.yaml").read_text())["learning_rate"] == 1e-3
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies" / "calibration").glob("*.yaml")), ids=lambda p: p.stem)
+def test_calibration_configs_parse_and_plan(path):
+    config = load_study_config(path)
+    kinds = [stage.kind for stage in plan_stages(config)]
+    assert kinds[0] == "prepare" and kinds[-1] == "report" and "train" in kinds
+    assert {arm.kind for arm in config.arms} >= {"base", "gt"}

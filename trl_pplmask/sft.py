@@ -262,7 +262,7 @@ def _print(trainer, message: str) -> None:
 
 
 def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments):
-    """Load data, model and reference as `trl sft` does and return `(trainer, collator, prescore_stats)`."""
+    """Load data, model and reference as `trl sft` does; return `(trainer, collator, recorder, prescore_stats)`."""
     from transformers import AutoTokenizer
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 

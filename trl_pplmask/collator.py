@@ -85,8 +85,9 @@ class PplMaskCollator:
         self.padding_free = padding_free
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_dropped = return_dropped
-        self.totals = {"completion_tokens": 0, "masked_tokens": 0, "completion_nll_sum": 0.0, "examples": 0,
-                       "examples_fully_masked": 0}  # fmt: skip
+        # Counts of what logging already popped, so that `cumulative_stats` adds up every batch without a second tally
+        self._popped = {"completion_tokens": 0, "masked_tokens": 0, "completion_nll_sum": 0.0}
+        self.totals = {"examples": 0, "examples_fully_masked": 0}
         self.padder = DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
         )
@@ -100,6 +101,8 @@ class PplMaskCollator:
         """Masked fraction and mean completion perplexity since the last call, then reset."""
         s = self.stats
         self.reset_stats()
+        for key in self._popped:
+            self._popped[key] += s[key]
         if s["completion_tokens"] == 0:
             return {}
         stats = {"pplmask/masked_fraction": s["masked_tokens"] / s["completion_tokens"]}
@@ -125,23 +128,20 @@ class PplMaskCollator:
         for i, (example, nll) in enumerate(zip(examples, nlls)):
             entropy = None if entropies is None else entropies[i]
             features.append(self._mask_example(example, nll, threshold, i, entropy))
-        dropped = [self._count_example(ex, feature, nll) for ex, feature, nll in zip(examples, features, nlls)]
+        dropped = [self._count_example(ex, feature) for ex, feature in zip(examples, features)]
         batch = self.padder(features, return_tensors)
         if self.return_dropped:
             batch["pplmask_dropped"] = self._pad_like_labels(dropped, batch["labels"])
         return batch
 
-    def _count_example(self, example: dict[str, Any], feature: dict[str, Any], nll: np.ndarray) -> np.ndarray:
-        # Cumulative totals (never reset) feed the per-epoch statistics of `trl-pplmask sft`; the dropped positions
-        # feed the anchored objective
+    def _count_example(self, example: dict[str, Any], feature: dict[str, Any]) -> np.ndarray:
+        # Example counts (never reset) for the per-epoch statistics of `trl-pplmask sft`; the token counts come from
+        # `self.stats`. The dropped positions feed the anchored objective
         labels = np.asarray(example.get("labels", example["input_ids"]))
         trainable = trainable_positions(labels, example.get(TRAINABLE_COLUMN))
         dropped = trainable & (np.asarray(feature["labels"]) == IGNORE_INDEX)
         self.totals["examples"] += 1
-        self.totals["completion_tokens"] += int(trainable.sum())
-        self.totals["masked_tokens"] += int(dropped.sum())
         self.totals["examples_fully_masked"] += int(trainable.any() and dropped.sum() == trainable.sum())
-        self.totals["completion_nll_sum"] += float(np.asarray(nll, dtype=np.float64)[trainable].sum())
         return dropped
 
     def _pad_like_labels(self, rows: list[np.ndarray], labels: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,7 @@ class PplMaskCollator:
 
     def cumulative_stats(self) -> dict[str, float | int]:
         """Totals over every batch collated so far (not reset by logging), with the masked fraction."""
-        totals = dict(self.totals)
+        totals = {**{key: self._popped[key] + self.stats[key] for key in self._popped}, **self.totals}
         n = totals["completion_tokens"]
         totals["masked_fraction"] = totals["masked_tokens"] / n if n else 0.0
         return totals

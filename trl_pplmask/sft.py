@@ -172,10 +172,9 @@ def load_datasets(script_args, dataset_args):
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({script_args.dataset_train_split: loaded})
     if path.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use .jsonl, .json, .parquet or .csv.")
-        return DatasetDict({script_args.dataset_train_split: load_dataset(kind, data_files=str(path), split="train")})
+        from .data import _load_file  # the CLI's own file loader: same formats, same errors for malformed files
+
+        return DatasetDict({script_args.dataset_train_split: _load_file(path)})
     return load_dataset(
         script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
     )

@@ -29,6 +29,7 @@ from huggingface_hub import DatasetCard
 from trl_pplmask import hub
 from trl_pplmask.cli import main as cli_main
 from trl_pplmask.masking import IGNORE_INDEX
+from trl_pplmask.utils import make_staging_dir
 
 
 CONFIG = "smollm2-135m-instruct"
@@ -581,7 +582,7 @@ def test_staging_of_a_dead_build_is_removed_and_a_live_ones_kept(tmp_path):
     other = tmp_path / f".other-staging-{dead.stdout.strip()}-ghi"
     for folder in (left, live, other):
         (folder / "cfg").mkdir(parents=True)
-    staging = hub.make_staging(output)
+    staging = make_staging_dir(output)
     assert staging.is_dir() and f"-staging-{os.getpid()}-" in staging.name
     assert not left.exists() and live.exists() and other.exists()
 

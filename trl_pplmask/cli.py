@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .masking import IGNORE_INDEX, STRATEGIES, TRAINABLE_COLUMN, PplMaskConfig, trainable_positions
+from .utils import make_staging_dir
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -212,31 +213,12 @@ def _check_output_folder(output: str, overwrite: bool, source: str | None = None
     return path
 
 
-def _stale(entry: Path, marker: str) -> bool:
-    """Whether `entry` (named `.<name>-<marker>-<pid>-...`) was left by a process that no longer runs."""
-    try:
-        pid = int(entry.name.split(f"-{marker}-", 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return pid == os.getpid()
-
-
 def _save_atomically(dataset, output: Path) -> None:
     """`save_to_disk` into a staging folder beside `output`, then swap it in: a crash never leaves a partial output."""
     import shutil
     import tempfile
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for entry in output.parent.glob(f".{output.name}-staging-*"):
-        if _stale(entry, "staging"):  # left by a run that was killed
-            shutil.rmtree(entry, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-{os.getpid()}-", dir=output.parent))
+    staging = make_staging_dir(output)  # also removes those of runs that were killed
     try:
         dataset.save_to_disk(str(staging / "dataset"))
         if output.exists() and any(output.iterdir()):

@@ -54,6 +54,7 @@ from .data import ROW_ID_COLUMN
 from .masking import IGNORE_INDEX, NLL_COLUMN
 from .models import EMBEDDED_MODEL_ALIAS, model_slug
 from .self_output_cli import BACKENDS, FALLBACKS, MODES, SELECTIONS, add_self_output_args
+from .utils import make_staging_dir
 from .verifiers import Verifier, get_verifier, verify_batch
 
 
@@ -1374,7 +1375,6 @@ def build_self_output(config: SelfOutputBuildConfig) -> Path:
         card_template_path,
         check_existing_folder,
         commit_staging,
-        make_staging,
         release_accelerator_memory,
     )
     from .models import load_model
@@ -1391,7 +1391,7 @@ def build_self_output(config: SelfOutputBuildConfig) -> Path:
     template_path = card_template_path(config.template_path, CARD_TEMPLATE)
     names = config.resolved_config_names()
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging(output)
+    staging = make_staging_dir(output)
     try:
         (staging / ASSETS_DIR).mkdir()
         for index, (name, config_name) in enumerate(zip(config.models, names)):

@@ -42,6 +42,7 @@ import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .masking import IGNORE_INDEX, NLL_COLUMN, TRAINABLE_COLUMN, PplMaskConfig, mask_dataset
+from .utils import make_staging_dir
 
 
 if TYPE_CHECKING:
@@ -605,20 +606,6 @@ def _build_info_problem(info: Any) -> str | None:
     return None
 
 
-def make_staging(output: Path) -> Path:
-    """A new staging folder `.<name>-staging-<pid>-*` beside `output`, after removing those of dead processes.
-
-    A build killed (SIGKILL, power loss) before its cleanup leaves its staging folder; the pid in the name lets a
-    later build tell it from one of a build still running.
-    """
-    from .cli import _stale
-
-    for entry in output.parent.glob(f".{output.name}-staging-*"):
-        if entry.is_dir() and _stale(entry, "staging"):
-            shutil.rmtree(entry, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-{os.getpid()}-", dir=output.parent.resolve()))
-
-
 def check_existing_folder(output: Path, source: dict[str, Any], kind: str, description: str) -> None:
     """An existing output folder must hold only configs of `kind` built from the same source data.
 
@@ -723,7 +710,7 @@ def build_pplmasked(config: BuildConfig) -> Path:
 
     state = PartialState()
     output.parent.mkdir(parents=True, exist_ok=True)  # every check passed: from here on, writing is expected
-    staging = make_staging(output)
+    staging = make_staging_dir(output)
     try:
         (staging / ASSETS_DIR).mkdir()
         names = config.resolved_config_names()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .masking import STRATEGIES, PplMaskConfig
+from .utils import atomic_write_text, package_version
 
 
 CONFIG_FILE = "pplmask_config.json"
@@ -406,10 +407,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_pplmask_config(path: Path, record: dict[str, Any]) -> None:
     """Write `pplmask_config.json` atomically (a finished run is one whose file exists)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
 
 
 def main(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments) -> dict[str, Any]:
@@ -464,7 +462,11 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
         "train_runtime": result.metrics.get("train_runtime"),
         "train_loss": result.training_loss,
         "wall_time_s": time.perf_counter() - start,
-        "versions": {"trl_pplmask": __version__, "trl": _version("trl"), "transformers": transformers.__version__},
+        "versions": {
+            "trl_pplmask": __version__,
+            "trl": package_version("trl"),
+            "transformers": transformers.__version__,
+        },
         "command": " ".join(sys.argv),
     }
     if trainer.accelerator.is_main_process:
@@ -482,15 +484,6 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def parse_args(argv: Sequence[str] | None = None):

@@ -9,11 +9,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from ..utils import atomic_write_text
 from .config import StudyConfig, load_study_config
 from .prepare import prepare_data, run_self_output
 from .runner import (
     StudyPaths,
-    _atomic_write,
     _fmt_seconds,
     _jsonable,
     _progress,
@@ -110,8 +110,10 @@ def run_study(config: StudyConfig, command: str | None = None) -> dict[str, Any]
     report = None
 
     def save_state() -> None:
-        _atomic_write(paths.state, json.dumps(_jsonable(state), indent=1))
-        _atomic_write(paths.study, json.dumps(build_study_json(config, paths, state, arms, command, report), indent=1))
+        atomic_write_text(paths.state, json.dumps(_jsonable(state), indent=1))
+        atomic_write_text(
+            paths.study, json.dumps(build_study_json(config, paths, state, arms, command, report), indent=1)
+        )
 
     for index, stage in enumerate(stages):
         _progress(stages, index, state, started)

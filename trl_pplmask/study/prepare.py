@@ -8,8 +8,9 @@ import json
 import shutil
 from typing import Any
 
+from ..utils import atomic_write_text
 from .config import StudyConfig
-from .runner import StudyPaths, _atomic_write, _jsonable, _read_json, check_data_columns
+from .runner import StudyPaths, _jsonable, _read_json, check_data_columns
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def prepare_data(config: StudyConfig, paths: StudyPaths) -> tuple[dict[str, Any]
         "columns": train.column_names,
         "fingerprint": _rows_fingerprint(train),
     }
-    _atomic_write(paths.data_info, json.dumps(info, indent=1))  # last: its presence means the data is complete
+    atomic_write_text(paths.data_info, json.dumps(info, indent=1))  # last: its presence means the data is complete
     return info, False
 
 
@@ -141,5 +142,5 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
     del model
     release_accelerator_memory()  # the next stages train and evaluate in this machine's memory
     info = _jsonable(info)
-    _atomic_write(paths.self_output_info, json.dumps(info, indent=1))
+    atomic_write_text(paths.self_output_info, json.dumps(info, indent=1))
     return info, False

@@ -10,12 +10,12 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write_text
 from .arms import arm_settings
 from .config import ArmConfig, StudyConfig
 
@@ -246,14 +246,6 @@ def _progress(stages: list[Stage], index: int, state: dict[str, Any], started: f
 # --------------------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -331,8 +323,8 @@ def train_arm(config: StudyConfig, arm: ArmConfig, paths: StudyPaths, data_finge
         return record, True
     arm_dir.mkdir(parents=True, exist_ok=True)
     header = f"# Arm {arm.label!r} ({arm.kind}) of the study {config.source}; written by `trl-pplmask study`.\n"
-    _atomic_write(arm_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
-    _atomic_write(arm_dir / ARM_FILE, json.dumps(identity, indent=1))
+    atomic_write_text(arm_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
+    atomic_write_text(arm_dir / ARM_FILE, json.dumps(identity, indent=1))
     log_path = arm_dir / "train.log"
     command = [*sft_command(), "--config", "config.yaml"]
     with open(log_path, "ab") as log:

@@ -1,0 +1,97 @@
+"""File and environment helpers shared by every command: atomic writes, staging folders, package versions.
+
+Standard library only, so that any layer may use it without import cost.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that a reader (or a crash) never sees a half-written file.
+
+    The file is written under a fresh hidden name in the same folder and renamed over `path`. It is created as `open()`
+    creates files (mode 0666 less the umask), not 0600 as `tempfile.mkstemp` would, so that every output file of one
+    command has the same permissions. Missing parent folders are created.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            File to write.
+        text (`str`):
+            Its whole content (UTF-8, newlines written as given).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def is_stale(entry: Path, marker: str) -> bool:
+    """Whether `entry` (named `.<name>-<marker>-<pid>-...`) was left by a process that no longer runs.
+
+    Args:
+        entry (`Path`):
+            A staging or trash folder created by [`make_staging_dir`].
+        marker (`str`):
+            The word between the name and the pid, e.g. `"staging"`.
+    """
+    try:
+        pid = int(entry.name.split(f"-{marker}-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return pid == os.getpid()
+
+
+def make_staging_dir(output: Path, marker: str = "staging") -> Path:
+    """A new folder `.<name>-<marker>-<pid>-*` beside `output`, after removing those that dead processes left.
+
+    A command killed (SIGKILL, power loss) before its cleanup leaves its staging folder; the pid in the name lets the
+    next run recognise and remove it without touching the folder of a run still in progress.
+
+    Args:
+        output (`Path`):
+            The final output path; the staging folder is created in its parent, so that `os.replace` can swap it in.
+        marker (`str`, *optional*, defaults to `"staging"`):
+            Word that tells staging folders from other hidden siblings.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for entry in output.parent.glob(f".{output.name}-{marker}-*"):
+        if entry.is_dir() and is_stale(entry, marker):
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}-{marker}-{os.getpid()}-", dir=output.parent.resolve()))
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of the distribution `name`, or `None` when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Python, the platform, and the installed version of each distribution in `names` (`None`: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    versions.update({name: package_version(name) for name in names})
+    return versions

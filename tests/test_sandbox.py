@@ -31,7 +31,8 @@ from trl_pplmask.sandbox import (
 )
 
 
-SANDBOX_FILE = Path(__file__).resolve().parents[1] / "trl_pplmask" / "sandbox.py"
+SANDBOX_DIR = Path(__file__).resolve().parents[1] / "trl_pplmask" / "sandbox"
+SANDBOX_FILE = SANDBOX_DIR / "run.py"  # a root-owned file of the repository that the code must not modify
 ISOLATION = describe_isolation()
 # Whether the code is unable to signal the pipeline: another uid, or a PID namespace that hides it
 PARENT_PROTECTED = ISOLATION.privilege_drop or ISOLATION.pid_namespace
@@ -452,11 +453,14 @@ def test_pool_is_bounded_and_ordered():
     assert [r.status for r in run_many(["pass", "1/0", "pass"], max_workers=3)] == ["passed", "failed", "passed"]
 
 
-# Run as an unprivileged user: load sandbox.py by path (it needs only the standard library) and run each probe program,
-# with PIPELINE replaced by the driver's own PID (the driver plays the pipeline)
+# Run as an unprivileged user: load the sandbox package by path (it needs only the standard library) and run each probe
+# program, with PIPELINE replaced by the driver's own PID (the driver plays the pipeline)
 _UNPRIVILEGED_DRIVER = """
 import importlib.util, json, os, sys
-spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+package = sys.argv[1]
+spec = importlib.util.spec_from_file_location(
+    "sandbox", os.path.join(package, "__init__.py"), submodule_search_locations=[package]
+)
 sandbox = importlib.util.module_from_spec(spec)
 sys.modules["sandbox"] = sandbox
 spec.loader.exec_module(sandbox)
@@ -514,7 +518,8 @@ def _traversable_by_others(directory: Path) -> bool:
 
 @contextlib.contextmanager
 def _copy_readable_by_others(source: Path):
-    """A copy of `source` in a fresh temporary directory (0755, file 0644) under a world-searchable parent."""
+    """A copy of the folder `source` in a fresh temporary directory (folders 0755, files 0644) under a world-searchable
+    parent."""
     candidates = [tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"]
     parent = next((Path(c) for c in candidates if os.path.isdir(c) and _traversable_by_others(Path(c))), None)
     if parent is None:
@@ -523,8 +528,11 @@ def _copy_readable_by_others(source: Path):
     try:
         os.chmod(directory, 0o755)
         copy = directory / source.name
-        shutil.copyfile(source, copy)
-        os.chmod(copy, 0o644)
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        for folder, _, files in os.walk(copy):
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
         yield copy
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -536,9 +544,9 @@ def test_unprivileged_mode():
     interpreter = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if interpreter is None:
         pytest.skip("no system python3 to run the sandbox as an unprivileged user")
-    # The clone may sit where user 65534 cannot read (CI clones into a mode-0700 folder): run a copy of sandbox.py
-    # from a directory that user can reach
-    with _copy_readable_by_others(SANDBOX_FILE) as sandbox_copy:
+    # The clone may sit where user 65534 cannot read (CI clones into a mode-0700 folder): run a copy of the sandbox
+    # package from a directory that user can reach
+    with _copy_readable_by_others(SANDBOX_DIR) as sandbox_copy:
         completed = subprocess.run(
             [interpreter, "-I", "-c", _UNPRIVILEGED_DRIVER, str(sandbox_copy), json.dumps(_UNPRIVILEGED_PROBES)],
             user=65534,

@@ -79,14 +79,16 @@ def test_every_option_has_help():
 
 
 def test_eval_help_lists_the_tasks_evaluation_accepts():
-    """`eval`'s light argument module names the same tasks and data sets as `trl_pplmask.evaluation`."""
-    from trl_pplmask import eval_cli
+    """`eval`'s help names the tasks `trl_pplmask.evaluation` accepts, and its light task list the data sets of
+    `trl_pplmask.data`."""
     from trl_pplmask.data import TASKS
-    from trl_pplmask.evaluation import available_tasks, resolve_task
+    from trl_pplmask.evaluation import available_tasks, resolve_task, tasks
 
-    assert eval_cli.DATASETS == tuple(TASKS)
-    assert eval_cli.task_names() == available_tasks()
-    for name in eval_cli.DEFAULT_TASKS:
+    assert tasks.DATASETS == tuple(TASKS)
+    sub = build_parser(["eval"])._actions[-1].choices["eval"]
+    listed = next(action.help for action in sub._actions if "--tasks" in action.option_strings)
+    assert listed == f"Comma-separated: {available_tasks()}."
+    for name in [*tasks.DEFAULT_TASKS, *available_tasks()]:
         resolve_task(name)
 
 

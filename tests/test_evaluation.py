@@ -23,7 +23,6 @@ from trl_pplmask.evaluation import (
     EvalTask,
     ModelSpec,
     TaskResult,
-    _backend_for,
     aggregate,
     build_model_specs,
     build_report,
@@ -37,6 +36,7 @@ from trl_pplmask.evaluation import (
     resolve_task,
     write_report,
 )
+from trl_pplmask.evaluation.harness import _backend_for
 from trl_pplmask.metrics import FORGETTING_METRIC
 from trl_pplmask.metrics.forgetting.forgetting import bootstrap_ci, forgetting_summary
 from trl_pplmask.models import load_tokenizer
@@ -442,7 +442,7 @@ def test_reference_comparison_known_case(tmp_path):
     """Share of gt's target gain kept and of its non-target degradation avoided, on hand-computed per-item results
     (accuracy, a lower-is-better NLL, drift, and a task gt improved, which is left out)."""
     from trl_pplmask.evaluation import run_evaluation
-    from trl_pplmask.reference_arm import compare_with_reference
+    from trl_pplmask.evaluation.reference_arm import compare_with_reference
 
     names = ["gsm8k", "gsm8k_nll", "arc_challenge_mc", "mbpp_nll", "arc_challenge_drift", "math_nll"]
     tasks = [resolve_task(name) for name in names]
@@ -607,14 +607,14 @@ def test_cli_eval_bad_input(tmp_path, data_dir, capsys):
     ],
 )
 def test_cli_eval_checks_every_setting_before_any_model(extra, expected, tmp_path, data_dir, capsys, monkeypatch):
-    from trl_pplmask import evaluation
     from trl_pplmask.cli import main
+    from trl_pplmask.evaluation import runner
 
     def no_work(*args, **kwargs):
         raise AssertionError("a model was loaded or evaluated before the settings were checked")
 
-    monkeypatch.setattr(evaluation, "_evaluate_model", no_work)
-    monkeypatch.setattr(evaluation, "load_eval_rows", no_work)
+    monkeypatch.setattr(runner, "_evaluate_model", no_work)
+    monkeypatch.setattr(runner, "load_eval_rows", no_work)
     existing = tmp_path / "existing.txt"
     existing.write_text("keep me")
     extra = [value.replace("{file}", str(existing)) for value in extra]
@@ -667,7 +667,7 @@ _N_PROMPT = [3, 1, 6]
 def test_drift_of_a_model_against_itself_is_zero():
     from peft import LoraConfig, get_peft_model
 
-    from trl_pplmask.drift import token_drift
+    from trl_pplmask.evaluation.drift import token_drift
 
     model = tiny_llama(initializer_range=0.3)
     alone = token_drift(model, None, _SEQUENCES, _N_PROMPT, max_tokens_per_batch=16)
@@ -688,7 +688,7 @@ def test_drift_kl_and_entropy_match_full_softmax():
     model and for a PEFT model against itself with its adapter disabled."""
     from peft import LoraConfig, get_peft_model
 
-    from trl_pplmask.drift import token_drift
+    from trl_pplmask.evaluation.drift import token_drift
 
     base = tiny_llama(initializer_range=0.3)
     tuned = _perturbed(base)
@@ -795,7 +795,7 @@ def test_instruction_rows_and_checkers():
     pytest.importorskip("if_verifiable")
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
-    from trl_pplmask.instruction_following import CONSTRAINTS, build_rows, check_following
+    from trl_pplmask.evaluation.instruction_following import CONSTRAINTS, build_rows, check_following
 
     rows = build_rows()
     assert len(rows) == 56 and [r["row_id"] for r in rows] == list(range(56))
@@ -814,10 +814,10 @@ def test_instruction_rows_and_checkers():
 
 
 def test_instruction_following_skipped_without_checker(monkeypatch):
-    import trl_pplmask.instruction_following as instruction_following
-    from trl_pplmask.evaluation import _available
+    from trl_pplmask.evaluation import runner
+    from trl_pplmask.evaluation.runner import _available
 
-    monkeypatch.setattr(instruction_following, "checker_available", lambda: False)
+    monkeypatch.setattr(runner, "checker_available", lambda: False)
     config = EvalConfig(tasks=["gsm8k", "instruction_following"])
     notes = []
     kept = _available([resolve_task(name) for name in config.tasks], config, notes)

@@ -470,7 +470,7 @@ COMMANDS = {
         "Generate verified self-output/rephrase SFT data and build a Hub-layout <task>-self-output folder.",
     ),
     "eval": (
-        "trl_pplmask.eval_cli",
+        "trl_pplmask.evaluation.cli",
         "Forgetting report: target and non-target tasks, base against fine-tuned models.",
     ),
     "sft": (

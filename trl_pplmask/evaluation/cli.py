@@ -1,42 +1,35 @@
-"""Arguments of `trl-pplmask eval`, defined without importing torch (the work: `trl_pplmask.evaluation`)."""
+"""`trl-pplmask eval`: its arguments and the command.
+
+Importing this module loads neither torch nor the data libraries, so that `trl-pplmask eval --help` answers fast; the
+command imports the work when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
+from ..cli import DEFAULT_MODEL
+from .config import BACKENDS, EvalConfig, build_model_specs
+from .harness import lm_eval_available
+from .tasks import DEFAULT_TASKS, available_tasks
 
-# The data sets of `trl_pplmask.data.TASKS`, in its order (a test checks that the two agree)
-DATASETS = ("gsm8k", "mbpp", "math", "arc_challenge", "humaneval")
-DEFAULT_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_challenge")
-GENERATION_TASKS = ("gsm8k", "math", "arc_challenge", "mbpp", "humaneval")
-INSTRUCTION_TASK = "instruction_following"
-BACKENDS = ("builtin", "lm-eval")
 
 HELP = "Forgetting report: target and non-target tasks, base against fine-tuned models."
 
 
-def task_names() -> list[str]:
-    """Every task name `eval` accepts (as `trl_pplmask.evaluation.available_tasks`)."""
-    return [
-        *GENERATION_TASKS,
-        "arc_challenge_mc",
-        INSTRUCTION_TASK,
-        *(f"{name}_nll" for name in DATASETS),
-        *(f"{name}_drift" for name in DATASETS),
-    ]
-
-
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `trl-pplmask eval`."""
-    from .cli import DEFAULT_MODEL
-
     parser.add_argument("--base", default=DEFAULT_MODEL, help="Base model: Hub id, local path or the embedded alias.")
     parser.add_argument("--base-label", default="base", help="Row name of the base model.")
     parser.add_argument(
         "--adapter", action="append", metavar="[LABEL=]PATH", help="PEFT adapter trained on --base (repeatable)."
     )
     parser.add_argument("--model", action="append", metavar="[LABEL=]PATH", help="Full fine-tuned model (repeatable).")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"Comma-separated: {task_names()}.")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"Comma-separated: {available_tasks()}.")
     parser.add_argument("--target", help="The fine-tuning task, one of --tasks (default: the first).")
     parser.add_argument("--limit", type=int, help="Evaluate the first N items of each task.")
     parser.add_argument("--split", action="append", metavar="DATASET=SPLIT", help="Split override (repeatable).")
@@ -75,10 +68,57 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import cmd_eval as run
+def _split_overrides(values: Sequence[str]) -> dict[str, str]:
+    splits = {}
+    for value in values:
+        name, sep, split = value.partition("=")
+        if not sep or not name or not split:
+            raise ValueError(f"--split takes DATASET=SPLIT (e.g. mbpp=train), got {value!r}.")
+        splits[name] = split
+    return splits
 
-    return run(args)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`trl-pplmask eval`: evaluate the base and fine-tuned models, write the report, print the table."""
+    # The work imports torch and the data libraries: imported here, so that `eval --help` stays light
+    from .markdown import render_markdown
+    from .output import REPORT_FILES
+    from .runner import run_evaluation
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = EvalConfig(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        target=args.target,
+        limit=args.limit,
+        splits=_split_overrides(args.split or []),
+        max_new_tokens=args.max_new_tokens,
+        instruction_max_new_tokens=args.instruction_max_new_tokens,
+        drift_max_new_tokens=args.drift_max_new_tokens,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        max_batch_size=args.max_batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        nll_max_length=args.nll_max_length,
+        code_timeout=args.code_timeout,
+        n_resamples=args.bootstrap,
+        confidence=args.confidence,
+        seed=args.seed,
+        reference=args.reference,
+        backend=args.backend,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+    )
+    if config.backend == "lm-eval" and not lm_eval_available():
+        print(
+            "trl-pplmask eval: lm-eval is not installed (pip install lm-eval); using the builtin evaluator.",
+            file=sys.stderr,
+        )
+    specs = build_model_specs(args.base, args.adapter or [], args.model or [], args.base_label)
+    command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
+    report = run_evaluation(specs, config, args.output, command)
+    print(render_markdown(report))
+    print(f"Report -> {', '.join(str(Path(args.output) / name) for name in REPORT_FILES)}")
+    return 0
 
 
 def register_cli(subparsers) -> None:
@@ -91,3 +131,6 @@ def register_cli(subparsers) -> None:
     )
     add_eval_args(parser)
     parser.set_defaults(func=cmd_eval)
+
+
+__all__ = ["HELP", "add_eval_args", "cmd_eval", "register_cli"]

@@ -26,16 +26,19 @@ import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .scoring import _causal_lm, adapter_context, make_batches, output_logit_transform
-
-
-if TYPE_CHECKING:
-    from .evaluation import EvalConfig, EvalTask, ModelSpec
+from ..models import load_model, load_tokenizer
+from ..scoring import _causal_lm, adapter_context, make_batches, output_logit_transform
+from ..utils import atomic_write_text
+from .cache import eval_cache_root, model_identity
+from .config import EvalConfig, ModelSpec
+from .generate import generate_greedy, render_prompts
+from .tasks import EvalTask
 
 
 logger = logging.getLogger(__name__)
@@ -140,8 +143,6 @@ def token_drift(
     Returns:
         `list[dict]`: per sequence, float32 arrays `kl`, `base_entropy`, `entropy` with one value per answer token.
     """
-    from tqdm.auto import tqdm
-
     if any(k < 1 for k in n_prompt):
         raise ValueError("Every sequence needs at least one prompt token before its answer.")
     same_object = base_model is model
@@ -248,8 +249,6 @@ def base_answers(
         use_adapter_disabled (`bool`, *optional*): Generate with the PEFT adapter of `base_model` disabled.
         desc (`str`, *optional*): Progress bar label.
     """
-    from .evaluation import _atomic_write, generate_greedy
-
     cached = read_cached_answers(cache_path, len(prompts))
     if cached is not None:
         return cached, True
@@ -275,8 +274,7 @@ def base_answers(
         for prompt, g in zip(prompts, generations)
     ]
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cache_path, json.dumps(answers))
+        atomic_write_text(cache_path, json.dumps(answers))
     return answers, False
 
 
@@ -313,9 +311,6 @@ def evaluate_drift(
     Returns the items (`scores` `kl` and `entropy`, `weight` = answer tokens, `base_entropy`, the prompt and the base
     answer) and statistics (`tokens`, `truncated` base answers, `answers_cached`, `base` = how the base was obtained).
     """
-    from .evaluation import eval_cache_root, model_identity, render_prompts
-    from .models import load_model, load_tokenizer
-
     device = str(next(model.parameters()).device)
     is_base = spec.is_base or spec == base_spec
     shares = _shares_base_weights(spec, base_spec)

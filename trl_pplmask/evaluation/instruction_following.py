@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .generate import generate_greedy, render_prompts
+
 
 CHECKER_PACKAGE = "if-verifiable"
 MISSING_CHECKER = (
@@ -173,8 +175,6 @@ def check_following(row: dict[str, Any], response: str) -> tuple[bool, bool]:
 def evaluate_instruction_following(model, tokenizer, task, rows, config, label):
     """Greedy answers to the rows' prompts, checked by the IFEval checkers; `accuracy` (strict) and
     `loose_accuracy` per item."""
-    from .evaluation import generate_greedy, render_prompts
-
     prompts = render_prompts(tokenizer, rows)
     generations = generate_greedy(
         model,

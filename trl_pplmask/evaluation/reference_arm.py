@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics.forgetting.forgetting import _percentiles, _resampled_means, bootstrap_indices, weighted_mean
+from ..metrics.forgetting.forgetting import _percentiles, _resampled_means, bootstrap_indices, weighted_mean
 
 
 def _aligned(report: dict[str, Any], task: str, labels: Sequence[str], metric: str):

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, package_versions
 from .config import StudyConfig, load_study_config
 from .prepare import prepare_data, run_self_output
 from .runner import (
@@ -61,7 +61,7 @@ def build_study_json(
     command: str | None,
     report: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from ..evaluation import package_versions
+    from ..evaluation.report import VERSIONED_PACKAGES  # numpy, datasets: kept off `study --help`
 
     planned = [stage.name for stage in plan_stages(config)]
     stages = {name: state["stages"][name] for name in planned if name in state.get("stages", {})}
@@ -73,7 +73,7 @@ def build_study_json(
             "status": "complete" if report is not None else "in progress",
             "command": command,
             "config": config.to_dict(),
-            "versions": package_versions(),
+            "versions": package_versions(VERSIONED_PACKAGES),
             "machine": machine(),
             "wall_time_seconds": {
                 "total": sum(s.get("seconds") or 0 for s in stages.values()),

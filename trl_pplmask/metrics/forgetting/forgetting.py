@@ -5,7 +5,7 @@ This file is an `evaluate` module. It is self-contained (numpy, datasets, evalua
 ```python
 import evaluate
 
-forgetting = evaluate.load("path/to/trl_pplmask/metrics/forgetting")  # or trl_pplmask.evaluation.FORGETTING_METRIC
+forgetting = evaluate.load("path/to/trl_pplmask/metrics/forgetting")  # or trl_pplmask.metrics.FORGETTING_METRIC
 forgetting.compute(
     predictions=[1, 0, 1, 1, 0.71, 0.64],     # per-item scores of the fine-tuned model
     references=[0, 0, 1, 1, 0.52, 0.60],      # per-item scores of the base model, same items in the same order

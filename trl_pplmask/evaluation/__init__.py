@@ -1,0 +1,123 @@
+"""Forgetting report: a fine-tuned model against its base, on the target task and on tasks it was not trained on.
+
+`trl-pplmask eval` (or [`run_evaluation`]) evaluates several models on the same items and writes `report.json`,
+`report.md` and `report.png`. Task names:
+
+| name | kind | metrics (first = primary) | default split |
+| --- | --- | --- | --- |
+| `gsm8k` | greedy generation, number after `####` | `accuracy` | test |
+| `math` | greedy generation, last `\\boxed{}` via math-verify | `accuracy` | test |
+| `arc_challenge` | greedy generation, letter after `Answer:` | `accuracy` | test |
+| `mbpp` | greedy generation, code run against the asserts in the sandbox | `pass@1` | validation |
+| `humaneval` | greedy generation, `check(entry_point)` in the sandbox | `pass@1` | test |
+| `arc_challenge_mc` | log-likelihood multiple choice | `acc_norm`, `acc` | test |
+| `<task>_nll` (any task above) | per-token NLL of the reference completions (lower is better) | `nll` | as the task |
+| `instruction_following` | greedy generation, one IFEval constraint per prompt | `accuracy`, `loose_accuracy` | - |
+| `<task>_drift` (any task above) | per-token KL(base ‖ model) on base greedy answers | `kl`, `entropy` | as the task |
+
+`instruction_following` ([`trl_pplmask.evaluation.instruction_following`]) builds its prompts from templates ×
+verifiable constraints that the small base model follows part of the time, and checks them with the IFEval checkers of
+`if-verifiable` (skipped, with a note, when that package is missing). `<task>_drift` also reports each model's mean
+predictive entropy at those positions (`entropy`, no better direction);
+see [`trl_pplmask.evaluation.drift`].
+
+Generation tasks use the paper's prompts from [`~trl_pplmask.data.load_task`] under the model's chat template and
+the answer checkers of [`trl_pplmask.verifiers`]; an output with no parseable answer is counted as wrong. Generation is
+greedy (deterministic), batched under a token budget with left padding.
+
+`arc_challenge_mc` scores each choice as a continuation of a plain zero-shot prompt, as lm-evaluation-harness does:
+context `"Question: {question}\\nAnswer:"`, continuation `" {choice}"`. `acc` picks the choice with the highest
+log-likelihood, `acc_norm` the highest log-likelihood per character of the choice text. A question's context runs
+once and its KV cache serves all its choices (about 2x faster than scoring whole sequences on CPU). `<task>_nll` is
+token-weighted:
+the sum of the completion tokens' NLL over their number, the tokens being exactly those `SFTTrainer` trains on
+([`~trl_pplmask.data.tokenize_dataset`]), scored by [`~trl_pplmask.scoring.score_dataset`]. It is a continuous measure
+of how much of a task's distribution a model has forgotten, and works for models too small to solve the task.
+
+Results are cached on disk per (model files, task, split, limit, data, settings), so that adding a model to a report
+evaluates only that model. The forgetting metrics come from the `evaluate` module shipped in
+`trl_pplmask/metrics/forgetting` (loaded by path, offline), which recomputes them from the per-item results alone.
+
+Backends. Use `builtin` (the default) to measure forgetting as the paper does: its prompts and answer formats under
+the chat template, offline from the local data mirror, code executed in the sandbox, every output kept and cached.
+Use `--backend lm-eval` when numbers must be comparable with published lm-evaluation-harness results (leaderboards,
+model cards): `gsm8k` and `arc_challenge_mc` then run through the harness (its prompts and answer extraction, data
+from the Hub). Other tasks stay builtin, the code tasks included, which the harness would execute unsandboxed. Without
+`lm-eval` installed, or when it fails (e.g. the Hub is unreachable), the builtin evaluator runs and the report's notes
+say so.
+
+Example (CPU, the embedded model against two adapters trained on GSM8K):
+
+```bash
+trl-pplmask eval --base smollm2-135m-instruct --adapter gt=out/sft-gt --adapter stm=out/sft-stm \\
+    --target gsm8k --tasks gsm8k,gsm8k_nll,arc_challenge_mc,mbpp_nll --limit 50 --output reports/gsm8k
+```
+
+Modules, one job each: `tasks` (task names, splits, rows and answers), `config` (settings, model specs), `generate`,
+`loglik`, `drift` and `instruction_following` (the evaluators), `harness` (the lm-evaluation-harness bridge), `cache`,
+`results`, `runner` (run_evaluation), `report` (the report dict), `reference_arm`, `markdown`, `plot`, `output` (the
+report folder) and `cli` (`trl-pplmask eval`). The names below are imported from them on first use, so that importing
+this package (and `trl-pplmask eval --help`) loads no torch.
+"""
+
+from importlib import import_module
+
+
+# Public names and their modules, imported on first use (PEP 562)
+_EXPORTS = {
+    "EvalConfig": "config",
+    "ModelSpec": "config",
+    "build_model_specs": "config",
+    "parse_model_arg": "config",
+    "EvalTask": "tasks",
+    "available_tasks": "tasks",
+    "extract_answer": "tasks",
+    "load_eval_rows": "tasks",
+    "resolve_task": "tasks",
+    "TaskResult": "results",
+    "aggregate": "results",
+    "generate_greedy": "generate",
+    "choice_requests": "loglik",
+    "continuation_nll": "loglik",
+    "evaluate_multiple_choice": "loglik",
+    "lm_eval_samples_to_items": "harness",
+    "ResultCache": "cache",
+    "run_evaluation": "runner",
+    "build_report": "report",
+    "load_forgetting_metric": "report",
+    "render_markdown": "markdown",
+    "REPORT_FILES": "output",
+    "write_report": "output",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})
+
+
+__all__ = [
+    "EvalConfig",
+    "EvalTask",
+    "ModelSpec",
+    "ResultCache",
+    "TaskResult",
+    "available_tasks",
+    "build_model_specs",
+    "build_report",
+    "extract_answer",
+    "generate_greedy",
+    "load_forgetting_metric",
+    "render_markdown",
+    "resolve_task",
+    "run_evaluation",
+    "write_report",
+]

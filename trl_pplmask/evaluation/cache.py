@@ -1,0 +1,129 @@
+"""Results cached on disk per (model files, task, split, limit, rows, settings, backend), so that adding a model
+to a report evaluates only that model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..models import cache_dir, resolve_model_path
+from ..utils import atomic_write_text, package_version
+from ..verifiers import CODE_TASKS
+from .config import EvalConfig, ModelSpec
+from .results import TaskResult
+from .tasks import EvalTask
+
+
+_CACHE_VERSION = "1"
+
+
+def _file_identity(path: Path, h) -> None:
+    # Weight files can be many GB: their size and their first and last MiB identify them well enough; small files
+    # (configs, tokenizers, adapters) are hashed whole
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= 4 << 20:
+            h.update(f.read())
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+
+
+def path_identity(name_or_path: str) -> str:
+    """A content identity of a model or adapter: hashes of its local files, or the Hub id and the cached snapshot's
+    commit (pass `use_cache=False` after a Hub model changed without a local snapshot)."""
+    resolved = Path(resolve_model_path(name_or_path))
+    h = hashlib.sha256()
+    if resolved.is_dir():
+        for file in sorted(p for p in resolved.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(str(file.relative_to(resolved)).encode())
+            _file_identity(file, h)
+        return h.hexdigest()
+    h.update(str(name_or_path).encode())
+    try:
+        from huggingface_hub import try_to_load_from_cache  # only for Hub ids; inside the try on purpose
+
+        found = try_to_load_from_cache(str(name_or_path), "config.json")
+        if isinstance(found, str):
+            h.update(Path(found).parent.name.encode())  # snapshots/<commit>/config.json
+    except Exception:  # an id that is not a valid repo name: the name alone identifies it
+        pass
+    return h.hexdigest()
+
+
+def model_identity(spec: ModelSpec) -> str:
+    """Identity of a model spec's weights and tokenizer (base files, plus adapter files)."""
+    parts = [path_identity(spec.name_or_path)]
+    if spec.adapter:
+        parts.append(path_identity(spec.adapter))
+    return hashlib.sha256("+".join(parts).encode()).hexdigest()
+
+
+def rows_fingerprint(rows: Sequence[dict[str, Any]]) -> str:
+    """Hash of the evaluated rows (prompts, references, raw fields)."""
+    return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _task_settings(task: EvalTask, config: EvalConfig, device: str) -> dict[str, Any]:
+    settings = {"dtype": config.dtype, "device": device, "max_tokens_per_batch": config.max_tokens_per_batch}
+    if task.kind == "generate":
+        settings.update(max_new_tokens=config.max_new_tokens, max_batch_size=config.max_batch_size)
+        if task.name in CODE_TASKS:
+            settings["code_timeout"] = config.code_timeout
+    if task.kind == "nll":
+        settings["nll_max_length"] = config.nll_max_length
+    if task.kind == "instruct":
+        settings.update(
+            max_new_tokens=config.instruction_max_new_tokens,
+            max_batch_size=config.max_batch_size,
+            checker=package_version("if-verifiable"),
+        )
+    if task.kind == "drift":
+        settings.update(drift_max_new_tokens=config.drift_max_new_tokens, max_batch_size=config.max_batch_size)
+    return settings
+
+
+def eval_cache_root(config: EvalConfig) -> Path:
+    """The folder of cached results: `config.cache_dir`, else `<TRL_PPLMASK_CACHE>/eval`."""
+    return Path(config.cache_dir) if config.cache_dir else cache_dir() / "eval"
+
+
+class ResultCache:
+    """JSON files of [`TaskResult`]s keyed by a hash of (model identity, task, split, limit, rows, settings).
+
+    Args:
+        root (`str` or `Path`): Cache folder.
+        enabled (`bool`, *optional*, defaults to `True`): A disabled cache misses and stores nothing.
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True):
+        self.root = Path(root)
+        self.enabled = enabled
+
+    @staticmethod
+    def key(identity: str, task: EvalTask, limit: int | None, rows: str, settings: dict, backend: str) -> str:
+        payload = [_CACHE_VERSION, identity, task.name, task.split, limit, rows, settings, backend]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    def load(self, key: str) -> TaskResult | None:
+        path = self.root / f"{key}.json"
+        if not self.enabled or not path.is_file():
+            return None
+        try:
+            return TaskResult.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):  # a corrupt entry is a miss, and gets rewritten
+            return None
+
+    def save(self, key: str, result: TaskResult) -> None:
+        if not self.enabled:
+            return
+        atomic_write_text(self.root / f"{key}.json", json.dumps(result.to_dict()))
+
+
+__all__ = ["ResultCache", "eval_cache_root", "model_identity", "path_identity", "rows_fingerprint"]

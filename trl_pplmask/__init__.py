@@ -3,8 +3,9 @@
 Drop high-perplexity ground-truth tokens from the SFT loss to fine-tune without catastrophic forgetting.
 """
 
-from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+
+from .utils import lazy_exports
 
 
 # Public names and their modules. They are imported on first use (PEP 562), so that `import trl_pplmask` and the
@@ -32,17 +33,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 try:

@@ -10,8 +10,10 @@ import os
 import platform
 import secrets
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from importlib import import_module
 from pathlib import Path
 
 
@@ -95,3 +97,30 @@ def package_versions(names: Iterable[str]) -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
     versions.update({name: package_version(name) for name in names})
     return versions
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """`__getattr__` and `__dir__` for a package whose public names are imported from its modules on first use.
+
+    PEP 562: `import package` then costs nothing, and `package.name` (or `from package import name`) imports only the
+    module that defines `name`, once; the value is then stored in the package, so later lookups are plain attributes.
+
+    Args:
+        package (`str`):
+            The package's `__name__`.
+        exports (`Mapping[str, str]`):
+            Public name -> module of the package that defines it (relative, without the leading dot).
+    """
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(f".{module}", package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *exports})
+
+    return __getattr__, __dir__

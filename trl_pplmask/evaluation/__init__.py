@@ -60,7 +60,7 @@ report folder) and `cli` (`trl-pplmask eval`). The names below are imported from
 this package (and `trl-pplmask eval --help`) loads no torch.
 """
 
-from importlib import import_module
+from ..utils import lazy_exports
 
 
 # Public names and their modules, imported on first use (PEP 562)
@@ -91,17 +91,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -27,8 +27,8 @@ def lm_eval_available() -> bool:
 
 
 def lm_eval_samples_to_items(samples: Sequence[dict[str, Any]], task: EvalTask) -> list[dict[str, Any]]:
-    """Per-item results in this module's format from lm-eval's logged samples (`simple_evaluate(log_samples=True)`),
-    one sample per document and filter."""
+    """Per-item results, in the builtin evaluators' format, from lm-eval's logged samples
+    (`simple_evaluate(log_samples=True)`), one sample per document and filter."""
     _, metric_map = LM_EVAL_TASKS[task.name]
     items: dict[int, dict[str, Any]] = {}
     for sample in samples:

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from trl_pplmask.hub import add_build_args, cmd_build
+from trl_pplmask.hub.cli import add_build_args, cmd_build
 
 
 PROG = "python hub_scripts/build_pplmasked.py"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trl_pplmask.hub import add_push_args, cmd_push
+from trl_pplmask.hub.cli import add_push_args, cmd_push
 
 
 PROG = "python hub_scripts/push.py"

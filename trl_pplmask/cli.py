@@ -461,10 +461,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 # imports it), except `eval`'s. `sft` is parsed by TRL's own parser (see `main`).
 COMMANDS = {
     "build": (
-        "trl_pplmask.hub",
+        "trl_pplmask.hub.cli",
         "Build a Hub-layout <task>-pplmasked dataset folder (parquet per model config, card, figures).",
     ),
-    "push": ("trl_pplmask.hub", "Upload a built folder to a Hub dataset repo (or --dry-run)."),
+    "push": ("trl_pplmask.hub.cli", "Upload a built folder to a Hub dataset repo (or --dry-run)."),
     "self-output": (
         "trl_pplmask.self_output_cli",
         "Generate verified self-output/rephrase SFT data and build a Hub-layout <task>-self-output folder.",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime
 import fcntl
 import hashlib
 import importlib
@@ -37,12 +36,11 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -52,10 +50,13 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from .data import ROW_ID_COLUMN
 from .masking import IGNORE_INDEX, NLL_COLUMN
-from .models import EMBEDDED_MODEL_ALIAS, model_slug
 from .self_output_cli import BACKENDS, FALLBACKS, MODES, SELECTIONS, add_self_output_args
-from .utils import make_staging_dir
 from .verifiers import Verifier, get_verifier, verify_batch
+
+
+if TYPE_CHECKING:
+    from .hub.self_output import SelfOutputBuildConfig, build_self_output, render_self_output_card  # noqa: F401
+    from .hub.self_output_stats import self_output_statistics  # noqa: F401
 
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ SOURCE_SELF = "self"
 SOURCE_GROUND_TRUTH = "ground_truth"
 CHECKPOINT_FORMAT = "trl-pplmask-self-output-checkpoint"
 CHECKPOINT_VERSION = 1
-DATASET_KIND = "self-output"
-CARD_TEMPLATE = "self_output.md.jinja"
 
 # The paper's rephrase prompt (appier-research/robust-llm-finetunes, after Yang et al. 2024, "Self-Distillation
 # Bridges Distribution Gap in Language Model Fine-Tuning"), kept word for word so that data matches the paper's.
@@ -1064,567 +1063,14 @@ def generate_self_outputs(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Statistics (what the card reports, computed from the stored columns)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _token_stats(nlls: Sequence[Sequence[float]], threshold: float) -> dict[str, Any]:
-    flat = np.concatenate([np.asarray(x, dtype=np.float64) for x in nlls]) if len(nlls) else np.zeros(0)
-    ppl = np.exp(flat)
-    return {
-        "sequences": len(nlls),
-        "tokens": int(flat.size),
-        "high_ppl_tokens": int(np.sum(ppl > threshold)),
-        "high_ppl_share": float(np.mean(ppl > threshold)) if flat.size else float("nan"),
-        "median_token_ppl": float(np.median(ppl)) if flat.size else float("nan"),
-        "mean_token_nll": float(np.mean(flat)) if flat.size else float("nan"),
-    }
-
-
-def _median(values: Sequence[float]) -> float:
-    return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else float("nan")
-
-
-def self_output_statistics(
-    dataset: Dataset, threshold: float = 2.5, skipped: dict[str, int] | None = None
-) -> dict[str, Any]:
-    """Statistics of a self-output dataset, as its card shows them.
-
-    Computed from the stored columns, so the card always agrees with the files; `skipped` adds the rows a `skip`
-    fallback left out (their candidates count towards the sample accuracy).
-
-    Args:
-        dataset (`Dataset`): Output of [`generate_self_outputs`].
-        threshold (`float`, *optional*, defaults to `2.5`): Token perplexity counted as high (the paper's STM value).
-        skipped (`dict`, *optional*): Counts `rows`, `candidates`, `correct`, `truncated`, `rows_with_correct` of
-            skipped rows.
-    """
-    skipped = {"rows": 0, "candidates": 0, "correct": 0, "truncated": 0, "rows_with_correct": 0, **(skipped or {})}
-    candidates = dataset["candidates"]
-    sources = dataset["source"]
-    num_correct = dataset["num_correct"]
-    samples = sum(len(c) for c in candidates) + skipped["candidates"]
-    correct = sum(num_correct) + skipped["correct"]
-    self_rows = [i for i, s in enumerate(sources) if s == SOURCE_SELF]
-    chosen_nll, gt_nll = dataset["chosen_token_nll"], dataset["ground_truth_token_nll"]
-    chosen_ppl, gt_ppl = dataset["chosen_ppl"], dataset["ground_truth_ppl"]
-    return {
-        "rows_generated": len(dataset) + skipped["rows"],
-        "rows": len(dataset),
-        "samples": samples,
-        "correct_samples": correct,
-        "sample_accuracy": correct / samples if samples else float("nan"),
-        "truncated_samples": sum(c["truncated"] for row in candidates for c in row) + skipped["truncated"],
-        "rows_with_correct": sum(n > 0 for n in num_correct) + skipped["rows_with_correct"],
-        "rows_self": len(self_rows),
-        "rows_ground_truth": sum(s == SOURCE_GROUND_TRUTH for s in sources),
-        "rows_skipped": skipped["rows"],
-        "threshold": threshold,
-        "chosen": {**_token_stats(chosen_nll, threshold), "median_seq_ppl": _median(chosen_ppl)},
-        "self_only": {
-            **_token_stats([chosen_nll[i] for i in self_rows], threshold),
-            "median_seq_ppl": _median([chosen_ppl[i] for i in self_rows]),
-        },
-        "ground_truth_same_rows": {
-            **_token_stats([gt_nll[i] for i in self_rows], threshold),
-            "median_seq_ppl": _median([gt_ppl[i] for i in self_rows]),
-        },
-        "ground_truth": {**_token_stats(gt_nll, threshold), "median_seq_ppl": _median(gt_ppl)},
-        # Every sample, correct or not (sequence perplexities only: per-token NLLs are kept for the chosen response)
-        "all_samples": {
-            "sequences": sum(len(c) for c in candidates),
-            "median_seq_ppl": _median([c["ppl"] for row in candidates for c in row if math.isfinite(c["ppl"])]),
-        },
-    }
-
-
-def plot_ppl_comparison(dataset: Dataset, threshold: float, path: Path, title: str) -> None:
-    """Figure of the card: token-perplexity distributions of the chosen responses and of the ground truth (left), and
-    each row's chosen-response perplexity against its ground truth's (right)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def token_ppl(nlls):
-        flat = [np.asarray(x, dtype=np.float64) for x in nlls]
-        return np.exp(np.concatenate(flat)) if flat else np.zeros(0)
-
-    chosen, truth = token_ppl(dataset["chosen_token_nll"]), token_ppl(dataset["ground_truth_token_nll"])
-    fig = Figure(figsize=(10, 3.8), dpi=110)
-    FigureCanvasAgg(fig)  # Figure + Agg directly: no pyplot global state, no display needed
-    ax_tok, ax_row = fig.subplots(1, 2)
-    both = np.concatenate([chosen, truth])
-    # A few tokens reach perplexities of 1e6 and more: the last bin collects everything above the 99th percentile
-    top = max(threshold * 4, float(np.percentile(both, 99)) if both.size else 1.0)
-    bins = np.geomspace(1.0, top, 40)
-    for values, label, color in ((truth, "ground truth", "#C44E52"), (chosen, "chosen responses", "#4C72B0")):
-        if values.size:
-            share = 100 * float(np.mean(values > threshold))
-            ax_tok.hist(
-                np.clip(values, 1.0, top), bins=bins, weights=np.full(values.size, 1 / values.size),
-                histtype="stepfilled", alpha=0.45, color=color, label=f"{label}: {share:.1f}% > {threshold:g}",
-            )  # fmt: skip
-    ax_tok.axvline(threshold, color="black", linestyle="--", linewidth=1)
-    ax_tok.set_xscale("log")
-    ax_tok.set_xlim(1.0, top)
-    ax_tok.set_xlabel(f"token perplexity exp(NLL), log scale (last bin: >= {top:.3g})")
-    ax_tok.set_ylabel("share of completion tokens")
-    ax_tok.set_title("Completion tokens", fontsize=10)
-    ax_tok.legend(loc="upper right", fontsize=8)
-
-    truth_seq = np.asarray(dataset["ground_truth_ppl"], dtype=np.float64)
-    chosen_seq = np.asarray(dataset["chosen_ppl"], dtype=np.float64)
-    is_self = np.asarray(dataset["source"]) == SOURCE_SELF
-    ax_row.scatter(truth_seq[is_self], chosen_seq[is_self], s=14, color="#4C72B0", label="self-generated")
-    ax_row.scatter(
-        truth_seq[~is_self], chosen_seq[~is_self], s=14, color="#C44E52", marker="x", label="ground truth kept"
-    )
-    finite = np.concatenate([truth_seq, chosen_seq])
-    finite = finite[np.isfinite(finite)]
-    if finite.size:
-        low, high = float(finite.min()), float(finite.max())
-        ax_row.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1)
-    ax_row.set_xlabel("ground-truth sequence perplexity")
-    ax_row.set_ylabel("chosen response's sequence perplexity")
-    ax_row.set_title("Rows (below the diagonal: the chosen response is less surprising)", fontsize=10)
-    ax_row.legend(loc="upper left", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Hub-layout folder `<task>-self-output`
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SelfOutputBuildConfig:
-    """Settings of [`build_self_output`]: which data and models, how to generate, where to write.
-
-    Args:
-        dataset (`str`):
-            A task name (`gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`), or a local file/folder or Hub id of
-            TRL conversational prompt/completion data (then pass `verifier`).
-        output_dir (`str`, *optional*):
-            Folder to write; defaults to `<dataset name>-self-output`. An existing self-output folder of the same
-            data keeps its other configs.
-        models (`list[str]`, *optional*, defaults to `["smollm2-135m-instruct"]`):
-            Generating models (Hub ids, local paths or the embedded alias): one config per model.
-        config_names (`list[str]`, *optional*):
-            Config name per model; defaults to the slug of the model name.
-        split (`str`, *optional*, defaults to `"train"`):
-            Source split to generate for (written as the config's split of the same name).
-        dataset_config (`str`, *optional*):
-            Config of a Hub dataset.
-        limit (`int`, *optional*):
-            Only the first `limit` rows.
-        verifier (`str`, *optional*):
-            Task verifier name, or `module:function` naming a callable `(row, response) -> bool`. Defaults to the
-            task's own verifier.
-        generation (`SelfOutputConfig`, *optional*):
-            Sampling, selection and backend settings (its `checkpoint_path` is set per model).
-        dtype (`str`, *optional*, defaults to `"auto"`):
-            Weight dtype of the models.
-        ppl_threshold (`float`, *optional*, defaults to `2.5`):
-            Token perplexity the card counts as high (the paper's STM threshold).
-        checkpoint_dir (`str`, *optional*):
-            Where the per-model JSONL checkpoints live; defaults to `<output_dir>-checkpoints` next to the folder (not
-            inside it, so that a push does not upload them). Rerunning the same command resumes from them.
-        max_shard_size (`int` or `str`, *optional*, defaults to `"500MB"`):
-            Largest parquet shard.
-        repo_id (`str`, *optional*):
-            Hub repo the folder is meant for (usage snippets, default of `trl-pplmask push`).
-        pretty_name (`str`, *optional*):
-            Card title.
-        license (`str`, *optional*):
-            License of the source data (known for the tasks).
-        language (`list[str]`, *optional*, defaults to `["en"]`):
-            Languages, for the card metadata.
-        template_path (`str`, *optional*):
-            Jinja card template; defaults to `trl_pplmask/cards/self_output.md.jinja`.
-        command (`str`, *optional*):
-            Command line that ran the build, recorded in the card.
-    """
-
-    dataset: str
-    output_dir: str | None = None
-    models: list[str] = field(default_factory=lambda: [EMBEDDED_MODEL_ALIAS])
-    config_names: list[str] | None = None
-    split: str = "train"
-    dataset_config: str | None = None
-    limit: int | None = None
-    verifier: str | None = None
-    generation: SelfOutputConfig = field(default_factory=SelfOutputConfig)
-    dtype: str = "auto"
-    ppl_threshold: float = 2.5
-    checkpoint_dir: str | None = None
-    max_shard_size: int | str = "500MB"
-    repo_id: str | None = None
-    pretty_name: str | None = None
-    license: str | None = None
-    language: list[str] = field(default_factory=lambda: ["en"])
-    template_path: str | None = None
-    command: str | None = None
-
-    def __post_init__(self):
-        from datasets.utils.py_utils import convert_file_size_to_int
-
-        from .data import check_dataset_spec
-
-        check_dataset_spec(self.dataset)  # a misspelt task or a missing file, before the verifier is looked up
-        if not self.models:
-            raise ValueError("models is empty: name at least one generating model.")
-        if self.config_names is not None and len(self.config_names) != len(self.models):
-            raise ValueError(f"config_names has {len(self.config_names)} entries for {len(self.models)} models.")
-        names = self.resolved_config_names()
-        for name in names:
-            if not name or name in ("assets", ".", "..") or "/" in name or name.startswith("."):
-                raise ValueError(f"Invalid config name {name!r}: use a slug such as 'smollm2-135m-instruct'.")
-        if len(set(names)) != len(names):
-            raise ValueError(f"Several models map to the same config name in {names}; pass distinct config_names.")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit must be positive, got {self.limit}.")
-        if not math.isfinite(self.ppl_threshold) or not self.ppl_threshold > 1.0:
-            raise ValueError(
-                f"ppl_threshold must be a finite value above 1 (perplexities are >= 1), got {self.ppl_threshold}."
-            )
-        if self.verifier is None:
-            from .verifiers import VERIFIERS
-
-            if self.dataset not in VERIFIERS:
-                raise ValueError(
-                    f"No built-in verifier for {self.dataset!r}: pass verifier='module:function' (--verifier) naming "
-                    "a callable (row, response) -> bool."
-                )
-        self.max_shard_size_bytes = convert_file_size_to_int(self.max_shard_size)
-
-    def resolved_config_names(self) -> list[str]:
-        return list(self.config_names) if self.config_names is not None else [model_slug(m) for m in self.models]
-
-    def resolved_output_dir(self) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir).expanduser()
-        from .hub import source_short_name
-
-        return Path(f"{source_short_name(self.dataset)}-self-output")
-
-    def resolved_checkpoint_dir(self) -> Path:
-        if self.checkpoint_dir is not None:
-            return Path(self.checkpoint_dir).expanduser()
-        output = self.resolved_output_dir()
-        return output.parent / f"{output.name}-checkpoints"
-
-    def resolved_verifier(self) -> str | Verifier:
-        return resolve_verifier(self.verifier or self.dataset)
-
-
-def resolve_verifier(spec: str | Verifier) -> str | Verifier:
-    """A task name stays a name; `module:function` is imported (the callable must take `(row, response)`)."""
-    if callable(spec) or ":" not in spec:
-        return spec
-    module_name, _, attribute = spec.partition(":")
-    try:
-        verifier = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import the verifier {spec!r}: {err}.") from err
-    if not callable(verifier):
-        raise ValueError(f"Verifier {spec!r} is not callable.")
-    return verifier
-
-
-def _load_source(config: SelfOutputBuildConfig) -> Dataset:
-    from .data import TASKS, load_any_dataset, load_task
-
-    if config.dataset in TASKS:
-        return load_task(config.dataset, config.split, config.limit)
-    return load_any_dataset(config.dataset, config.split, config.dataset_config, config.limit)
-
-
-def _describe_source(config: SelfOutputBuildConfig) -> dict[str, Any]:
-    from .hub import BuildConfig, describe_source
-
-    described = describe_source(BuildConfig(dataset=config.dataset, license=config.license))
-    return {**described, "hub_config": config.dataset_config or described.get("hub_config"), "split": config.split}
-
-
-def build_self_output(config: SelfOutputBuildConfig) -> Path:
-    """Generate self-output (or rephrase) data with each model and write a `<task>-self-output` Hub-layout folder.
-
-    Layout (like the `-pplmasked` folders of [`~trl_pplmask.hub.build_pplmasked`], so `load_dataset(folder, config)`,
-    `trl sft` and `trl-pplmask push` use it unchanged):
-
-    ```
-    gsm8k-self-output/
-      README.md                              card: YAML configs, settings, statistics, figure, usage, citation
-      assets/<config>-ppl-hist.png           token perplexity: chosen responses vs ground truth
-      <config>/<split>-0000i-of-0000n.parquet
-      <config>/build_info.json               what the card is rendered from
-    ```
-
-    Generation resumes from the checkpoints in `checkpoint_dir`. Results are staged and moved into the folder only
-    when every model is done, so a failure leaves an existing folder as it was.
-
-    Args:
-        config (`SelfOutputBuildConfig`): What to build.
-
-    Returns:
-        `Path`: the output folder.
-    """
-    from .hub import (
-        ASSETS_DIR,
-        card_template_path,
-        check_existing_folder,
-        commit_staging,
-        release_accelerator_memory,
-    )
-    from .models import load_model
-
-    output = config.resolved_output_dir()
-    source = _describe_source(config)
-    check_existing_folder(output, source, DATASET_KIND, "self-output")
-    dataset = _load_source(config)
-    _prepare_rows(dataset)  # malformed rows fail before any model is loaded
-    verifier = config.resolved_verifier()
-    get_verifier(verifier)
-    if config.generation.backend == "vllm":
-        check_vllm_available()  # before any model is loaded
-    template_path = card_template_path(config.template_path, CARD_TEMPLATE)
-    names = config.resolved_config_names()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(output)
-    try:
-        (staging / ASSETS_DIR).mkdir()
-        for index, (name, config_name) in enumerate(zip(config.models, names)):
-            logger.info("[%d/%d] generating with %s -> config %s", index + 1, len(names), name, config_name)
-            model, tokenizer = load_model(name, dtype=config.dtype)
-            _build_config(model, tokenizer, name, config_name, dataset, verifier, config, source, staging)
-            del model
-            release_accelerator_memory()
-        commit_staging(staging, output, names)
-        render_self_output_card(output, template_path=template_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output
-
-
-def _build_config(
-    model,
-    tokenizer,
-    name: str,
-    config_name: str,
-    dataset: Dataset,
-    verifier: str | Verifier,
-    config: SelfOutputBuildConfig,
-    source: dict[str, Any],
-    staging: Path,
-) -> dict[str, Any]:
-    """Generate with one model and stage `<config>/` (parquet, build info) and its figure."""
-    from .hub import (
-        ASSETS_DIR,
-        BUILD_INFO_FILE,
-        atomic_write_text,
-        build_versions,
-        describe_model,
-        write_parquet_shards,
-    )
-
-    checkpoint = config.resolved_checkpoint_dir() / f"{config_name}-{config.split}.jsonl"
-    generation = SelfOutputConfig(**{**asdict(config.generation), "checkpoint_path": str(checkpoint)})
-    if generation.backend == "vllm" and generation.vllm_model is None:
-        from .models import resolve_model_path
-
-        generation.vllm_model = resolve_model_path(name)
-    logger.info("checkpoint: %s (rerun the same command to resume)", checkpoint)
-    rows, records = generate_records(dataset, model, tokenizer, verifier, generation)
-    built, skipped = assemble_dataset(rows, records, generation, dataset.features)
-    if len(built) == 0:
-        raise ValueError(
-            f"Every one of the {len(rows)} rows had no correct response, so fallback='skip' left nothing. The "
-            f"responses are kept in {checkpoint}: rerun with fallback ground_truth (--fallback ground_truth) to "
-            "build from them without generating again."
-        )
-    directory = staging / config_name
-    directory.mkdir()
-    files = write_parquet_shards(built, directory, config.split, config.max_shard_size_bytes)
-    download_size = sum((directory / f).stat().st_size for f in files)
-    stats = self_output_statistics(built, config.ppl_threshold, skipped)
-    histogram = f"{ASSETS_DIR}/{config_name}-ppl-hist.png"
-    plot_ppl_comparison(
-        built, config.ppl_threshold, staging / histogram, f"{source['dataset']}: {name} ({generation.mode})"
-    )
-    settings = asdict(generation)
-    for key in ("checkpoint_path", "show_progress", "verify_workers", "score_max_tokens_per_batch"):
-        settings.pop(key)
-    if settings["backend"] != "vllm":
-        for key in ("tensor_parallel_size", "vllm_model", "vllm_gpu_memory_utilization"):
-            settings.pop(key)
-    info = {
-        "kind": DATASET_KIND,
-        "config_name": config_name,
-        **describe_model(name, model, tokenizer),
-        "source": source,
-        "verifier": _verifier_name(verifier),
-        "generation": settings,
-        "settings": {
-            "repo_id": config.repo_id,
-            "pretty_name": config.pretty_name,
-            "language": config.language,
-            "limit": config.limit,
-            "dtype": config.dtype,
-            "ppl_threshold": config.ppl_threshold,
-        },
-        "splits": {config.split: {"files": [f"{config_name}/{f}" for f in files], "stats": stats}},
-        "dataset_info": dataset_info_yaml(built, config_name, config.split, download_size),
-        "histogram": histogram,
-        "versions": build_versions(),
-        "command": config.command,
-        "built_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    atomic_write_text(directory / BUILD_INFO_FILE, json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def dataset_info_yaml(dataset: Dataset, config_name: str, split: str, download_size: int) -> dict[str, Any]:
-    """The card's `dataset_info` entry of a config (features, split sizes), as `Dataset.push_to_hub` writes it.
-
-    Besides documenting the schema, it keeps `load_dataset` honest: `datasets` caches a local folder under its name
-    and a hash of the card's YAML, not of the files, so without sizes in the YAML a rebuilt folder of the same name
-    would load the previous build's cached rows.
-    """
-    from datasets import DatasetInfo, SplitDict, SplitInfo
-    from datasets.info import DatasetInfosDict
-    from huggingface_hub import DatasetCardData
-
-    splits = SplitDict()
-    splits.add(SplitInfo(name=split, num_bytes=dataset.data.nbytes, num_examples=len(dataset)))
-    info = DatasetInfo(
-        features=dataset.features,
-        config_name=config_name,
-        splits=splits,
-        download_size=download_size,
-        dataset_size=dataset.data.nbytes,
-    )
-    card_data = DatasetCardData()
-    DatasetInfosDict({config_name: info}).to_dataset_card_data(card_data)
-    return card_data["dataset_info"]
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
-
-
-def _num(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
-def card_rows(infos: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The card's tables, formatted: generation outcome and perplexity comparison per config and split."""
-    outcome, perplexity = [], []
-    for name, info in sorted(infos.items()):
-        for split, split_info in info["splits"].items():
-            s = split_info["stats"]
-            outcome.append(
-                {
-                    "config": name,
-                    "split": split,
-                    "rows": f"{s['rows']:,}",
-                    "rows_generated": f"{s['rows_generated']:,}",
-                    "samples": f"{s['samples']:,}",
-                    "correct": f"{s['correct_samples']:,}",
-                    "accuracy": _pct(s["sample_accuracy"]),
-                    "truncated": f"{s['truncated_samples']:,}",
-                    "self": f"{s['rows_self']:,}",
-                    "ground_truth": f"{s['rows_ground_truth']:,}",
-                    "skipped": f"{s['rows_skipped']:,}",
-                }
-            )
-            for key, label in (
-                ("chosen", "chosen responses (all rows)"),
-                ("self_only", "self-generated responses"),
-                ("ground_truth_same_rows", "ground truth, same rows"),
-                ("ground_truth", "ground truth (all rows)"),
-                ("all_samples", "every sampled response, correct or not"),
-            ):
-                t = s[key]
-                perplexity.append(
-                    {
-                        "config": name,
-                        "split": split,
-                        "what": label,
-                        "sequences": f"{t['sequences']:,}",
-                        "tokens": f"{t['tokens']:,}" if "tokens" in t else "n/a",
-                        "high_share": _pct(t.get("high_ppl_share")),
-                        "median_token_ppl": _num(t.get("median_token_ppl")),
-                        "median_seq_ppl": _num(t["median_seq_ppl"]),
-                    }
-                )
-    return {"outcome": outcome, "perplexity": perplexity}
-
-
-def render_self_output_card(folder: str | Path, template_path: str | Path | None = None):
-    """Render `README.md` of a self-output folder from the build info of all its configs, and save it."""
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    from .hub import (
-        PAPER_ARXIV_ID,
-        atomic_write_text,
-        card_configs,
-        card_template_path,
-        default_config_name,
-        read_build_infos,
-        size_category,
-        source_short_name,
-    )
-
-    folder = Path(folder)
-    infos = read_build_infos(folder)
-    if not infos:
-        raise ValueError(f"{folder} holds no built config; run `trl-pplmask self-output` first.")
-    latest = max(infos.values(), key=lambda info: info["built_at"])
-    source, settings = latest["source"], latest["settings"]
-    name = source_short_name(source["dataset"])
-    repo_id = settings.get("repo_id") or f"your-org/{folder.resolve().name}"
-    modes = sorted({info["generation"]["mode"] for info in infos.values()})
-    pretty_name = settings.get("pretty_name") or f"{name} ({' / '.join(modes)} data)"
-    largest = max(sum(s["stats"]["rows"] for s in info["splits"].values()) for info in infos.values())
-    card_data = DatasetCardData(
-        license=source["license"],
-        language=settings.get("language") or ["en"],
-        task_categories=["text-generation"],
-        tags=list(dict.fromkeys(["trl", "sft", *modes, "self-distillation", "catastrophic-forgetting", name])),
-        size_categories=[size_category(largest)],
-        source_datasets=[source["hub_id"]] if source.get("hub_id") else ["original"],
-        pretty_name=pretty_name,
-        configs=card_configs(infos, default_config_name(folder, infos)),
-        dataset_info=[infos[c]["dataset_info"] for c in sorted(infos) if "dataset_info" in infos[c]],
-    )
-    first = sorted(infos)[0]
-    card = DatasetCard.from_template(
-        card_data,
-        template_path=str(card_template_path(template_path, CARD_TEMPLATE)),
-        repo_id=repo_id,
-        title=pretty_name,
-        source=source,
-        source_name=name,
-        builds=[infos[c] for c in sorted(infos)],
-        tables=card_rows(infos),
-        example=infos[first],
-        example_split=next(iter(infos[first]["splits"])),
-        threshold=latest["settings"]["ppl_threshold"],
-        arxiv_id=PAPER_ARXIV_ID,
-    )
-    atomic_write_text(folder / "README.md", str(card))
-    return card
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Command line: `trl-pplmask self-output` and hub_scripts/build_self_output.py
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def build_config_from_args(args: argparse.Namespace, prog: str = "trl-pplmask self-output") -> SelfOutputBuildConfig:
     """The [`SelfOutputBuildConfig`] of parsed `add_self_output_args` arguments."""
-    from .hub import command_line
+    from .hub.cli import folder_settings_from_args
+    from .hub.self_output import SelfOutputBuildConfig
 
     generation = SelfOutputConfig(
         mode=args.mode,
@@ -1642,31 +1088,20 @@ def build_config_from_args(args: argparse.Namespace, prog: str = "trl-pplmask se
         tensor_parallel_size=args.tensor_parallel_size,
     )
     return SelfOutputBuildConfig(
-        dataset=args.dataset,
-        output_dir=args.output_dir,
-        models=list(args.models),
-        config_names=args.config_names,
+        **folder_settings_from_args(args, prog),
         split=args.split,
-        dataset_config=args.dataset_config,
-        limit=args.limit,
         verifier=args.verifier,
         generation=generation,
-        dtype=args.dtype,
         ppl_threshold=args.ppl_threshold,
         checkpoint_dir=args.checkpoint_dir,
-        max_shard_size=args.max_shard_size,
-        repo_id=args.repo_id,
-        pretty_name=args.pretty_name,
-        license=args.license,
-        language=list(args.language),
-        template_path=args.card_template,
-        command=command_line(args, prog),
     )
 
 
 def cmd_self_output(args: argparse.Namespace, prog: str = "trl-pplmask self-output") -> int:
     """Run a build from parsed arguments and print a summary per config."""
-    from .hub import read_build_infos
+    from .hub.card import fmt_percent
+    from .hub.folder import read_build_infos
+    from .hub.self_output import build_self_output
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output = build_self_output(build_config_from_args(args, prog))
@@ -1675,9 +1110,9 @@ def cmd_self_output(args: argparse.Namespace, prog: str = "trl-pplmask self-outp
             s = split_info["stats"]
             print(
                 f"{name}/{split}: {s['rows']} rows ({s['rows_self']} self, {s['rows_ground_truth']} ground truth, "
-                f"{s['rows_skipped']} skipped); sample accuracy {_pct(s['sample_accuracy'])}; tokens with ppl > "
-                f"{s['threshold']:g}: chosen {_pct(s['chosen']['high_ppl_share'])}, ground truth "
-                f"{_pct(s['ground_truth']['high_ppl_share'])}"
+                f"{s['rows_skipped']} skipped); sample accuracy {fmt_percent(s['sample_accuracy'])}; tokens with "
+                f"ppl > {s['threshold']:g}: chosen {fmt_percent(s['chosen']['high_ppl_share'])}, ground truth "
+                f"{fmt_percent(s['ground_truth']['high_ppl_share'])}"
             )
     print(f"Built {output} (load it with datasets.load_dataset({str(output)!r}, <config>))")
     return 0
@@ -1700,6 +1135,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask self-output
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+# Moved to `trl_pplmask.hub.self_output` (the `<task>-self-output` folder), which imports this module: looked up on
+# first use
+_MOVED = {
+    "SelfOutputBuildConfig": "self_output",
+    "build_self_output": "self_output",
+    "render_self_output_card": "self_output",
+    "self_output_statistics": "self_output_stats",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__package__}.hub.{_MOVED[name]}"), name)
 
 
 __all__ = [

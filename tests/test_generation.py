@@ -36,10 +36,13 @@ from trl_pplmask.generation import (
     SelfOutputConfig,
     TransformersBackend,
     assemble_dataset,
+    backends,
     build_self_output,
     generate_records,
     generate_self_outputs,
+    loop,
     plan_batches,
+    prompts,
     select_candidate,
     self_output_statistics,
 )
@@ -329,7 +332,7 @@ def test_generation_is_seeded_per_row_not_per_batch(gsm8k, tok):
     assert texts(batch_size=4, seed=1) != together
     # every sequence is exactly the prompt the chat template builds (left padding: the prompt ends where output starts)
     config = SelfOutputConfig(num_samples=1, max_new_tokens=3)
-    requests = gen._requests(list(gsm8k), config, tok)
+    requests = prompts.make_requests(list(gsm8k), config, tok)
     assert requests[0].prompt_ids == template_ids(tok, gsm8k[0]["prompt"])
 
 
@@ -404,7 +407,7 @@ def test_checkpoint_refuses_other_settings_other_data_and_a_second_writer(gsm8k,
     changed = gsm8k.map(lambda row: {"question": row["question"] + " (edited)"})
     with pytest.raises(ValueError, match="different data"):
         generate_records(changed, tiny, tok, "gsm8k", config, backend=backend)
-    with GenerationCheckpoint(path, gen._checkpoint_header(config, "gsm8k", tiny, tiny)):
+    with GenerationCheckpoint(path, loop.checkpoint_header(config, "gsm8k", tiny, tiny)):
         with pytest.raises(ValueError, match="in use"):
             generate_records(gsm8k, tiny, tok, "gsm8k", config, backend=backend)
     # a checkpoint that holds no finished row yet does not pin the settings
@@ -465,11 +468,11 @@ def test_sigkilled_process_loses_no_finished_row(tiny, tok, tmp_path, data_dir):
 
 
 def test_vllm_backend_needs_vllm_and_a_gpu(gsm8k, tiny, tok, monkeypatch):
-    monkeypatch.setattr(gen, "_vllm_installed", lambda: False)
+    monkeypatch.setattr(backends, "_vllm_installed", lambda: False)
     with pytest.raises(ModuleNotFoundError, match=r"trl-pplmask\[vllm\]"):
         generate_self_outputs(gsm8k, tiny, tok, "gsm8k", backend="vllm", show_progress=False)
-    monkeypatch.setattr(gen, "_vllm_installed", lambda: True)
-    monkeypatch.setattr(gen.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backends, "_vllm_installed", lambda: True)
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="CUDA GPU"):
         generate_self_outputs(gsm8k, tiny, tok, "gsm8k", backend="vllm", show_progress=False)
 
@@ -501,13 +504,14 @@ def test_vllm_backend_output_format(gsm8k, tiny, tok, monkeypatch):
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(gen, "check_vllm_available", lambda: None)  # no GPU here; the scoring model stays on CPU
+    for module in (loop, backends):  # no GPU here; the scoring model stays on CPU
+        monkeypatch.setattr(module, "check_vllm_available", lambda: None)
     out = generate_self_outputs(
         gsm8k, tiny, tok, "gsm8k", backend="vllm", num_samples=3, tensor_parallel_size=2, vllm_model="some/model",
         show_progress=False,
     )  # fmt: skip
     assert seen["llm"]["model"] == "some/model" and seen["llm"]["tensor_parallel_size"] == 2
-    requests = gen._requests(list(gsm8k), SelfOutputConfig(num_samples=3), tok)
+    requests = prompts.make_requests(list(gsm8k), SelfOutputConfig(num_samples=3), tok)
     assert [p["prompt_token_ids"] for p in seen["prompts"]] == sorted(
         [r.prompt_ids for r in requests], key=len
     )  # sorted by prompt length
@@ -674,11 +678,11 @@ def test_output_folder_must_be_a_self_output_folder(tmp_path):
 
 
 def test_cli_registers_self_output():
-    from trl_pplmask import self_output_cli
     from trl_pplmask.cli import build_parser
+    from trl_pplmask.generation import cli as self_output_cli
 
     args = build_parser().parse_args(["self-output", "--dataset", "mbpp", "--mode", "rephrase", "--backend", "vllm"])
-    # Registered without importing torch; the command runs `generation.cmd_self_output`
+    # Registered without importing torch; the command runs `generation.cli.cmd_self_output`
     assert args.func is self_output_cli.cmd_self_output and args.mode == "rephrase" and args.num_samples == 4
     config = gen.build_config_from_args(args)
     assert config.generation.backend == "vllm" and config.resolved_output_dir() == Path("mbpp-self-output")

@@ -466,7 +466,7 @@ COMMANDS = {
     ),
     "push": ("trl_pplmask.hub.cli", "Upload a built folder to a Hub dataset repo (or --dry-run)."),
     "self-output": (
-        "trl_pplmask.self_output_cli",
+        "trl_pplmask.generation.cli",
         "Generate verified self-output/rephrase SFT data and build a Hub-layout <task>-self-output folder.",
     ),
     "eval": (

@@ -59,8 +59,9 @@ class FolderBuilder:
     the hooks below for what differs; the classmethod [`render_card`] renders a folder's card.
 
     Subclasses set the class attributes and implement [`describe_source`] and [`build_config`]; the other hooks have
-    defaults. The `build_info.json` of a config is `kind`, `config_name`, the model ([`describe_model`]), `source`,
-    what [`build_config`] returns, then `histogram`, `versions`, `command` and `built_at`.
+    defaults. The `build_info.json` of a config is `kind`, `config_name`, the model
+    ([`~trl_pplmask.hub.folder.describe_model`]), `source`, what [`build_config`] returns, then `histogram`,
+    `versions`, `command` and `built_at`.
 
     Args:
         config: The builder's settings (a [`FolderSettings`] dataclass).
@@ -186,7 +187,8 @@ class FolderBuilder:
         """Render `README.md` of a built folder from the build info of all its configs, and save it.
 
         Folder-wide fields (repo id, title, license, source) come from the most recent build. One config is marked as
-        the default (see [`default_config_name`]), so that `load_dataset(repo)` works without a config name.
+        the default (see [`~trl_pplmask.hub.card.default_config_name`]), so that `load_dataset(repo)` works without a
+        config name.
         """
         folder = Path(folder)
         infos = read_build_infos(folder)

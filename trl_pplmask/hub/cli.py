@@ -57,7 +57,8 @@ def add_build_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_config_from_args(args: argparse.Namespace, prog: str = "trl-pplmask build") -> BuildConfig:
-    """The [`BuildConfig`] of parsed `add_build_args` arguments, recording the equivalent command line."""
+    """The [`~trl_pplmask.hub.BuildConfig`] of parsed `add_build_args` arguments, recording the equivalent command
+    line."""
     return BuildConfig(
         **folder_settings_from_args(args, prog),
         splits=list(args.splits),

@@ -13,7 +13,7 @@ from .source import FORMATS
 
 @dataclass
 class BuildConfig(FolderSettings):
-    """Settings of [`build_pplmasked`]: which data, which scoring models, how to mask, where to write.
+    """Settings of [`~trl_pplmask.hub.build_pplmasked`]: which data, which scoring models, how to mask, where to write.
 
     Args:
         dataset (`str`):
@@ -59,7 +59,7 @@ class BuildConfig(FolderSettings):
             Where scores are cached (defaults to the trl-pplmask cache).
         repo_id (`str`, *optional*):
             Hub repo the folder is meant for; used in the card's usage snippets and as the default of
-            [`push_folder`]. Defaults to `your-org/<folder name>` in the snippets.
+            [`~trl_pplmask.hub.push_folder`]. Defaults to `your-org/<folder name>` in the snippets.
         pretty_name (`str`, *optional*):
             Card title. Defaults to `<dataset name> (perplexity-masked)`.
         license (`str`, *optional*):

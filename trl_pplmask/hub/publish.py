@@ -72,7 +72,7 @@ def push_folder(
     """Upload a built folder to a Hub dataset repo (`create_repo(exist_ok=True)` + `upload_folder`).
 
     Args:
-        folder (`str` or `Path`): A folder written by [`build_pplmasked`].
+        folder (`str` or `Path`): A folder written by [`~trl_pplmask.hub.build_pplmasked`].
         repo_id (`str`, *optional*): `org/name` of the dataset repo; defaults to the one the folder was built for.
         private (`bool`, *optional*): Visibility of a newly created repo (an existing repo keeps its own).
         revision (`str`, *optional*): Branch to push to; created from the default branch when missing.

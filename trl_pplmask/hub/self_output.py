@@ -21,14 +21,11 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..data import TASKS, check_dataset_spec, load_any_dataset, load_task
-from ..generation import (
-    SelfOutputConfig,
-    _prepare_rows,
-    _verifier_name,
-    assemble_dataset,
-    check_vllm_available,
-    generate_records,
-)
+from ..generation.backends import check_vllm_available
+from ..generation.config import SelfOutputConfig
+from ..generation.loop import generate_records, verifier_name
+from ..generation.prompts import prepare_rows
+from ..generation.selection import assemble_dataset
 from ..models import resolve_model_path
 from ..verifiers import VERIFIERS, Verifier, get_verifier
 from .builder import FolderBuilder, FolderSettings
@@ -193,7 +190,7 @@ class SelfOutputBuilder(FolderBuilder):
     def prepare(self) -> None:
         """Load the source rows and check them, the verifier and the backend."""
         self.dataset = _load_source(self.config)
-        _prepare_rows(self.dataset)  # malformed rows fail before any model is loaded
+        prepare_rows(self.dataset)  # malformed rows fail before any model is loaded
         self.verifier = self.config.resolved_verifier()
         get_verifier(self.verifier)
         if self.config.generation.backend == "vllm":
@@ -228,7 +225,7 @@ class SelfOutputBuilder(FolderBuilder):
             for key in _VLLM_SETTINGS:
                 settings.pop(key)
         return {
-            "verifier": _verifier_name(self.verifier),
+            "verifier": verifier_name(self.verifier),
             "generation": settings,
             "settings": {
                 "repo_id": config.repo_id,

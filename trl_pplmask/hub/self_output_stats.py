@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..generation import SOURCE_GROUND_TRUTH, SOURCE_SELF
+from ..generation.config import SOURCE_GROUND_TRUTH, SOURCE_SELF
 
 
 if TYPE_CHECKING:

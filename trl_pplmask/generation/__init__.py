@@ -1,0 +1,100 @@
+"""Self-output and rephrase training data: sample answers from the model, keep a verified one, resumably.
+
+The paper's alternative to training on human ground truth (Wu et al., arXiv 2501.14315): fine-tuning on the model's
+**own** correct answers (*self-output*) or on its rewording of the reference answers (*rephrase*) forgets far less.
+For every task row, [`generate_self_outputs`] samples `num_samples` responses, checks each with a verifier
+([`~trl_pplmask.verifiers.get_verifier`]), scores each (and the ground truth) with the model, and keeps the correct
+response with the lowest sequence perplexity; with none correct it keeps the ground truth (marked) or skips the row.
+
+Repeatable and resumable:
+
+- Each response is sampled from its own random generator, seeded from `(seed, row_id, sample index)`, so it does not
+  depend on which rows share its batch, up to the last-bit effects of padding on the logits, which flip a draw that
+  lands on a near-tie (an H100, a tiny peaked model, batch size 1 against 8: no sample of 32 changed in float32, 16
+  did in bfloat16).
+- Every finished row is appended to a JSONL checkpoint (flushed and fsynced), keyed by `row_id`; a rerun skips the
+  finished rows. Batches are planned over all rows, so a resumed run batches exactly like an uninterrupted one, and
+  the final dataset is always assembled from the checkpoint records: an interrupted-and-resumed run and an
+  uninterrupted one give the same dataset, bit for bit.
+
+[`~trl_pplmask.hub.self_output.build_self_output`] (`trl-pplmask self-output`) writes an `org/<task>-self-output`
+Hub-layout folder: one config per generating model, parquet shards, a dataset card with the generation settings,
+sample accuracy, fallbacks and the perplexity comparison of the chosen responses with the ground truth (the paper's
+central observation), and a figure.
+
+Modules: `config` ([`SelfOutputConfig`]), `prompts` (rows, prompts, seeds), `backends` (transformers, vLLM),
+`scoring` (response perplexities), `checkpoint`, `loop` (batch planning, [`generate_records`],
+[`generate_self_outputs`]), `selection` (the rule and the output dataset) and `cli`. The names below are imported on
+first use (PEP 562), so that `trl-pplmask self-output --help` and `trl_pplmask.SelfOutputConfig` do not import torch.
+"""
+
+from ..utils import lazy_exports
+
+
+# Public names and their modules, imported on first use (PEP 562)
+_EXPORTS = {
+    "BACKENDS": "config",
+    "FALLBACKS": "config",
+    "MODES": "config",
+    "SELECTIONS": "config",
+    "SOURCE_GROUND_TRUTH": "config",
+    "SOURCE_SELF": "config",
+    "SelfOutputConfig": "config",
+    "REPHRASE_TEMPLATE": "prompts",
+    "GenerationRequest": "prompts",
+    "derive_seed": "prompts",
+    "rephrase_messages": "prompts",
+    "row_messages": "prompts",
+    "GenerationBackend": "backends",
+    "Sample": "backends",
+    "SeededSampler": "backends",
+    "TransformersBackend": "backends",
+    "VLLMBackend": "backends",
+    "check_vllm_available": "backends",
+    "make_backend": "backends",
+    "completion_token_nll": "scoring",
+    "sequence_ppl": "scoring",
+    "GenerationCheckpoint": "checkpoint",
+    "generate_records": "loop",
+    "generate_self_outputs": "loop",
+    "plan_batches": "loop",
+    "assemble_dataset": "selection",
+    "output_features": "selection",
+    "select_candidate": "selection",
+    "build_config_from_args": "cli",
+    "cmd_self_output": "cli",
+    "main": "cli",
+    "register_cli": "cli",
+    # The `<task>-self-output` folder, built on this package by `trl_pplmask.hub` (`.hub...`: a sibling package)
+    "SelfOutputBuildConfig": ".hub.self_output",
+    "build_self_output": ".hub.self_output",
+    "render_self_output_card": ".hub.self_output",
+    "plot_ppl_comparison": ".hub.self_output_stats",
+    "self_output_statistics": ".hub.self_output_stats",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+__all__ = [
+    "GenerationBackend",
+    "GenerationCheckpoint",
+    "GenerationRequest",
+    "REPHRASE_TEMPLATE",
+    "Sample",
+    "SeededSampler",
+    "SelfOutputBuildConfig",
+    "SelfOutputConfig",
+    "TransformersBackend",
+    "VLLMBackend",
+    "assemble_dataset",
+    "build_self_output",
+    "check_vllm_available",
+    "completion_token_nll",
+    "generate_records",
+    "generate_self_outputs",
+    "plan_batches",
+    "register_cli",
+    "select_candidate",
+    "self_output_statistics",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -101,9 +102,9 @@ class FolderBuilder:
         """Whether this process writes the folder (the others of a distributed run only compute)."""
         return True
 
-    def render(self, template_path: Path) -> None:
-        """Render the card of the output folder."""
-        self.render_card(self.output, template_path)
+    def render(self, folder: Path, template_path: Path) -> None:
+        """Render the card of `folder` (the output folder, or its staged copy of the same name)."""
+        self.render_card(folder, template_path)
 
     # Card hooks -----------------------------------------------------------------------------------------------------
 
@@ -154,11 +155,30 @@ class FolderBuilder:
                 del model
                 release_accelerator_memory()
             if self.is_main_process():
-                commit_staging(staging, self.output, names)
-                self.render(template_path)
+                self._commit(staging, names, template_path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.output
+
+    def _commit(self, staging: Path, names: list[str], template_path: Path) -> None:
+        """Move the staged configs into the output folder and render its card.
+
+        A new folder is assembled whole in the staging folder (under its final name, which the card quotes) and
+        renamed into place in one step, so that a run killed at any point leaves either nothing or a complete folder.
+        Configs added to an existing folder replace their namesakes one by one and the card is rendered last: a kill
+        in between leaves the previous card, and the rerun completes the folder.
+        """
+        if self.output.exists() and any(self.output.iterdir()):
+            commit_staging(staging, self.output, names)
+            self.render(self.output, template_path)
+            return
+        whole = staging / "folder" / self.output.name  # in a folder of its own: the name may be a config's
+        whole.parent.mkdir()
+        commit_staging(staging, whole, names)
+        self.render(whole, template_path)
+        if self.output.exists():
+            self.output.rmdir()  # empty
+        os.replace(whole, self.output)
 
     def _stage_config(self, model, tokenizer, name: str, config_name: str, staging: Path) -> dict[str, Any]:
         """Stage `<config>/` (data and `build_info.json`) and `assets/<config>-ppl-hist.png`."""

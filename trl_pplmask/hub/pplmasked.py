@@ -117,8 +117,8 @@ class PplMaskedBuilder(FolderBuilder):
             logger.info("config %s: %s", config_name, json.dumps(split_infos))
         return {"settings": settings, "splits": split_infos}
 
-    def render(self, template_path: Path) -> None:
-        self.render_card(self.output, template_path, self.config.default_config)
+    def render(self, folder: Path, template_path: Path) -> None:
+        self.render_card(folder, template_path, self.config.default_config)
 
     @classmethod
     def default_title(cls, name: str, infos: dict[str, dict[str, Any]]) -> str:

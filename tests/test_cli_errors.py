@@ -274,6 +274,10 @@ BAD_INPUTS = {
     ),
     "self-output-unknown-task": (["self-output", "--dataset", "gsm9k"], ["did you mean 'gsm8k'"]),
     "self-output-nan-threshold": (["self-output", "--dataset", "gsm8k", "--ppl-threshold", "nan"], ["finite"]),
+    "self-output-rows-lack-the-verifier-field": (
+        ["self-output", "--dataset", "{w}/rows.jsonl", "--verifier", "gsm8k"],
+        ["Row 0", "gsm8k verifier needs the row field 'answer'"],
+    ),
     # push
     "push-empty-build-info": (["push", "{w}/empty-info", "--dry-run", "--repo-id", "o/n"], ["has no 'kind'"]),
     "push-build-info-not-json": (["push", "{w}/bad-json", "--dry-run", "--repo-id", "o/n"], ["not valid JSON"]),

@@ -149,6 +149,26 @@ def get_verifier(task_or_callable: str | Verifier, sandbox_config: SandboxConfig
     return _safe(verifier, task_or_callable)
 
 
+def check_rows(task_or_callable: str | Verifier, rows: Sequence[dict[str, Any]]) -> None:
+    """Refuse, before any generation, rows that lack the reference fields a built-in task's checker reads.
+
+    Each row is checked as its answers will be, with an empty response (for code tasks only the test program is
+    built: nothing runs). A user callable is not probed (what it reads is its own business).
+
+    Raises:
+        RowFormatError: naming the first row that cannot be checked and why.
+    """
+    if callable(task_or_callable):
+        return
+    task = get_task(task_or_callable)
+    probe = task.test_program if task.is_code else task.check
+    for index, row in enumerate(rows):
+        try:
+            probe(row, "")
+        except RowFormatError as err:
+            raise RowFormatError(f"Row {index}: {err}") from None
+
+
 def verify_batch(
     task_or_callable: str | Verifier,
     rows: Sequence[dict[str, Any]],
@@ -186,6 +206,7 @@ __all__ = [
     "RowFormatError",
     "VERIFIERS",
     "Verifier",
+    "check_rows",
     "extract_choice",
     "extract_code",
     "extract_gsm8k_answer",

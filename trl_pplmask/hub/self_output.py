@@ -27,7 +27,7 @@ from ..generation.loop import generate_records, verifier_name
 from ..generation.prompts import prepare_rows
 from ..generation.selection import assemble_dataset
 from ..models import resolve_model_path
-from ..verifiers import VERIFIERS, Verifier, get_verifier
+from ..verifiers import VERIFIERS, Verifier, check_rows, get_verifier
 from .builder import FolderBuilder, FolderSettings
 from .card import fmt_number, fmt_percent
 from .folder import check_config_name, write_parquet_shards
@@ -193,6 +193,7 @@ class SelfOutputBuilder(FolderBuilder):
         prepare_rows(self.dataset)  # malformed rows fail before any model is loaded
         self.verifier = self.config.resolved_verifier()
         get_verifier(self.verifier)
+        check_rows(self.verifier, self.dataset.to_list())  # rows lacking the checker's fields: before any model
         if self.config.generation.backend == "vllm":
             check_vllm_available()  # before any model is loaded
 

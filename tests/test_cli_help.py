@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 
@@ -29,10 +30,9 @@ sys.exit(code)
 """
 
 
-def _help(*argv: str) -> tuple[str, list[str]]:
-    run = subprocess.run(
-        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv, "--help"], capture_output=True, text=True, timeout=120
-    )
+def _help(*argv: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    command = [sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv, "--help"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     out, _, heavy = run.stdout.rpartition("HEAVY ")
     return out, [name for name in heavy.strip().split(",") if name]
@@ -112,3 +112,15 @@ def test_sft_help_is_trls_parser(capsys):
     assert exit.value.code == 0
     out = capsys.readouterr().out
     assert "--pplmask_strategy" in out and "--learning_rate" in out
+
+
+def test_sft_help_is_made_once_then_answered_without_torch(tmp_path):
+    """TRL's parser needs torch, transformers and peft to print `sft --help`; the text is kept, so the next call
+    answers from it without them, and says the same."""
+    env = {**os.environ, "TRL_PPLMASK_CACHE": str(tmp_path), "COLUMNS": "100"}
+    first, heavy = _help("sft", env=env)
+    assert "torch" in heavy and "--pplmask_strategy" in first and "--learning_rate" in first
+    second, heavy = _help("sft", env=env)
+    assert heavy == [] and second == first
+    wider, _ = _help("sft", env={**env, "COLUMNS": "160"})  # argparse wraps to the terminal: another text, made anew
+    assert wider != first and max(map(len, wider.splitlines())) > 100

@@ -553,6 +553,8 @@ def _terminate_cleanly():
 
 
 def _run_sft(argv: list[str]) -> int:
+    if argv and set(argv) <= {"-h", "--help"}:
+        return _sft_help()
     from .sft import cli as sft_cli
 
     try:
@@ -562,6 +564,49 @@ def _run_sft(argv: list[str]) -> int:
             raise
         print(f"trl-pplmask sft: error: {err}", file=sys.stderr)
         return 2
+
+
+def _sft_help() -> int:
+    """Print `sft --help`, TRL's parser's own text, from a cache when a previous call made it.
+
+    Building TRL's parser imports torch, transformers and peft (4-6 s on a laptop CPU) for a text that depends only on
+    their versions, on `sft.py` and on the terminal's width; so the text is made once per such combination and kept
+    in `$TRL_PPLMASK_CACHE/help/` (a folder that cannot be written only costs the speed-up).
+    """
+    import hashlib
+    import io
+    import shutil
+
+    from .models import cache_dir
+    from .utils import atomic_write_text, package_version
+
+    packages = ("trl-pplmask", "trl", "transformers", "peft", "accelerate")
+    key = hashlib.sha256(Path(__file__).with_name("sft.py").read_bytes())
+    for part in (
+        sys.version,
+        Path(sys.argv[0]).name,
+        shutil.get_terminal_size().columns,
+        *map(package_version, packages),
+    ):
+        key.update(f"\0{part}".encode())
+    path = cache_dir() / "help" / f"sft-{key.hexdigest()[:20]}.txt"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        from .sft import cli as sft_cli
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            try:
+                sft_cli(["--help"])
+            except SystemExit as exit:
+                if exit.code not in (0, None):
+                    raise
+        text = buffer.getvalue()
+        with contextlib.suppress(OSError):
+            atomic_write_text(path, text)
+    sys.stdout.write(text)
+    raise SystemExit(0)  # as argparse's --help does
 
 
 if __name__ == "__main__":

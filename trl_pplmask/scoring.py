@@ -31,6 +31,7 @@ from trl.kernels.chunked_logprob import _use_triton
 
 from .masking import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN
 from .models import cache_dir
+from .utils import make_batches
 
 
 # 2: entries also hold the entropies (`entropy_lengths`/`entropy_values`)
@@ -94,25 +95,6 @@ def distributed_state() -> PartialState:
     """
     cpu_group = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return PartialState(cpu=cpu_group)
-
-
-def make_batches(lengths: list[int], max_tokens_per_batch: int) -> list[list[int]]:
-    """Group example indices into batches whose padded size (`len(batch) * longest`) fits the token budget.
-
-    Examples are taken longest first, so each batch's first example sets its padded length.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > max_tokens_per_batch:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:

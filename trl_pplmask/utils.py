@@ -12,7 +12,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import import_module
 from pathlib import Path
 
@@ -124,3 +124,55 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
         return sorted({*vars(sys.modules[package]), *exports})
 
     return __getattr__, __dir__
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batch planning: group examples greedily in a given order while a batch still fits its budget
+# --------------------------------------------------------------------------------------------------------------------
+def greedy_batches(order: Iterable[int], fits: Callable[[list[int], int], bool]) -> list[list[int]]:
+    """Cut `order` into consecutive batches: an index joins the current batch while `fits(batch, index)` holds.
+
+    The first index of a batch always joins it, so an example larger than any budget runs alone rather than never.
+
+    Args:
+        order (`Iterable[int]`):
+            Example indices in the order they are taken (sorting by length keeps the padding small).
+        fits (`Callable[[list[int], int], bool]`):
+            Whether `index` may join the non-empty `batch`.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and not fits(current, i):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def make_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
+    """Group example indices into batches whose padded size (`len(batch) * longest`) fits the token budget.
+
+    Examples are taken longest first, so each batch's first example sets its padded length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return greedy_batches(order, lambda batch, i: (len(batch) + 1) * lengths[batch[0]] <= max_tokens_per_batch)
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, num_samples: int, max_new_tokens: int, max_tokens: int | None
+) -> list[list[int]]:
+    """Group row indices into generation batches, shortest prompts first, so that little of a batch is padding.
+
+    A batch holds at most `batch_size` prompts and, with `max_tokens`, at most that many tokens once expanded and
+    generated (`prompts * num_samples * (longest prompt + max_new_tokens)`); a prompt over the budget runs alone.
+    """
+
+    def fits(batch: list[int], i: int) -> bool:
+        # Ascending order: the newest prompt is the longest of the batch
+        size = (len(batch) + 1) * num_samples * (lengths[i] + max_new_tokens)
+        return len(batch) < batch_size and (max_tokens is None or size <= max_tokens)
+
+    return greedy_batches(sorted(range(len(lengths)), key=lambda i: (lengths[i], i)), fits)

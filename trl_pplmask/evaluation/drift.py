@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import load_model, load_tokenizer
-from ..scoring import _causal_lm, adapter_context, make_batches, output_logit_transform
-from ..utils import atomic_write_text
+from ..scoring import _causal_lm, adapter_context, output_logit_transform
+from ..utils import atomic_write_text, make_batches
 from .cache import eval_cache_root, model_identity
 from .config import EvalConfig, ModelSpec
 from .generate import generate_greedy, render_prompts

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..sandbox import SandboxConfig
-from ..scoring import make_batches
+from ..utils import make_batches
 from ..verifiers import CODE_TASKS, verify_batch
 from .config import EvalConfig
 from .tasks import EvalTask, extract_answer, reference_answer

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX
 from ..data import tokenize_dataset
-from ..scoring import ScoringConfig, _causal_lm, batch_token_nll, make_batches, score_dataset, selected_log_probs
+from ..scoring import ScoringConfig, _causal_lm, batch_token_nll, score_dataset, selected_log_probs
+from ..utils import make_batches
 from .config import EvalConfig
 from .tasks import MC_CONTEXT_TEMPLATE, EvalTask
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..constants import ROW_ID_COLUMN
 from ..scoring import model_fingerprint
+from ..utils import plan_batches
 from ..verifiers import Verifier, get_verifier, verify_batch
 from .backends import GenerationBackend, check_vllm_available, make_backend
 from .checkpoint import GenerationCheckpoint
@@ -24,29 +24,6 @@ from .selection import assemble_dataset
 
 
 logger = logging.getLogger(__name__)
-
-
-def plan_batches(
-    lengths: Sequence[int], batch_size: int, num_samples: int, max_new_tokens: int, max_tokens: int | None
-) -> list[list[int]]:
-    """Group row indices into generation batches, shortest prompts first, so that little of a batch is padding.
-
-    A batch holds at most `batch_size` prompts and, with `max_tokens`, at most that many tokens once expanded and
-    generated (`prompts * num_samples * (longest prompt + max_new_tokens)`); a prompt over the budget runs alone.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # Ascending order: the newest prompt is the longest of the batch
-        size = (len(current) + 1) * num_samples * (lengths[i] + max_new_tokens)
-        if current and (len(current) >= batch_size or (max_tokens is not None and size > max_tokens)):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def verifier_name(task: str | Verifier) -> str:

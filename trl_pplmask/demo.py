@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .masking import IGNORE_INDEX, PplMaskConfig
+from .masking import IGNORE_INDEX, PplMaskConfig, completion_ppl, text_histogram
 
 
 def _show_masked_example(example: dict, tokenizer, limit: int = 60) -> str:
@@ -34,7 +34,6 @@ def run_demo(output_dir: str = "demo_output", num_examples: int = 64, max_steps:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from .cli import completion_ppl, text_histogram
     from .collator import PplMaskCollator, add_pplmask_callback
     from .data import load_task, tokenize_dataset
     from .masking import mask_dataset

@@ -349,3 +349,32 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
         masked = masked.filter(lambda ex: ex["num_completion_tokens"] > ex["num_masked"], num_proc=num_proc)
         stats["examples_dropped"] = stats["examples"] - len(masked)
     return masked, stats
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perplexities of a scored dataset, for the summaries of `score` and the demo
+# --------------------------------------------------------------------------------------------------------------------
+PPL_BINS = (1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 100.0, math.inf)
+
+
+def completion_ppl(dataset, nll_column: str = NLL_COLUMN) -> np.ndarray:
+    """Perplexities of all completion (trainable) tokens of a scored dataset."""
+    values = []
+    masks = dataset[TRAINABLE_COLUMN] if TRAINABLE_COLUMN in dataset.column_names else dataset["labels"]
+    for nll, mask in zip(dataset[nll_column], masks):
+        trainable = trainable_positions(mask, mask if TRAINABLE_COLUMN in dataset.column_names else None)
+        values.append(np.exp(np.asarray(nll, dtype=np.float64)[trainable]))
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+def text_histogram(ppl: np.ndarray, threshold: float, width: int = 40) -> str:
+    """A small text histogram of token perplexities, bins marked above the threshold."""
+    counts, _ = np.histogram(ppl, bins=np.array(PPL_BINS))
+    total = max(int(counts.sum()), 1)
+    lines = []
+    for lo, hi, n in zip(PPL_BINS[:-1], PPL_BINS[1:], counts):
+        label = f"[{lo:g}, {hi:g})" if math.isfinite(hi) else f"[{lo:g}, inf)"
+        bar = "#" * int(round(width * n / total))
+        flag = "  masked" if lo >= threshold else ""
+        lines.append(f"  {label:>12} {n:7d} {100 * n / total:5.1f}% {bar}{flag}")
+    return "\n".join(lines)

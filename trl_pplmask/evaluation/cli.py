@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..cli import DEFAULT_MODEL
+from ..constants import EMBEDDED_MODEL_ALIAS
 from .config import BACKENDS, EvalConfig, build_model_specs
 from .harness import lm_eval_available
 from .tasks import DEFAULT_TASKS, available_tasks
@@ -23,7 +23,9 @@ HELP = "Forgetting report: target and non-target tasks, base against fine-tuned 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `trl-pplmask eval`."""
-    parser.add_argument("--base", default=DEFAULT_MODEL, help="Base model: Hub id, local path or the embedded alias.")
+    parser.add_argument(
+        "--base", default=EMBEDDED_MODEL_ALIAS, help="Base model: Hub id, local path or the embedded alias."
+    )
     parser.add_argument("--base-label", default="base", help="Row name of the base model.")
     parser.add_argument(
         "--adapter", action="append", metavar="[LABEL=]PATH", help="PEFT adapter trained on --base (repeatable)."

@@ -1,0 +1,95 @@
+"""The dataset in and out of `score` and `mask`: load and check the input, refuse a bad output folder, and save
+atomically, never writing beside the input."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..utils import make_staging_dir
+
+
+def check_positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value}.")
+
+
+def check_output_folder(output: str, overwrite: bool, source: str | None = None) -> Path:
+    """Refuse an output that is a file, a non-empty folder (without --overwrite), or overlaps the input."""
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder path (new, or empty).")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--output {output} is not empty. Choose a new or empty folder, or pass --overwrite to replace it (the "
+            "new dataset is written beside it first and swapped in only once complete)."
+        )
+    if source is not None and Path(source).expanduser().exists():
+        source_path, resolved = Path(source).expanduser().resolve(), path.resolve()
+        if source_path == resolved or resolved in source_path.parents or source_path in resolved.parents:
+            raise ValueError(
+                f"--output {output} overlaps the input {source}; writing there would change or delete the input. "
+                "Choose a folder outside it."
+            )
+    return path
+
+
+def save_atomically(dataset, output: Path) -> None:
+    """`save_to_disk` into a staging folder beside `output`, then swap it in: a crash never leaves a partial output."""
+    import shutil
+    import tempfile
+
+    staging = make_staging_dir(output)  # also removes those of runs that were killed
+    try:
+        dataset.save_to_disk(str(staging / "dataset"))
+        if output.exists() and any(output.iterdir()):
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-{os.getpid()}-", dir=output.parent))
+            os.replace(output, trash / "old")
+            os.replace(staging / "dataset", output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            if output.exists():
+                output.rmdir()  # empty
+            os.replace(staging / "dataset", output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def no_cache_beside_input():
+    """Maps write their results to a temporary folder, never as cache-*.arrow files into the input's folder."""
+    import datasets
+
+    enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_caching()
+
+
+def load_input(spec: str, split: str, config: str | None = None, limit: int | None = None):
+    from ..data import load_any_dataset
+
+    dataset = load_any_dataset(spec, split, config, limit)
+    if len(dataset) == 0:
+        raise ValueError(f"{spec} (split {split!r}) has no rows; there is nothing to process.")
+    return dataset
+
+
+def check_aligned(dataset, columns: Sequence[str]) -> None:
+    """Every per-token column has one value per token of `input_ids`; name the first row and column that has not."""
+    if "input_ids" not in dataset.column_names:
+        return
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    for column in columns:
+        for row, (values, length) in enumerate(zip(dataset[column], lengths)):
+            if values is None or len(values) != length:
+                got = "no value" if values is None else f"{len(values)} values"
+                raise ValueError(
+                    f"Row {row}: `{column}` has {got} but `input_ids` has {length} tokens; per-token columns must be "
+                    "aligned with `input_ids`. Rebuild the dataset (`trl-pplmask score` on the raw data)."
+                )

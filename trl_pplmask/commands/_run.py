@@ -1,0 +1,56 @@
+"""Running a command: the errors it reports in one line (exit status 2), and SIGTERM ended like Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+
+# What a command reports as `<prog>: error: <message>` rather than a traceback (OSError: files, network)
+REPORTED_ERRORS = (ValueError, OSError, ImportError, TypeError)
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    """SIGTERM ends the command as SIGINT does, through its `finally` blocks: staging folders are removed and no
+    partial output is left (the default action would kill the process on the spot). Exit status 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """`command(args)`; an error of [`REPORTED_ERRORS`] is printed as `<prog>: error: ...` and returns 2 (raised
+    instead when `TRL_PPLMASK_DEBUG` is set)."""
+    try:
+        with terminate_cleanly():
+            return command(args)
+    except REPORTED_ERRORS as err:
+        if os.environ.get("TRL_PPLMASK_DEBUG"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def command_main(
+    parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int], argv: Sequence[str] | None
+) -> int:
+    """The `main` of a command module: parse `argv` (default: `sys.argv[1:]`) with `parser` and run `command`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser.parse_args(None if argv is None else list(argv))
+    return run_command(command, args, parser.prog)

@@ -12,25 +12,16 @@ python hub_scripts/push.py gsm8k-pplmasked --dry-run
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-from trl_pplmask.hub.cli import add_build_args, cmd_build
+from trl_pplmask.commands import build
 
 
 PROG = "python hub_scripts/build_pplmasked.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = add_build_args(argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return cmd_build(args, prog=PROG)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    return build.main(argv, prog=PROG)
 
 
 if __name__ == "__main__":

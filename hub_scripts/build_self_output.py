@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import sys
 
-from trl_pplmask.generation import cli
+from trl_pplmask.commands import self_output
 
 
 PROG = "python hub_scripts/build_self_output.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, prog=PROG)
+    return self_output.main(argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -11,23 +11,16 @@ python hub_scripts/push.py gsm8k-pplmasked --repo-id trl-pplmask/gsm8k-pplmasked
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from trl_pplmask.hub.cli import add_push_args, cmd_push
+from trl_pplmask.commands import push
 
 
 PROG = "python hub_scripts/push.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_push_args(argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    try:
-        return cmd_push(args, prog=PROG)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    return push.main(argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import yaml
 from conftest import REPO, tiny_llama
 from datasets import Dataset, load_dataset
 
-from trl_pplmask import generation as gen
+from trl_pplmask.commands import self_output as self_output_command
 from trl_pplmask.data import load_task, tokenize_dataset
 from trl_pplmask.generation import (
     REPHRASE_TEMPLATE,
@@ -531,7 +531,7 @@ def _build(task: str, rows: int, max_new_tokens: int, tmp_path_factory) -> Path:
         "--dataset", task, "--limit", str(rows), "--num-samples", "2", "--max-new-tokens", str(max_new_tokens),
         "--dtype", "float32", "--output-dir", str(root / f"{task}-self-output"),
     ]  # fmt: skip
-    assert gen.main(argv) == 0
+    assert self_output_command.main(argv) == 0
     return root / f"{task}-self-output"
 
 
@@ -632,11 +632,14 @@ def test_rebuild_resumes_from_the_checkpoint_without_generating(gsm8k_folder, mo
 
     monkeypatch.setattr(TransformersBackend, "generate", no_generation)
     argv = ["--dataset", "gsm8k", "--limit", "2", "--num-samples", "2", "--max-new-tokens", "48", "--dtype", "float32"]
-    assert gen.main([*argv, "--output-dir", str(gsm8k_folder)]) == 0
+    assert self_output_command.main([*argv, "--output-dir", str(gsm8k_folder)]) == 0
     assert load_dataset(str(gsm8k_folder), CONFIG, split="train").to_list() == before
     # other settings would mix two kinds of data in one checkpoint: refused, with the way out
     assert (
-        gen.main([*argv[:-4], "--max-new-tokens", "64", "--dtype", "float32", "--output-dir", str(gsm8k_folder)]) == 2
+        self_output_command.main(
+            [*argv[:-4], "--max-new-tokens", "64", "--dtype", "float32", "--output-dir", str(gsm8k_folder)]
+        )
+        == 2
     )
 
 
@@ -679,12 +682,12 @@ def test_output_folder_must_be_a_self_output_folder(tmp_path):
 
 def test_cli_registers_self_output():
     from trl_pplmask.cli import build_parser
-    from trl_pplmask.generation import cli as self_output_cli
+    from trl_pplmask.commands import self_output as self_output_cli
 
     args = build_parser().parse_args(["self-output", "--dataset", "mbpp", "--mode", "rephrase", "--backend", "vllm"])
-    # Registered without importing torch; the command runs `generation.cli.cmd_self_output`
+    # Registered without importing torch; the command runs `commands.self_output.cmd_self_output`
     assert args.func is self_output_cli.cmd_self_output and args.mode == "rephrase" and args.num_samples == 4
-    config = gen.build_config_from_args(args)
+    config = self_output_cli.build_config_from_args(args)
     assert config.generation.backend == "vllm" and config.resolved_output_dir() == Path("mbpp-self-output")
     assert "--mode rephrase" in config.command
 

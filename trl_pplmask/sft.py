@@ -494,7 +494,7 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `trl-pplmask sft` (reached from `trl_pplmask.cli`)."""
+    """Entry point of `trl-pplmask sft` (reached from `trl_pplmask.commands.sft`)."""
     script_args, training_args, model_args, dataset_args, pplmask_args = parse_args(argv)
     main(script_args, training_args, model_args, dataset_args, pplmask_args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -505,12 +505,3 @@ def cli(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
-
-
-def register_cli(subparsers) -> None:
-    """List `sft` in `trl-pplmask --help`; `trl_pplmask.cli.main` hands its arguments to TRL's parser."""
-    subparsers.add_parser(
-        "sft",
-        add_help=False,
-        help="`trl sft` with Selective Token Masking: every trl sft flag and recipe, plus pplmask_* settings.",
-    )

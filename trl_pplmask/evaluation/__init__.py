@@ -55,9 +55,9 @@ trl-pplmask eval --base smollm2-135m-instruct --adapter gt=out/sft-gt --adapter 
 
 Modules, one job each: `tasks` (task names, splits, rows and answers), `config` (settings, model specs), `generate`,
 `loglik`, `drift` and `instruction_following` (the evaluators), `harness` (the lm-evaluation-harness bridge), `cache`,
-`results`, `runner` (run_evaluation), `report` (the report dict), `reference_arm`, `markdown`, `plot`, `output` (the
-report folder) and `cli` (`trl-pplmask eval`). The names below are imported from them on first use, so that importing
-this package (and `trl-pplmask eval --help`) loads no torch.
+`results`, `runner` (run_evaluation), `report` (the report dict), `reference_arm`, `markdown`, `plot` and `output` (the
+report folder); the command, `trl-pplmask eval`, is `trl_pplmask.commands.eval`. The names below are imported from
+them on first use, so that importing this package (and `trl-pplmask eval --help`) loads no torch.
 """
 
 from ..utils import lazy_exports

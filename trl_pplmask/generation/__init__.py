@@ -24,8 +24,9 @@ central observation), and a figure.
 
 Modules: `config` ([`SelfOutputConfig`]), `prompts` (rows, prompts, seeds), `backends` (transformers, vLLM),
 `scoring` (response perplexities), `checkpoint`, `loop` (batch planning, [`generate_records`],
-[`generate_self_outputs`]), `selection` (the rule and the output dataset) and `cli`. The names below are imported on
-first use (PEP 562), so that `trl-pplmask self-output --help` and `trl_pplmask.SelfOutputConfig` do not import torch.
+[`generate_self_outputs`]) and `selection` (the rule and the output dataset); the command is
+`trl_pplmask.commands.self_output`. The names below are imported on first use (PEP 562), so that
+`trl-pplmask self-output --help` and `trl_pplmask.SelfOutputConfig` do not import torch.
 """
 
 from ..utils import lazy_exports
@@ -61,10 +62,6 @@ _EXPORTS = {
     "assemble_dataset": "selection",
     "output_features": "selection",
     "select_candidate": "selection",
-    "build_config_from_args": "cli",
-    "cmd_self_output": "cli",
-    "main": "cli",
-    "register_cli": "cli",
     # The `<task>-self-output` folder, built on this package by `trl_pplmask.hub` (`.hub...`: a sibling package)
     "SelfOutputBuildConfig": ".hub.self_output",
     "build_self_output": ".hub.self_output",
@@ -94,7 +91,6 @@ __all__ = [
     "generate_records",
     "generate_self_outputs",
     "plan_batches",
-    "register_cli",
     "select_candidate",
     "self_output_statistics",
 ]

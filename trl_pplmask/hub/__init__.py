@@ -20,7 +20,8 @@ Columns: the original conversation (`prompt`/`completion`, `messages`, `conversa
 Modules: `source` (loading and checking the source data), `pplmasked_config`, `pplmasked_split` (scoring, masking,
 statistics) and `pplmasked` (the builder and its card); `self_output` and `self_output_stats` (the `<task>-self-output`
 builder, which imports torch and is not imported here); `builder` (what both builders share: [`FolderBuilder`]),
-`folder` (shards, build records, staging), `card` (shared card pieces), `publish` (push) and `cli`.
+`folder` (shards, build records, staging), `card` (shared card pieces) and `publish` (push). The commands
+(`trl-pplmask build`, `push`, `self-output`) are in `trl_pplmask.commands`.
 
 This package imports neither torch nor transformers, trl or datasets, so that `trl-pplmask push` and `--help` start
 fast; the functions that need them import them.
@@ -29,15 +30,6 @@ fast; the functions that need them import them.
 from ..constants import EMBEDDED_MODEL_ALIAS, PAPER_ARXIV_ID, ROW_ID_COLUMN
 from .builder import FolderBuilder, FolderSettings
 from .card import card_configs, card_template_path, default_config_name, size_category
-from .cli import (
-    add_build_args,
-    add_push_args,
-    build_config_from_args,
-    cmd_build,
-    cmd_push,
-    command_line,
-    register_cli,
-)
 from .folder import (
     ASSETS_DIR,
     BUILD_INFO_FILE,
@@ -73,18 +65,12 @@ __all__ = [
     "FolderSettings",
     "PplMaskedBuilder",
     "PushError",
-    "add_build_args",
-    "add_push_args",
-    "build_config_from_args",
     "build_pplmasked",
     "build_split",
     "build_versions",
     "card_configs",
     "card_template_path",
     "check_existing_folder",
-    "cmd_build",
-    "cmd_push",
-    "command_line",
     "commit_staging",
     "completion_perplexities",
     "default_config_name",
@@ -96,7 +82,6 @@ __all__ = [
     "load_source_splits",
     "push_folder",
     "read_build_infos",
-    "register_cli",
     "release_accelerator_memory",
     "render_card",
     "size_category",

@@ -31,7 +31,7 @@ from .config import (
     config_from_dict,
     load_study_config,
 )
-from .main import cmd_study, register_cli, run_study
+from .main import run_study
 from .runner import Stage, StudyPaths, arm_trainer_settings, plan_stages, render_plan
 
 
@@ -48,11 +48,9 @@ __all__ = [
     "StudyPaths",
     "arm_settings",
     "arm_trainer_settings",
-    "cmd_study",
     "config_from_dict",
     "load_study_config",
     "plan_stages",
-    "register_cli",
     "render_plan",
     "run_study",
 ]

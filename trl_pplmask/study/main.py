@@ -1,16 +1,14 @@
-"""`run_study`: every stage in order, resumable, with progress and ETA; `study.json`; `trl-pplmask study`."""
+"""`run_study`: every stage in order, resumable, with progress and ETA; `study.json` (command: `commands/study`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from ..utils import atomic_write_text, package_versions
-from .config import StudyConfig, load_study_config
+from .config import StudyConfig
 from .prepare import prepare_data, run_self_output
 from .runner import (
     StudyPaths,
@@ -25,7 +23,6 @@ from .runner import (
     model_specs,
     plan_stages,
     relative_to_gt,
-    render_plan,
     sft_flags,
     train_arm,
     write_study_report,
@@ -173,46 +170,3 @@ def arm_status(config: StudyConfig) -> dict[str, str]:
         except ValueError as err:
             status[arm.label] = f"refused: {str(err).splitlines()[1].strip()}"
     return status
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-def cmd_study(args: argparse.Namespace) -> int:
-    """`trl-pplmask study`: run or plan a forgetting study from its YAML."""
-    config = load_study_config(args.config)
-    if args.output_dir:
-        config.output_dir = args.output_dir
-    if args.plan:
-        print(render_plan(config))
-        problems = missing_features(config)
-        for label, status in arm_status(config).items():
-            print(f"  arm {label}: {status}")
-        if problems:
-            print("Not runnable with this installation yet:\n  " + "\n  ".join(problems))
-        return 0
-    print(render_plan(config), flush=True)
-    command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
-    try:
-        run_study(config, command)
-    except RuntimeError as err:  # a training subprocess failed: its log tail is in the message
-        print(f"trl-pplmask study: error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add the `study` subcommand to the `trl-pplmask` command."""
-    parser = subparsers.add_parser(
-        "study",
-        help="Forgetting study: train GT, STM and alternative arms with shared settings and compare them.",
-        description="Run (or resume) a forgetting study described by a YAML file (see studies/): prepare the target "
-        "rows, train every arm with `trl-pplmask sft`, evaluate the base model and every arm on the same items, and "
-        "write report.json, report.md, report.png and study.json into the study's output_dir.",
-    )
-    parser.add_argument("--config", required=True, help="Study YAML, e.g. studies/gsm8k-smollm2-135m-cpu.yaml.")
-    parser.add_argument("--output-dir", help="Override the YAML's output_dir.")
-    parser.add_argument(
-        "--plan", "--dry-run", dest="plan", action="store_true", help="Validate and print the stages; run nothing."
-    )
-    parser.set_defaults(func=cmd_study)

@@ -1,7 +1,10 @@
 """`trl-pplmask eval`: its arguments and the command.
 
 Importing this module loads neither torch nor the data libraries, so that `trl-pplmask eval --help` answers fast; the
-command imports the work when it runs.
+command imports the work when it runs. Its options are written with argparse rather than generated from a dataclass
+(`_args`): `--adapter` and `--model` are repeatable `[LABEL=]PATH` pairs, `--split` repeatable `DATASET=SPLIT`
+overrides and `--tasks` a comma-separated list, all turned into an [`~trl_pplmask.evaluation.EvalConfig`] and model
+specs by `cmd_eval`; and its help lists the tasks that `trl_pplmask.evaluation` knows when it is imported.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..constants import EMBEDDED_MODEL_ALIAS
-from .config import BACKENDS, EvalConfig, build_model_specs
-from .harness import lm_eval_available
-from .tasks import DEFAULT_TASKS, available_tasks
+from ..evaluation.config import BACKENDS, EvalConfig, build_model_specs
+from ..evaluation.harness import lm_eval_available
+from ..evaluation.tasks import DEFAULT_TASKS, available_tasks
+from ._args import ArgumentParser
+from ._run import command_main
 
 
 HELP = "Forgetting report: target and non-target tasks, base against fine-tuned models."
@@ -83,9 +88,9 @@ def _split_overrides(values: Sequence[str]) -> dict[str, str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`trl-pplmask eval`: evaluate the base and fine-tuned models, write the report, print the table."""
     # The work imports torch and the data libraries: imported here, so that `eval --help` stays light
-    from .markdown import render_markdown
-    from .output import REPORT_FILES
-    from .runner import run_evaluation
+    from ..evaluation.markdown import render_markdown
+    from ..evaluation.output import REPORT_FILES
+    from ..evaluation.runner import run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = EvalConfig(
@@ -123,16 +128,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "Evaluate a base model and fine-tuned versions of it (adapters or full models) on the target task and on "
+    "non-target tasks; write report.json, report.md and report.png."
+)
+
+
+def make_parser(prog: str = "trl-pplmask eval") -> ArgumentParser:
+    return add_eval_args(ArgumentParser(prog=prog, description=DESCRIPTION))
+
+
 def register_cli(subparsers) -> None:
     """Add `eval` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    parser = subparsers.add_parser(
-        "eval",
-        help=HELP,
-        description="Evaluate a base model and fine-tuned versions of it (adapters or full models) on the target "
-        "task and on non-target tasks; write report.json, report.md and report.png.",
-    )
-    add_eval_args(parser)
-    parser.set_defaults(func=cmd_eval)
+    add_eval_args(subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_eval)
 
 
-__all__ = ["HELP", "add_eval_args", "cmd_eval", "register_cli"]
+def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask eval") -> int:
+    return command_main(make_parser(prog), cmd_eval, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

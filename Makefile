@@ -32,6 +32,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check trl_pplmask tests benchmarks hub_scripts
 	$(VENV)/bin/ruff format --check trl_pplmask tests benchmarks hub_scripts
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py  # the import layers (also part of `make test`)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py

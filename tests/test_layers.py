@@ -1,0 +1,103 @@
+"""The package's layering, enforced: a module imports only from its own layer or the layers below it.
+
+Every `import` statement of every module counts, function-local ones included (a local import that reaches up is a
+cycle hidden from the import system, not removed). Layers, bottom to top:
+
+0. `constants`, `utils`, `_compat`: no project imports at all below this line
+1. `tasks`, `data`, `models`, `metrics`: what the data and models are
+2. `scoring`, `masking`: per-token NLL and the mask rules
+3. `collator`, `anchor`, `sandbox`, `verifiers`: training-time parts and answer checking
+4. `generation`, `evaluation`, `hub`, `sft`: the workflows
+5. `study`, `demo`: workflows made of workflows
+6. `commands`, `cli`: the command line
+
+A new top-level module or subpackage must be given a layer here, which is the point: where it sits is a decision.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "trl_pplmask"
+
+LAYERS = [
+    {"constants", "utils", "_compat"},
+    {"tasks", "data", "models", "metrics"},
+    {"scoring", "masking"},
+    {"collator", "anchor", "sandbox", "verifiers"},
+    {"generation", "evaluation", "hub", "sft"},
+    {"study", "demo"},
+    {"commands", "cli"},
+]
+LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
+
+
+def _component(module: str) -> str | None:
+    """`trl_pplmask.hub.card` -> `hub`; `trl_pplmask` itself -> `None` (its lazy exports name every layer)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "trl_pplmask" and len(parts) > 1 else None
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """(line, absolute module) of every project import in `source`, the code of `module`, wherever it stands."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("trl_pplmask")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                target = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("trl_pplmask"):
+                target = node.module
+            else:
+                continue
+            # `from . import x` / `from .. import x`: each name may be a module of that package
+            names = [f"{target}.{alias.name}" for alias in node.names] if not node.module else [target]
+            found += [(node.lineno, name) for name in names]
+    return found
+
+
+def _file_imports(path: Path) -> list[tuple[int, str]]:
+    return _imports(path.read_text(), _module_name(path), path.name == "__init__.py")
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_component_has_a_layer():
+    components = {_component(_module_name(p)) for p in MODULES} - {None}
+    unplaced = sorted(components - set(LAYER))
+    assert not unplaced, f"give these a layer in tests/test_layers.py: {unplaced}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_go_down_the_layers(path):
+    own = _component(_module_name(path))
+    if own is None:
+        return
+    upward = []
+    for line, target in _file_imports(path):
+        component = _component(target)
+        if component is not None and component in LAYER and LAYER[component] > LAYER[own]:
+            upward.append(f"line {line}: {target} (layer {LAYER[component]}) from {own} (layer {LAYER[own]})")
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_check_sees_relative_and_local_imports():
+    """The parser resolves relative imports and finds those inside functions (a check that cannot fail is none)."""
+    local = "import os\n\ndef f():\n    from ..cli import main\n"
+    assert _imports(local, "trl_pplmask.hub.card") == [(4, "trl_pplmask.cli")]
+    assert _imports("from . import scoring\n", "trl_pplmask.collator") == [(1, "trl_pplmask.scoring")]
+    assert _imports("from .card import x\n", "trl_pplmask.hub", is_package=True) == [(1, "trl_pplmask.hub.card")]
+    assert _imports("from trl_pplmask.cli import main\n", "trl_pplmask.masking") == [(1, "trl_pplmask.cli")]

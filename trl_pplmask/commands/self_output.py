@@ -117,7 +117,7 @@ class SelfOutputArguments:
     )
     card_template: str | None = field(
         default=None,
-        metadata={"help": "Jinja template of the card (default: trl_pplmask/cards/self_output.md.jinja)."},
+        metadata={"help": "Jinja template of the card (default: cards/self_output.md.jinja)."},
     )
 
 

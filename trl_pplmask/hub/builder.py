@@ -70,7 +70,7 @@ class FolderBuilder:
 
     kind: ClassVar[str]  # `kind` of the builder's build_info.json
     description: ClassVar[str]  # how messages name this kind of data
-    card_template: ClassVar[str]  # default card template, in trl_pplmask/cards/
+    card_template: ClassVar[str]  # default card template, in cards/
     action: ClassVar[str]  # what each model does, for the progress log ("scoring", "generating")
     command_hint: ClassVar[str]  # end of the error on a folder without build, after "holds no built config"
     size_statistic: ClassVar[str]  # statistic of a split that counts its rows, for the card's size category

@@ -3,6 +3,7 @@ category, the default config, and how numbers are written in the tables."""
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,6 @@ from typing import Any
 from huggingface_hub import DatasetCard
 
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"  # trl_pplmask/cards/
 _SIZE_CATEGORIES = (
     (1_000, "n<1K"),
     (10_000, "1K<n<10K"),
@@ -20,12 +20,18 @@ _SIZE_CATEGORIES = (
 )
 
 
+def cards_dir() -> Path:
+    """The project's `cards/` folder, installed as the package `trl_pplmask.cards` (inside the package in a wheel; the
+    source folder itself in an editable install)."""
+    return Path(str(importlib.resources.files("trl_pplmask.cards")))
+
+
 def card_template_path(path: str | Path | None, default_name: str) -> Path:
-    """The card template at `path`, or the packaged `trl_pplmask/cards/<default_name>`."""
-    template = Path(path) if path else CARDS_DIR / default_name
+    """The card template at `path`, or `<default_name>` of the project's `cards/` folder ([`cards_dir`])."""
+    template = Path(path) if path else cards_dir() / default_name
     if not template.is_file():
         raise FileNotFoundError(
-            f"Dataset card template {template} not found. Reinstall trl-pplmask (it ships `trl_pplmask/cards/`), "
+            f"Dataset card template {template} not found. Reinstall trl-pplmask (it ships the templates of `cards/`), "
             "or pass template_path (--card-template)."
         )
     return template

@@ -67,7 +67,7 @@ class BuildConfig(FolderSettings):
         language (`list[str]`, *optional*, defaults to `["en"]`):
             Languages of the data, for the card metadata.
         template_path (`str`, *optional*):
-            Jinja template of the card; defaults to `trl_pplmask/cards/pplmasked_dataset_card.md.jinja`.
+            Jinja template of the card; defaults to `cards/pplmasked_dataset_card.md.jinja`.
         command (`str`, *optional*):
             The command line that ran the build, recorded in the card. Set by the CLI.
     """

@@ -88,7 +88,7 @@ class SelfOutputBuildConfig(FolderSettings):
         language (`list[str]`, *optional*, defaults to `["en"]`):
             Languages, for the card metadata.
         template_path (`str`, *optional*):
-            Jinja card template; defaults to `trl_pplmask/cards/self_output.md.jinja`.
+            Jinja card template; defaults to `cards/self_output.md.jinja`.
         command (`str`, *optional*):
             Command line that ran the build, recorded in the card.
     """

@@ -1,0 +1,39 @@
+"""What the wheel ships: every subpackage, and the dataset-card templates of the top-level `cards/` folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from setuptools import find_packages
+
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_subpackage_is_listed():
+    """pyproject lists the packages (a mapped folder needs it); a subpackage missing there would be missing from the
+    wheel while every test of a source checkout still passed."""
+    found = set(find_packages(str(ROOT), include=["trl_pplmask*"]))
+    assert set(_setuptools()["packages"]) == found | {"trl_pplmask.cards"}
+
+
+def test_card_templates_ship_from_the_top_level_cards_folder():
+    from trl_pplmask.hub.card import card_template_path, cards_dir
+    from trl_pplmask.hub.pplmasked import PplMaskedBuilder
+    from trl_pplmask.hub.self_output import SelfOutputBuilder
+
+    settings = _setuptools()
+    assert settings["package-dir"]["trl_pplmask.cards"] == "cards"
+    assert settings["package-data"]["trl_pplmask.cards"] == ["*.jinja"]
+    assert not (ROOT / "trl_pplmask" / "cards").exists()  # one copy of the templates
+    for builder in (PplMaskedBuilder, SelfOutputBuilder):
+        template = card_template_path(None, builder.card_template)
+        assert template.parent.resolve() == cards_dir().resolve()
+        assert template.read_text() == (ROOT / "cards" / builder.card_template).read_text()

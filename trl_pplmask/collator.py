@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from . import _compat
 from .masking import (
     IGNORE_INDEX,
     TRAINABLE_COLUMN,
@@ -88,7 +88,7 @@ class PplMaskCollator:
         # Counts of what logging already popped, so that `cumulative_stats` adds up every batch without a second tally
         self._popped = {"completion_tokens": 0, "masked_tokens": 0, "completion_nll_sum": 0.0}
         self.totals = {"examples": 0, "examples_fully_masked": 0}
-        self.padder = DataCollatorForLanguageModeling(
+        self.padder = _compat.DataCollatorForLanguageModeling(
             pad_token_id=pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
         )
         self.reset_stats()

@@ -26,12 +26,16 @@ from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, Sequence, Value
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl.kernels import ChunkedLogProbFunction
-from trl.kernels.chunked_logprob import _use_triton
 
+from . import _compat
 from .masking import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN
 from .models import cache_dir
 from .utils import make_batches
+
+
+def _use_triton(device: torch.device) -> bool:
+    """Whether TRL's fused Triton LM-head kernel runs on `device` (TRL's own switch)."""
+    return _compat.use_triton(device)
 
 
 # 2: entries also hold the entropies (`entropy_lengths`/`entropy_values`)
@@ -161,7 +165,7 @@ def selected_log_probs(
     if _use_triton(hidden.device) and type(lm_head) is torch.nn.Linear:
         # TRL's kernel folds the entropy into the same online-logsumexp pass when asked for it
         outputs = ("log_probs", "entropy") if return_entropy else ("log_probs",)
-        log_probs, entropy, *_ = ChunkedLogProbFunction.apply(
+        log_probs, entropy, *_ = _compat.ChunkedLogProbFunction.apply(
             hidden, lm_head.weight, lm_head.bias, targets, 1.0, 32768, softcap, scale, outputs
         )
         return (log_probs.float(), entropy.float()) if return_entropy else log_probs.float()

@@ -132,7 +132,7 @@ class BuildConfig(FolderSettings):
                 f"Several models map to the config name(s) {duplicates}; pass distinct `config_names` "
                 "(--config-names)."
             )
-        from datasets.utils.py_utils import convert_file_size_to_int  # datasets: not on the `--help` path
+        from .._compat import convert_file_size_to_int  # imports datasets: not on the `--help` path
 
         self.max_shard_size_bytes = convert_file_size_to_int(self.max_shard_size)
         if self.max_shard_size_bytes <= 0:

@@ -23,11 +23,12 @@ def list_upload_files(folder: str | Path) -> list[tuple[str, int]]:
     Uses the same listing and default ignore patterns (`.git`, `.cache/huggingface`) as `HfApi.upload_folder`.
     """
     from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+    from .._compat import hub_default_ignore_patterns
 
     root = Path(folder).expanduser().resolve()
     files = {p.relative_to(root).as_posix(): p for p in sorted(root.glob("**/*")) if p.is_file()}
-    kept = filter_repo_objects(files.keys(), ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))
+    kept = filter_repo_objects(files.keys(), ignore_patterns=list(hub_default_ignore_patterns))
     return [(path, files[path].stat().st_size) for path in kept]
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
-from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from .. import _compat
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..data import TASKS, check_dataset_spec, load_any_dataset, load_task
 from ..generation.backends import check_vllm_available
@@ -138,7 +138,7 @@ class SelfOutputBuildConfig(FolderSettings):
                     f"No built-in verifier for {self.dataset!r}: pass verifier='module:function' (--verifier) naming "
                     "a callable (row, response) -> bool."
                 )
-        self.max_shard_size_bytes = convert_file_size_to_int(self.max_shard_size)
+        self.max_shard_size_bytes = _compat.convert_file_size_to_int(self.max_shard_size)
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir is not None:

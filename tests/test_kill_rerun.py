@@ -138,3 +138,18 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(command, tmp_path, tiny_m
     left = sorted(p.name for p in runs.iterdir() if p.name != "cache")
     assert left == sorted(leaves), f"{where}: {left}"  # no staging folder or temporary file of the killed run
     assert (_snapshot(tiny_model_dir), rows_file.read_bytes()) == inputs_before, where
+
+
+def test_a_swallowed_sigterm_still_keeps_the_output_out(tmp_path, monkeypatch):
+    """SIGTERM raises SystemExit from its handler, which Python swallows when it lands inside a finalizer; the request
+    is recorded too, and the step that swaps an output in checks it: no output appears, exit status 143."""
+    from datasets import Dataset
+
+    from trl_pplmask import utils
+    from trl_pplmask.commands._io import save_atomically
+
+    monkeypatch.setattr(utils, "_termination_signal", signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit:
+        save_atomically(Dataset.from_dict({"a": [1, 2]}), tmp_path / "out")
+    assert exit.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder

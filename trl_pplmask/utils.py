@@ -176,3 +176,23 @@ def plan_batches(
         return len(batch) < batch_size and (max_tokens is None or size <= max_tokens)
 
     return greedy_batches(sorted(range(len(lengths)), key=lambda i: (lengths[i], i)), fits)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Termination requests: SIGTERM is turned into an exception (commands/_run.py), but an exception raised by a signal
+# handler is swallowed when it lands inside a finalizer (`__del__`, a weakref callback: "Exception ignored in ..."), so
+# the step that makes an output visible checks the request once more before it does
+# --------------------------------------------------------------------------------------------------------------------
+_termination_signal: int | None = None
+
+
+def request_termination(signum: int) -> None:
+    """Record that the process was asked to stop (by signal `signum`)."""
+    global _termination_signal
+    _termination_signal = signum
+
+
+def raise_if_termination_requested() -> None:
+    """Exit with status 128 + signal if a termination was requested: called right before an output is swapped in."""
+    if _termination_signal is not None:
+        raise SystemExit(128 + _termination_signal)

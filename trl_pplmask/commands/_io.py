@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils import make_staging_dir
+from ..utils import make_staging_dir, raise_if_termination_requested
 
 
 def check_positive(name: str, value) -> None:
@@ -44,6 +44,7 @@ def save_atomically(dataset, output: Path) -> None:
     staging = make_staging_dir(output)  # also removes those of runs that were killed
     try:
         dataset.save_to_disk(str(staging / "dataset"))
+        raise_if_termination_requested()
         if output.exists() and any(output.iterdir()):
             trash = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-{os.getpid()}-", dir=output.parent))
             os.replace(output, trash / "old")

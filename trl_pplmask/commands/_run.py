@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from ..utils import request_termination
+
 
 # What a command reports as `<prog>: error: <message>` rather than a traceback (OSError: files, network)
 REPORTED_ERRORS = (ValueError, OSError, ImportError, TypeError)
@@ -25,6 +27,7 @@ def terminate_cleanly():
         return
 
     def terminate(signum, frame):
+        request_termination(signum)  # checked again before any output is swapped in, should this exit be swallowed
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)

@@ -76,9 +76,7 @@ class BuildArguments:
     language: list[str] = field(
         default_factory=lambda: ["en"], metadata={"help": "Languages of the data (default: en)."}
     )
-    card_template: str | None = field(
-        default=None, metadata={"help": "Jinja template of the card (default: cards/)."}
-    )
+    card_template: str | None = field(default=None, metadata={"help": "Jinja template of the card (default: cards/)."})
 
 
 def command_line(arguments, prog: str) -> str:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, raise_if_termination_requested
 from .markdown import render_markdown
 from .plot import plot_report
 
@@ -49,6 +49,7 @@ def write_report(report: dict[str, Any], output_dir: str | Path) -> dict[str, Pa
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: output_dir / name for name in REPORT_FILES}
+    raise_if_termination_requested()
     atomic_write_text(paths["report.json"], json.dumps(report, indent=1, ensure_ascii=False))
     atomic_write_text(paths["report.md"], render_markdown(report))
     plot_report(report, paths["report.png"])

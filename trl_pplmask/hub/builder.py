@@ -19,7 +19,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..constants import PAPER_ARXIV_ID
 from ..models import load_model, model_slug
-from ..utils import atomic_write_text, make_staging_dir
+from ..utils import atomic_write_text, make_staging_dir, raise_if_termination_requested
 from .card import card_configs, card_template_path, default_config_name, size_category
 from .folder import (
     ASSETS_DIR,
@@ -155,6 +155,7 @@ class FolderBuilder:
                 del model
                 release_accelerator_memory()
             if self.is_main_process():
+                raise_if_termination_requested()
                 self._commit(staging, names, template_path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

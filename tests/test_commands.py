@@ -64,3 +64,14 @@ def test_missing_yaml_config_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mask.make_parser().parse_args(["--config", str(tmp_path / "nope.yaml")])
     assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, data_dir, capsys):
+    """`make demo` in small: the embedded model scores, masks and trains (one step) with the collator."""
+    from trl_pplmask.cli import main
+
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--num-examples", "4", "--max-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] Summary" in out and "masked fraction" in out
+    assert (tmp_path / "demo" / "lora" / "adapter_model.safetensors").is_file()

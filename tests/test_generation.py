@@ -735,3 +735,13 @@ def test_stock_trl_sft_recipe_trains_on_the_built_folder(gsm8k_folder, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Training completed" in result.stdout + result.stderr
     assert (output / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_self_output_build_refuses_a_non_positive_shard_size(size):
+    """As the pplmasked builder does: a shard size of 0 or less would write no shard (the CLI's "0" is already refused
+    by the size parser; the API took it)."""
+    from trl_pplmask.hub.self_output import SelfOutputBuildConfig
+
+    with pytest.raises(ValueError, match="max_shard_size must be positive"):
+        SelfOutputBuildConfig(dataset="gsm8k", max_shard_size=size)

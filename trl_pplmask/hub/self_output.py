@@ -139,6 +139,8 @@ class SelfOutputBuildConfig(FolderSettings):
                     "a callable (row, response) -> bool."
                 )
         self.max_shard_size_bytes = _compat.convert_file_size_to_int(self.max_shard_size)
+        if self.max_shard_size_bytes <= 0:  # as the pplmasked builder: 0 would write no shard at all
+            raise ValueError(f"max_shard_size must be positive, got {self.max_shard_size!r}.")
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir is not None:

@@ -66,6 +66,16 @@ def tiny_llama(vocab_size: int = 49152, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """`tiny_llama()` saved with the embedded tokenizer, for commands that take a model path: its perplexities are
+    high (random weights), so most tokens mask at the paper's threshold."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tiny_llama().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def score_cache(tmp_path) -> str:
     """An isolated `ScoringConfig.cache_dir` (the embedded model's conversion cache stays shared)."""

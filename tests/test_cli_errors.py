@@ -22,15 +22,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer random Llama saved with the embedded tokenizer: its perplexities are high, so most tokens mask."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def _private_score_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_PPLMASK_CACHE", str(tmp_path / "cache"))

@@ -124,15 +124,6 @@ def built(tmp_path_factory, data_dir) -> Path:
     return build_gsm8k_folder(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer random Llama saved with the embedded tokenizer (weights do not matter)."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_build_layout_and_load_dataset(built, tokenizer):
     files = set(snapshot(built))
     assert files == {

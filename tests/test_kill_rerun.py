@@ -21,21 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama
 
 
 # Build times differ between two runs by design; everything else a build writes is deterministic
 _BUILT_AT = re.compile(rb"(\"built_at\": \"|- Built: )[0-9T:Z-]+")
 # Keys of report.json that differ between two runs by design: wall times, dates, whether a result came from the cache
 _VOLATILE = re.compile(r"time|seconds|created|date|_at$|^cached$")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

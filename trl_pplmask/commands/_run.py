@@ -37,17 +37,27 @@ def terminate_cleanly():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
-    """`command(args)`; an error of [`REPORTED_ERRORS`] is printed as `<prog>: error: ...` and returns 2 (raised
+def call_reporting_errors(function: Callable[[], int], prog: str) -> int:
+    """`function()`; an error of [`REPORTED_ERRORS`] is printed as `<prog>: error: ...` and returns 2 (raised
     instead when `TRL_PPLMASK_DEBUG` is set)."""
     try:
-        with terminate_cleanly():
-            return command(args)
+        return function()
     except REPORTED_ERRORS as err:
         if os.environ.get("TRL_PPLMASK_DEBUG"):
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """`command(args)` with SIGTERM ended like Ctrl-C ([`terminate_cleanly`]) and its errors reported in one line
+    ([`call_reporting_errors`])."""
+
+    def run() -> int:
+        with terminate_cleanly():
+            return command(args)
+
+    return call_reporting_errors(run, prog)
 
 
 def command_main(

@@ -5,12 +5,12 @@ its command line: the listing in `trl-pplmask --help`, `sft --help` answered fro
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from ._run import REPORTED_ERRORS
+from ._run import call_reporting_errors
 
 
 HELP = "`trl sft` with Selective Token Masking: every trl sft flag and recipe, plus pplmask_* settings."
@@ -36,16 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _help()
     from ..sft import cli as sft_cli
 
-    try:
-        return sft_cli(argv)
-    except REPORTED_ERRORS as err:
-        if os.environ.get("TRL_PPLMASK_DEBUG"):
-            raise
-        print(f"trl-pplmask sft: error: {err}", file=sys.stderr)
-        return 2
+    return call_reporting_errors(lambda: sft_cli(argv), "trl-pplmask sft")
 
 
-def _help() -> int:
+def _help() -> NoReturn:
     """Print `sft --help`, TRL's parser's own text, from a cache when a previous call made it.
 
     Building TRL's parser imports torch, transformers and peft (4-6 s on a laptop CPU) for a text that depends only on
@@ -61,12 +55,8 @@ def _help() -> int:
 
     packages = ("trl-pplmask", "trl", "transformers", "peft", "accelerate")
     key = hashlib.sha256((Path(__file__).resolve().parents[1] / "sft.py").read_bytes())
-    for part in (
-        sys.version,
-        Path(sys.argv[0]).name,
-        shutil.get_terminal_size().columns,
-        *map(package_version, packages),
-    ):
+    width = shutil.get_terminal_size().columns  # argparse wraps the text to it
+    for part in (sys.version, width, *map(package_version, packages)):
         key.update(f"\0{part}".encode())
     path = cache_dir() / "help" / f"sft-{key.hexdigest()[:20]}.txt"
     try:

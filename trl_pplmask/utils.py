@@ -84,6 +84,21 @@ def make_staging_dir(output: Path, marker: str = "staging") -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}-{marker}-{os.getpid()}-", dir=output.parent.resolve()))
 
 
+def swap_in(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing whatever `target` holds.
+
+    The old `target` is first renamed out of the way (under a hidden name beside it) and deleted only once `source`
+    stands in its place, so that `target` never holds a mix of old and new files.
+    """
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-{os.getpid()}-", dir=target.parent))
+        os.replace(target, trash / target.name)
+        os.replace(source, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
 def package_version(name: str) -> str | None:
     """Installed version of the distribution `name`, or `None` when it is not installed."""
     try:

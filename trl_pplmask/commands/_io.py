@@ -4,11 +4,11 @@ atomically, never writing beside the input."""
 from __future__ import annotations
 
 import contextlib
-import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils import make_staging_dir, raise_if_termination_requested
+from ..utils import make_staging_dir, raise_if_termination_requested, swap_in
 
 
 def check_positive(name: str, value) -> None:
@@ -38,22 +38,11 @@ def check_output_folder(output: str, overwrite: bool, source: str | None = None)
 
 def save_atomically(dataset, output: Path) -> None:
     """`save_to_disk` into a staging folder beside `output`, then swap it in: a crash never leaves a partial output."""
-    import shutil
-    import tempfile
-
     staging = make_staging_dir(output)  # also removes those of runs that were killed
     try:
         dataset.save_to_disk(str(staging / "dataset"))
         raise_if_termination_requested()
-        if output.exists() and any(output.iterdir()):
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-{os.getpid()}-", dir=output.parent))
-            os.replace(output, trash / "old")
-            os.replace(staging / "dataset", output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            if output.exists():
-                output.rmdir()  # empty
-            os.replace(staging / "dataset", output)
+        swap_in(staging / "dataset", output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

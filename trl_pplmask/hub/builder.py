@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +18,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..constants import PAPER_ARXIV_ID
 from ..models import load_model, model_slug
-from ..utils import atomic_write_text, make_staging_dir, raise_if_termination_requested
+from ..utils import atomic_write_text, make_staging_dir, raise_if_termination_requested, swap_in
 from .card import card_configs, card_template_path, default_config_name, size_category
 from .folder import (
     ASSETS_DIR,
@@ -177,9 +176,7 @@ class FolderBuilder:
         whole.parent.mkdir()
         commit_staging(staging, whole, names)
         self.render(whole, template_path)
-        if self.output.exists():
-            self.output.rmdir()  # empty
-        os.replace(whole, self.output)
+        swap_in(whole, self.output)  # replaces an empty folder of that name
 
     def _stage_config(self, model, tokenizer, name: str, config_name: str, staging: Path) -> dict[str, Any]:
         """Stage `<config>/` (data and `build_info.json`) and `assets/<config>-ppl-hist.png`."""

@@ -9,14 +9,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..constants import EMBEDDED_MODEL_ALIAS, EMBEDDED_MODEL_HUB_ID
-from ..utils import package_version
+from ..utils import package_version, swap_in
 
 
 if TYPE_CHECKING:
@@ -122,13 +120,7 @@ def commit_staging(staging: Path, output: Path, config_names: Sequence[str]) -> 
     output.mkdir(parents=True, exist_ok=True)
     (output / ASSETS_DIR).mkdir(exist_ok=True)
     for name in config_names:
-        target = output / name
-        if target.exists():
-            # Out of the way first so that a config never mixes old and new shards
-            trash = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=output.parent))
-            os.replace(target, trash / name)
-            shutil.rmtree(trash)
-        os.replace(staging / name, target)
+        swap_in(staging / name, output / name)  # a config never mixes old and new shards
         figure = f"{name}-ppl-hist.png"
         os.replace(staging / ASSETS_DIR / figure, output / ASSETS_DIR / figure)
 

@@ -20,13 +20,14 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .. import _compat
 from ..constants import EMBEDDED_MODEL_ALIAS
-from ..data import TASKS, check_dataset_spec, load_any_dataset, load_task
+from ..data import check_dataset_spec, load_any_dataset, load_task
 from ..generation.backends import check_vllm_available
 from ..generation.config import SelfOutputConfig
 from ..generation.loop import generate_records, verifier_name
 from ..generation.prompts import prepare_rows
 from ..generation.selection import assemble_dataset
 from ..models import resolve_model_path
+from ..tasks import TASKS
 from ..verifiers import VERIFIERS, Verifier, check_rows, get_verifier
 from .builder import FolderBuilder, FolderSettings
 from .card import fmt_number, fmt_percent

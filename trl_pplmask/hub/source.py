@@ -12,6 +12,7 @@ from huggingface_hub import DatasetCard
 
 from ..constants import ROW_ID_COLUMN
 from ..models import load_tokenizer
+from ..tasks import TASKS
 
 
 if TYPE_CHECKING:
@@ -36,16 +37,12 @@ FORMATS = ("auto", *FORMAT_FIELDS)
 
 def source_short_name(dataset: str) -> str:
     """`gsm8k` for the task, `my-data` for `org/my-data` or `path/to/my-data.jsonl`."""
-    from ..data import TASKS
-
     if dataset in TASKS:
         return dataset
     return Path(dataset.rstrip("/")).name.split(".")[0] or "dataset"
 
 
 def _is_local(dataset: str) -> bool:
-    from ..data import TASKS
-
     return dataset not in TASKS and Path(dataset).expanduser().exists()
 
 
@@ -57,15 +54,13 @@ def describe_source(dataset: str, dataset_config: str | None = None, license: st
         dataset_config (`str`, *optional*): Config of a Hub dataset.
         license (`str`, *optional*): License of the data, when the task or the Hub card does not say.
     """
-    from ..data import TASKS, task_license
-
     if dataset in TASKS:
         spec = TASKS[dataset]
         return {
             "dataset": dataset,
             "hub_id": spec.hub_id,
             "hub_config": spec.hub_config,
-            "license": license or task_license(dataset),
+            "license": license or spec.license,
         }
     local = _is_local(dataset)
     license_ = license or (None if local else _hub_license(dataset))
@@ -89,7 +84,7 @@ def _hub_license(repo_id: str) -> str | None:
 
 def load_source_splits(config: BuildConfig) -> dict[str, Dataset]:
     """Load every requested split of the source data (first `limit` rows); an empty split is an error."""
-    from ..data import TASKS, load_any_dataset, load_task
+    from ..data import load_any_dataset, load_task  # imports datasets and trl: not on the `--help` path
 
     path = Path(config.dataset).expanduser()
     if _is_local(config.dataset) and path.is_file():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..tasks import TASKS
 from .arms import ARM_KINDS, TRAINER_OWNED_KEYS, ArmSpec, arm_spec
 
 
@@ -18,7 +19,7 @@ class DataSettings:
 
     Args:
         task (`str`, *optional*):
-            A task of [`trl_pplmask.data.TASKS`] (`gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`); its rows are
+            A registered task of [`trl_pplmask.tasks`] (`gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`); rows
             loaded with [`~trl_pplmask.data.load_task`] (local mirror under `TRL_PPLMASK_DATA_DIR`, or the Hub).
         path (`str`, *optional*):
             Instead of `task`: a `.jsonl`/`.json`/`.parquet` file or a `save_to_disk` folder with TRL-format columns
@@ -36,8 +37,6 @@ class DataSettings:
     limit: int | None = None
 
     def __post_init__(self):
-        from ..data import TASKS
-
         if self.task is None and self.path is None:
             raise ValueError("data: set `task` (one of " + ", ".join(sorted(TASKS)) + ") or `path` (a data file).")
         if self.task is not None and self.task not in TASKS:

@@ -85,11 +85,6 @@ def load_task(name: str, split: str = "train", limit: int | None = None) -> Data
     return raw.map(convert, with_indices=True, desc=f"Formatting {name}/{split}")
 
 
-def task_license(name: str) -> str:
-    """License identifier of a task's source data (for dataset cards)."""
-    return get_task(name).license
-
-
 def detect_format(example: dict[str, Any]) -> str:
     """Name the TRL dataset format of an example: `messages`, `conversations`, `prompt_completion_conversational`,
     `prompt_completion`, or `text`."""

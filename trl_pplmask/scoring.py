@@ -393,12 +393,15 @@ def score_dataset(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase | None = None,
     config: ScoringConfig | None = None,
+    split_across_processes: bool = True,
     **config_kwargs,
 ) -> Dataset:
     """Add the per-token NLL (`token_nll`) and predictive entropy (`token_entropy`) of every example under `model`.
 
     Runs unchanged under `accelerate launch`: each process scores a share of the batches and every process returns
-    the same, complete dataset. Place the model on `PartialState().device` in that case.
+    the same, complete dataset. Place the model on `PartialState().device` in that case. With
+    `split_across_processes=False`, each process scores the whole `dataset` it was given, alone, with no collective
+    call (the sharded runs of `trl_pplmask.hub.shards`, where each process holds its own shards).
 
     Args:
         dataset (`Dataset`): Tokenized dataset with `input_ids` and, optionally, `labels` (see
@@ -407,6 +410,8 @@ def score_dataset(
         tokenizer (`PreTrainedTokenizerBase`, *optional*): Supplies the pad token id (any id works, padded positions
             are never read).
         config (`ScoringConfig`, *optional*): Settings; or pass them as keyword arguments.
+        split_across_processes (`bool`, *optional*, defaults to `True`): Share the batches among the processes of a
+            distributed launch and gather the results; `False` scores everything in this process.
 
     Returns:
         `Dataset`: the input dataset with float32 list columns of NLLs (`config.output_column`) and, unless
@@ -423,7 +428,8 @@ def score_dataset(
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; there is nothing to score.")
     state = distributed_state()
-    main = state.is_main_process
+    distributed = split_across_processes and state.num_processes > 1
+    main = state.is_main_process or not split_across_processes
     # Only the main process reads and writes the cache, and the others follow its decision: every process must take
     # the same branch (scoring ends in a collective gather), and another process may not see the main process's
     # entry yet (or ever, without a shared file system).
@@ -433,7 +439,7 @@ def score_dataset(
         cached = None
     if cached is not None and config.entropy_column is not None and cached[1] is None:
         cached = None  # scored without entropies: score again, and the new entry holds both
-    if config.use_cache and state.num_processes > 1:
+    if config.use_cache and distributed:
         cached = broadcast_object_list([cached])[0]
     if cached is not None:
         return _with_scores(dataset, config, *cached)
@@ -450,9 +456,9 @@ def score_dataset(
         budget = 1024 if next(model.parameters()).device.type == "cpu" else 16384
     batches = make_batches([len(x) for x in input_ids], budget)
     pad_token_id = _pad_token_id(tokenizer)
-    my_batches = batches[state.process_index :: state.num_processes]
+    my_batches = batches[state.process_index :: state.num_processes] if distributed else batches
     mine = _score_rows(model, input_ids, score_masks, my_batches, config, pad_token_id, config.show_progress and main)
-    if state.num_processes > 1:
+    if distributed:
         gathered = gather_object(
             [(i, nll.tolist(), None if ent is None else ent.tolist()) for i, (nll, ent) in mine.items()]
         )

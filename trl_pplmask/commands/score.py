@@ -6,10 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..constants import EMBEDDED_MODEL_ALIAS
+from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..masking import IGNORE_INDEX, TRAINABLE_COLUMN, PplMaskConfig, completion_ppl, text_histogram
 from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
 from ._io import check_aligned, check_output_folder, check_positive, load_input, no_cache_beside_input, save_atomically
@@ -17,6 +19,9 @@ from ._run import command_main
 
 
 DEFAULT_MODEL = EMBEDDED_MODEL_ALIAS
+LAYOUTS = ("auto", "shards", "save_to_disk")
+# Manifest of a sharded --output: hidden, so that `load_dataset(output)` reads the parquet shards alone
+SCORE_MANIFEST = ".trl-pplmask-shards.json"
 DATASET_HELP = (
     "Task name (gsm8k, mbpp, math, arc_challenge, humaneval), saved dataset folder, .jsonl/.parquet file, or Hub "
     "dataset id."
@@ -39,8 +44,12 @@ class ScoreConfig:
         dtype (`str`): `auto`, `float32`, `bfloat16` or `float16`.
         dataset (`str`): Task name, saved dataset folder, .jsonl/.parquet file or Hub dataset id.
         dataset_config (`str` or `None`), split (`str`), limit (`int` or `None`): Which rows of `dataset`.
-        output (`str`): New or empty folder for `Dataset.save_to_disk`; `overwrite` replaces a non-empty one.
+        output (`str`): New or empty folder for `Dataset.save_to_disk` or the parquet shards; `overwrite` replaces a
+            non-empty one (and restarts a sharded run with other settings).
         max_length (`int`): `SFTConfig.max_length` used for training.
+        layout (`str`), shard_rows (`int`), worker (`str` or `None`): How the output is written: parquet shards of
+            `shard_rows` rows, streamed and resumable (see [`~trl_pplmask.hub.shards`]), or one `save_to_disk`
+            folder; `auto` shards inputs of more than `shard_rows` rows. `worker` `"K/N"` takes every N-th shard.
         max_tokens_per_batch (`int` or `None`), score_all_tokens (`bool`), disable_adapter (`bool`),
         output_column (`str`): As in [`~trl_pplmask.scoring.ScoringConfig`].
     """
@@ -69,6 +78,27 @@ class ScoreConfig:
         metadata={
             "help": "Column for the NLLs (default token_nll; token_nll_dpf for DPF's fine-tuned model). Never an "
             "existing non-NLL column such as labels or input_ids."
+        },
+    )
+    layout: str = field(
+        default="auto",
+        metadata={
+            "help": "How --output is written: shards (parquet files <split>-0000k-of-0000n.parquet, streamed shard by "
+            "shard, resumable, split across the processes of a launch), save_to_disk (one Dataset.save_to_disk "
+            "folder, all in memory), or auto (default): shards when the input has more than --shard-rows rows.",
+            "choices": LAYOUTS,
+        },
+    )
+    shard_rows: int = field(
+        default=DEFAULT_SHARD_ROWS,
+        metadata={"help": f"Rows per shard of the shards layout (default {DEFAULT_SHARD_ROWS})."},
+    )
+    worker: str | None = field(
+        default=None,
+        metadata={
+            "help": "K/N: score only the shards i with i % N == K (one task of a Slurm array, or one machine; no "
+            "process group). Every worker writes into the same --output; rerun without --worker to check it is "
+            "complete. Default: the processes of the accelerate launch, or this one alone."
         },
     )
 
@@ -141,44 +171,59 @@ def _check_assistant_turns(dataset) -> None:
                     )
 
 
-def _score(config: ScoreConfig, dataset):
-    from ..data import ROW_ID_COLUMN, tokenize_dataset
-    from ..models import load_model, load_tokenizer
-    from ..scoring import ScoringConfig, distributed_state, score_dataset
+def _scoring_config(config: ScoreConfig, use_cache: bool = True, show_progress: bool = True):
+    from ..scoring import ScoringConfig
 
-    scoring = ScoringConfig(
+    return ScoringConfig(
         max_tokens_per_batch=config.max_tokens_per_batch,
         score_all_tokens=config.score_all_tokens,
         disable_adapter=config.disable_adapter,
         output_column=config.output_column,
+        use_cache=use_cache,
+        show_progress=show_progress,
     )
-    pretokenized = "input_ids" in dataset.column_names
-    if pretokenized:
+
+
+def _check_rows(config: ScoreConfig, dataset) -> None:
+    """The checks of the input that need no model."""
+    if "input_ids" in dataset.column_names:
         _check_pretokenized(dataset, config.max_length)
-        tokenized = dataset
     else:
         _check_assistant_turns(dataset)
-        # Tokenize (cheap) before loading the model, so that truncation problems are reported first
-        tokenized = tokenize_dataset(dataset, load_tokenizer(config.model), max_length=config.max_length)
-        dropped = len(dataset) - len(tokenized)
-        if dropped == len(dataset):
-            raise ValueError(
-                f"All {len(dataset)} rows were dropped when truncating to --max-length {config.max_length} (no "
-                "trainable token left within it). Raise --max-length to the SFTConfig.max_length used for training."
-            )
-        if dropped:
-            kept = set(tokenized[ROW_ID_COLUMN]) if ROW_ID_COLUMN in tokenized.column_names else set()
-            lost = [i for i in range(len(dataset)) if i not in kept][:10]
-            more = "..." if dropped > len(lost) else ""
-            print(
-                f"trl-pplmask score: warning: {dropped} of {len(dataset)} rows dropped by truncation to --max-length "
-                f"{config.max_length} (no trainable token left; row ids {lost}{more}).",
-                file=sys.stderr,
-            )
-    state = distributed_state()
-    model, tokenizer = load_model(config.model, adapter=config.adapter, dtype=config.dtype, device=state.device)
-    if not (pretokenized and TRAINABLE_COLUMN in dataset.column_names):
-        return score_dataset(tokenized, model, tokenizer, scoring), tokenizer
+
+
+def _tokenize(config: ScoreConfig, dataset, tokenizer, where: str = ""):
+    """`dataset` as SFTTrainer tokenizes it (as it is when it has `input_ids`); warns of rows lost to truncation."""
+    from ..data import ROW_ID_COLUMN, tokenize_dataset
+
+    if "input_ids" in dataset.column_names:
+        return dataset
+    tokenized = tokenize_dataset(dataset, tokenizer, max_length=config.max_length)
+    dropped = len(dataset) - len(tokenized)
+    if dropped == len(dataset) and not where:
+        raise ValueError(
+            f"All {len(dataset)} rows were dropped when truncating to --max-length {config.max_length} (no "
+            "trainable token left within it). Raise --max-length to the SFTConfig.max_length used for training."
+        )
+    if dropped:
+        ids = dataset[ROW_ID_COLUMN] if ROW_ID_COLUMN in dataset.column_names else range(len(dataset))
+        kept = set(tokenized[ROW_ID_COLUMN]) if ROW_ID_COLUMN in tokenized.column_names else set()
+        lost = [i for i in ids if i not in kept][:10]
+        more = "..." if dropped > len(lost) else ""
+        print(
+            f"trl-pplmask score: warning: {where}{dropped} of {len(dataset)} rows dropped by truncation to "
+            f"--max-length {config.max_length} (no trainable token left; row ids {lost}{more}).",
+            file=sys.stderr,
+        )
+    return tokenized
+
+
+def _score_tokenized(dataset, tokenized, model, tokenizer, scoring, split_across_processes: bool = True):
+    """Add the NLLs (and entropies) of `tokenized` under `model`: the rows of `dataset`, tokenized."""
+    from ..scoring import score_dataset
+
+    if not ("input_ids" in dataset.column_names and TRAINABLE_COLUMN in dataset.column_names):
+        return score_dataset(tokenized, model, tokenizer, scoring, split_across_processes=split_across_processes)
     # A masked dataset (`build`, `mask`): its labels hide the tokens masked by perplexity. Score every token SFT
     # trains on before masking (`trainable_mask`), as for the unmasked data, and keep the labels as they are.
     restored = [
@@ -186,17 +231,36 @@ def _score(config: ScoreConfig, dataset):
         for ids, mask in zip(dataset["input_ids"], dataset[TRAINABLE_COLUMN])
     ]
     view = dataset.select_columns(["input_ids"]).add_column("labels", restored)
-    scored = score_dataset(view, model, tokenizer, scoring)
+    scored = score_dataset(view, model, tokenizer, scoring, split_across_processes=split_across_processes)
     for column in (scoring.output_column, scoring.entropy_column):
         if column is not None:
             if column in dataset.column_names:
                 dataset = dataset.remove_columns(column)
             dataset = dataset.add_column(column, scored[column], feature=scored.features[column])
-    return dataset, tokenizer
+    return dataset
 
 
-def _print_summary(dataset, config: PplMaskConfig, nll_column: str) -> None:
-    ppl = completion_ppl(dataset, nll_column)
+def _load_scoring_model(config: ScoreConfig):
+    from ..models import load_model
+    from ..scoring import distributed_state
+
+    state = distributed_state()
+    return load_model(config.model, adapter=config.adapter, dtype=config.dtype, device=state.device)
+
+
+def _score(config: ScoreConfig, dataset):
+    from ..models import load_tokenizer
+
+    _check_rows(config, dataset)
+    # Tokenize (cheap) before loading the model, so that truncation problems are reported first
+    tokenized = (
+        dataset if "input_ids" in dataset.column_names else _tokenize(config, dataset, load_tokenizer(config.model))
+    )
+    model, tokenizer = _load_scoring_model(config)
+    return _score_tokenized(dataset, tokenized, model, tokenizer, _scoring_config(config)), tokenizer
+
+
+def _print_summary(ppl: np.ndarray, config: PplMaskConfig) -> None:
     if ppl.size == 0:
         print("No completion tokens.")
         return
@@ -205,22 +269,42 @@ def _print_summary(dataset, config: PplMaskConfig, nll_column: str) -> None:
     print(text_histogram(ppl, config.threshold))
 
 
-def run(config: ScoreConfig) -> int:
-    """Score `config.dataset` and save it to `config.output`; print a perplexity summary."""
+def _check_options(config: ScoreConfig) -> None:
+    from ..hub.shards import parse_worker
     from ..models import check_model_path
-    from ..scoring import distributed_state
 
     check_positive("--max-length", config.max_length)
     check_positive("--max-tokens-per-batch", config.max_tokens_per_batch)
     check_positive("--limit", config.limit)
+    check_positive("--shard-rows", config.shard_rows)
+    if config.layout not in LAYOUTS:
+        raise ValueError(f"--layout {config.layout!r} is not one of {', '.join(LAYOUTS)}.")
+    if parse_worker(config.worker) is not None:
+        if config.layout == "save_to_disk":
+            raise ValueError("--worker needs --layout shards (a save_to_disk folder is written by one process).")
+        if config.overwrite:
+            raise ValueError(
+                "--overwrite with --worker would let each worker delete the others' shards; empty --output once, "
+                "before starting the workers, instead."
+            )
     _check_output_column(config.output_column)
     check_model_path(config.model)
     if config.adapter:
         check_model_path(config.adapter, "adapter")
-    output = check_output_folder(config.output, config.overwrite, config.dataset)
+
+
+def run(config: ScoreConfig) -> int:
+    """Score `config.dataset` and save it to `config.output`; print a perplexity summary."""
+    from ..scoring import distributed_state
+
+    _check_options(config)
     with no_cache_beside_input():
         dataset = load_input(config.dataset, config.split, config.dataset_config, config.limit)
         _check_output_column(config.output_column, dataset)
+        sharded = config.layout == "shards" or (config.layout == "auto" and len(dataset) > config.shard_rows)
+        if sharded or config.worker is not None:
+            return _run_sharded(config, dataset)
+        output = check_output_folder(config.output, config.overwrite, config.dataset)
         scored, _ = _score(config, dataset)
         if distributed_state().is_main_process:
             save_atomically(scored, output)
@@ -228,8 +312,107 @@ def run(config: ScoreConfig) -> int:
         dropped = len(dataset) - len(scored)
         note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
         print(f"Scored {len(scored)} examples{note} -> {config.output}")
-        _print_summary(scored, PplMaskConfig(threshold=2.5), config.output_column)
+        _print_summary(completion_ppl(scored, config.output_column), PplMaskConfig(threshold=2.5))
     return 0
+
+
+def _shard_record(config: ScoreConfig) -> dict:
+    """What decides the shards' content (the model's fingerprint is added once it is loaded)."""
+    return {
+        "command": "score",
+        "input": {"dataset": config.dataset, "dataset_config": config.dataset_config, "split": config.split},
+        "settings": {
+            "model": config.model,
+            "adapter": config.adapter,
+            "dtype": config.dtype,
+            "limit": config.limit,
+            "max_length": config.max_length,
+            "score_all_tokens": config.score_all_tokens,
+            "disable_adapter": config.disable_adapter,
+            "output_column": config.output_column,
+        },
+    }
+
+
+def _run_sharded(config: ScoreConfig, dataset) -> int:
+    """Score `dataset` shard by shard into `<output>/<split>-0000k-of-0000n.parquet` (see `trl_pplmask.hub.shards`)."""
+    from ..constants import ROW_ID_COLUMN
+    from ..hub.shards import ShardFolder, ShardPlan, current_workers, process_shards
+    from ..models import load_tokenizer
+    from ..scoring import model_fingerprint
+
+    output = Path(config.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {config.output} is a file; give a folder path (new, or empty).")
+    check_output_folder(config.output, True, config.dataset)  # only the overlap with the input
+    workers = current_workers(config.worker)
+    if "input_ids" not in dataset.column_names and ROW_ID_COLUMN not in dataset.column_names:
+        # Row ids over the whole input, not per shard: dropped rows stay traceable
+        dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
+    plan = ShardPlan(len(dataset), config.shard_rows, config.split)
+    folder = ShardFolder(output, [plan], _shard_record(config), SCORE_MANIFEST, overwrite=config.overwrite)
+    folder.check()
+    for index in range(plan.num_shards):  # every check that needs no model, before any work
+        rows = plan.rows(index)
+        try:
+            _check_rows(config, dataset.select(rows))
+        except ValueError as err:
+            raise ValueError(f"Rows {rows.start}-{rows.stop - 1} (shard {index}): {err}") from None
+    load_tokenizer(config.model)  # a bad tokenizer fails here, before the model is loaded
+    model, tokenizer = _load_scoring_model(config)
+    folder.check_model(model_fingerprint(model))
+    workers.barrier()  # every process checked the folder before anyone writes to it
+    if workers.main or workers.explicit:
+        folder.start()
+    workers.barrier()
+    scoring = _scoring_config(config, use_cache=False, show_progress=False)
+
+    def work(rows):
+        where = (
+            f"rows {rows[ROW_ID_COLUMN][0]}-{rows[ROW_ID_COLUMN][-1]}: " if ROW_ID_COLUMN in rows.column_names else ""
+        )
+        tokenized = _tokenize(config, rows, tokenizer, where=where or "a shard: ")
+        if len(tokenized) == 0:
+            scored = tokenized
+        else:
+            scored = _score_tokenized(rows, tokenized, model, tokenizer, scoring, split_across_processes=False)
+        tokens = sum(len(ids) for ids in scored["input_ids"]) if len(scored) else 0
+        return scored, {"rows": len(rows), "examples": len(scored), "tokens": tokens}
+
+    process_shards(folder, plan, dataset, workers, work)
+    workers.barrier()
+    missing = folder.missing(plan)
+    if missing:
+        print(
+            f"{workers.name()}: done; {plan.num_shards - len(missing)} of {plan.num_shards} shards of {config.output} "
+            "are written. The other workers write the rest; rerun this command once they are done to check it.",
+        )
+        return 0
+    if workers.main or workers.explicit:
+        infos = folder.shard_infos(plan)
+        examples = sum(i["examples"] for i in infos)
+        dropped = sum(i["rows"] for i in infos) - examples
+        note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
+        print(f"Scored {examples} examples{note} -> {config.output} ({plan.num_shards} parquet shards)")
+        _print_summary(_shard_perplexities(output, plan, config.output_column), PplMaskConfig(threshold=2.5))
+    return 0
+
+
+def _shard_perplexities(folder: Path, plan, nll_column: str) -> np.ndarray:
+    """Perplexities of the completion tokens of every shard, read one shard at a time."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    nlls = []
+    for name in plan.names():
+        columns = [
+            nll_column,
+            TRAINABLE_COLUMN if TRAINABLE_COLUMN in pq.read_schema(folder / name).names else "labels",
+        ]
+        shard = Dataset(pq.read_table(folder / name, columns=columns))
+        if len(shard):
+            nlls.append(completion_ppl(shard, nll_column).astype(np.float32))  # 4 bytes a completion token
+    return np.concatenate(nlls) if nlls else np.zeros(0)
 
 
 def cmd_score(args: argparse.Namespace) -> int:

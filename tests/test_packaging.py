@@ -37,3 +37,32 @@ def test_card_templates_ship_from_the_top_level_cards_folder():
         template = card_template_path(None, builder.card_template)
         assert template.parent.resolve() == cards_dir().resolve()
         assert template.read_text() == (ROOT / "cards" / builder.card_template).read_text()
+
+
+def test_wheel_metadata_carries_the_license(tmp_path):
+    """pyproject says Apache-2.0; the wheel ships the LICENSE file and names it in its metadata (PEP 639)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(ROOT),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("trl_pplmask-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        shipped = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+        assert archive.read(shipped) == (ROOT / "LICENSE").read_bytes()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "License-File: LICENSE" in metadata

@@ -41,10 +41,17 @@ def test_card_templates_ship_from_the_top_level_cards_folder():
 
 def test_wheel_metadata_carries_the_license(tmp_path):
     """pyproject says Apache-2.0; the wheel ships the LICENSE file and names it in its metadata (PEP 639)."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources, which must not touch the checkout
+    source = tmp_path / "src"
+    skip = shutil.ignore_patterns(
+        ".git", ".venv", "build", "outputs", "*.egg-info", "__pycache__", "gpu_check_results"
+    )
+    shutil.copytree(ROOT, source, ignore=skip)
     cmd = [
         sys.executable,
         "-m",
@@ -55,7 +62,7 @@ def test_wheel_metadata_carries_the_license(tmp_path):
         "-q",
         "-w",
         str(tmp_path),
-        str(ROOT),
+        str(source),
     ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("trl_pplmask-*.whl")

@@ -16,6 +16,7 @@ from ..hub.card import fmt_number
 from ..hub.folder import read_build_infos
 from ..hub.pplmasked import build_pplmasked
 from ..hub.pplmasked_config import BuildConfig
+from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..hub.source import FORMATS
 from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
 from ._run import command_main
@@ -60,7 +61,20 @@ class BuildArguments:
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows of each split."})
     max_length: int = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
     drop_empty: bool = field(default=False, metadata={"help": "Drop examples left with no trainable token."})
-    max_shard_size: str = field(default="500MB", metadata={"help": "Largest parquet shard (default: 500MB)."})
+    shard_rows: int = field(
+        default=DEFAULT_SHARD_ROWS,
+        metadata={
+            "help": f"Source rows per parquet shard (default {DEFAULT_SHARD_ROWS}): built one at a time, each process "
+            "of a launch its own, resumed after a kill."
+        },
+    )
+    max_shard_size: str = field(
+        default="500MB", metadata={"help": "Warn when a shard is larger than this in memory (default: 500MB)."}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Discard an unfinished earlier build with other settings or model instead of refusing it."},
+    )
     dtype: str = field(default="auto", metadata={"help": "Scoring dtype: auto, float32, bfloat16 or float16."})
     max_tokens_per_batch: int | None = field(default=None, metadata={"help": "Scoring token budget per batch."})
     no_cache: bool = field(default=False, metadata={"help": "Rescore even if identical scores are cached."})
@@ -97,6 +111,7 @@ def command_line(arguments, prog: str) -> str:
         "output_dir",
         "card_template",
         "max_tokens_per_batch",
+        "overwrite",
     }
     for key, value in values.items():
         if key in skip or value is None or value is False:
@@ -142,6 +157,8 @@ def build_config(arguments: BuildArguments, prog: str = PROG) -> BuildConfig:
         unmasked_splits=list(arguments.unmasked_splits),
         max_length=arguments.max_length,
         drop_empty=arguments.drop_empty,
+        shard_rows=arguments.shard_rows,
+        overwrite=arguments.overwrite,
         max_tokens_per_batch=arguments.max_tokens_per_batch,
         use_cache=not arguments.no_cache,
         cache_dir=arguments.cache_dir,

@@ -96,7 +96,7 @@ class ScoreConfig:
     worker: str | None = field(
         default=None,
         metadata={
-            "help": "K/N: score only the shards i with i % N == K (one task of a Slurm array, or one machine; no "
+            "help": "K/N: score only the shards i with i %% N == K (one task of a Slurm array, or one machine; no "
             "process group). Every worker writes into the same --output; rerun without --worker to check it is "
             "complete. Default: the processes of the accelerate launch, or this one alone."
         },
@@ -337,7 +337,7 @@ def _shard_record(config: ScoreConfig) -> dict:
 def _run_sharded(config: ScoreConfig, dataset) -> int:
     """Score `dataset` shard by shard into `<output>/<split>-0000k-of-0000n.parquet` (see `trl_pplmask.hub.shards`)."""
     from ..constants import ROW_ID_COLUMN
-    from ..hub.shards import ShardFolder, ShardPlan, current_workers, process_shards
+    from ..hub.shards import ShardFolder, ShardPlan, count_tokens, current_workers, process_shards
     from ..models import load_tokenizer
     from ..scoring import model_fingerprint
 
@@ -376,8 +376,7 @@ def _run_sharded(config: ScoreConfig, dataset) -> int:
             scored = tokenized
         else:
             scored = _score_tokenized(rows, tokenized, model, tokenizer, scoring, split_across_processes=False)
-        tokens = sum(len(ids) for ids in scored["input_ids"]) if len(scored) else 0
-        return scored, {"rows": len(rows), "examples": len(scored), "tokens": tokens}
+        return scored, {"rows": len(rows), "examples": len(scored), "tokens": count_tokens(scored)}
 
     process_shards(folder, plan, dataset, workers, work)
     workers.barrier()

@@ -101,6 +101,14 @@ class FolderBuilder:
         """Whether this process writes the folder (the others of a distributed run only compute)."""
         return True
 
+    def open_staging(self) -> Path:
+        """The folder the configs are staged in, beside the output: by default a new one, removed at the end."""
+        return make_staging_dir(self.output)  # also removes those of runs that were killed
+
+    def close_staging(self, staging: Path, finished: bool) -> None:
+        """Remove the staging folder (`finished`: the configs were committed); a resumable builder keeps it else."""
+        shutil.rmtree(staging, ignore_errors=True)
+
     def render(self, folder: Path, template_path: Path) -> None:
         """Render the card of `folder` (the output folder, or its staged copy of the same name)."""
         self.render_card(folder, template_path)
@@ -144,9 +152,10 @@ class FolderBuilder:
         self.prepare()
         template_path = card_template_path(self.config.template_path, self.card_template)
         names = self.config.resolved_config_names()
-        staging = make_staging_dir(self.output)  # every check passed: from here on, writing is expected
+        staging = self.open_staging()  # every check passed: from here on, writing is expected
+        finished = False
         try:
-            (staging / ASSETS_DIR).mkdir()
+            (staging / ASSETS_DIR).mkdir(exist_ok=True)
             for index, (name, config_name) in enumerate(zip(self.config.models, names)):
                 logger.info("[%d/%d] %s with %s -> config %s", index + 1, len(names), self.action, name, config_name)
                 model, tokenizer = self.load_model(name)
@@ -156,8 +165,9 @@ class FolderBuilder:
             if self.is_main_process():
                 raise_if_termination_requested()
                 self._commit(staging, names, template_path)
+            finished = True
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.close_staging(staging, finished)
         return self.output
 
     def _commit(self, staging: Path, names: list[str], template_path: Path) -> None:
@@ -181,9 +191,11 @@ class FolderBuilder:
     def _stage_config(self, model, tokenizer, name: str, config_name: str, staging: Path) -> dict[str, Any]:
         """Stage `<config>/` (data and `build_info.json`) and `assets/<config>-ppl-hist.png`."""
         directory = staging / config_name
-        directory.mkdir()
+        directory.mkdir(exist_ok=True)  # a resumable builder's folder may hold the shards of a killed run
         histogram = f"{ASSETS_DIR}/{config_name}-ppl-hist.png"
         built = self.build_config(model, tokenizer, name, config_name, directory, staging / histogram)
+        if not self.is_main_process():
+            return {}  # the main process writes the record
         info = {
             "kind": self.kind,
             "config_name": config_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,12 +13,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from ..constants import NLL_COLUMN, ROW_ID_COLUMN, TRAINABLE_COLUMN
 from ..models import load_model
 from .builder import FolderBuilder
 from .card import fmt_number
-from .folder import read_build_infos, write_parquet_shards
+from .folder import BUILD_INFO_FILE, read_build_infos
 from .pplmasked_config import BuildConfig
-from .pplmasked_split import build_split, completion_perplexities, plot_ppl_histogram
+from .pplmasked_split import (
+    build_split,
+    combine_statistics,
+    plot_ppl_histogram,
+    raise_empty_split,
+    table_statistics,
+)
+from .shards import ShardFolder, ShardPlan, count_tokens, current_workers, process_shards
 from .source import (
     FORMAT_FIELDS,
     check_chat_templates,
@@ -37,7 +46,21 @@ logger = logging.getLogger(__name__)
 PPLMASKED_KIND = "pplmasked"  # `kind` of our build_info.json; the self-output builder writes its own
 PPLMASKED_CARD_TEMPLATE = "pplmasked_dataset_card.md.jinja"
 # Settings that do not change the data (or are recorded elsewhere in the build info)
-_UNRECORDED_SETTINGS = ("output_dir", "models", "config_names", "template_path", "command", "cache_dir", "use_cache")
+_UNRECORDED_SETTINGS = (
+    "output_dir",
+    "models",
+    "config_names",
+    "template_path",
+    "command",
+    "cache_dir",
+    "use_cache",
+    "overwrite",
+)
+# Settings that shape the card only: a resumed build may change them
+_CARD_SETTINGS = ("repo_id", "pretty_name", "license", "language", "default_config", "max_shard_size")
+# The build's resumable work folder beside the output, and where it keeps the shard manifests of each config
+WORK_SUFFIX = "-pplmask-work"
+MANIFESTS_DIR = ".manifests"
 
 
 class PplMaskedBuilder(FolderBuilder):
@@ -57,8 +80,6 @@ class PplMaskedBuilder(FolderBuilder):
 
     def prepare(self) -> None:
         """Check the default config, load and validate every split, and load each model's tokenizer."""
-        from accelerate import PartialState  # imports torch: not on the `--help` path
-
         config, output = self.config, self.output
         if config.default_config is not None:
             known = set(config.resolved_config_names()) | set(read_build_infos(output) if output.is_dir() else {})
@@ -67,45 +88,149 @@ class PplMaskedBuilder(FolderBuilder):
                     f"--default-config {config.default_config!r} is not a config of {output}: after this build it "
                     f"holds {sorted(known)}. Name one of those."
                 )
-        self.splits: dict[str, Dataset] = load_source_splits(config)
+        self.splits: dict[str, Dataset] = {
+            split: _with_row_ids(dataset) for split, dataset in load_source_splits(config).items()
+        }
         fmt, conversational = None, False
         for split, dataset in self.splits.items():
             where = f"{config.dataset} split {split!r}"
             split_format = resolve_format(dataset, config.format if fmt is None else fmt, where)
             fmt = split_format
-            conversational = validate_rows(dataset, fmt, where) or conversational
+            for start in range(0, len(dataset), config.shard_rows):  # a shard at a time: memory stays flat
+                chunk = dataset.select(range(start, min(start + config.shard_rows, len(dataset))))
+                conversational = validate_rows(chunk, fmt, where) or conversational
         self.source["format"], self.source["conversational"] = fmt, conversational
         self.tokenizers = check_chat_templates(config.models, conversational)
-        self.state = PartialState()
+        self.workers = current_workers()
+        self.plans = {split: ShardPlan(len(d), config.shard_rows, split) for split, d in self.splits.items()}
+        self.shard_folders = {}
+        for name, config_name in zip(config.models, config.resolved_config_names()):
+            folder = ShardFolder(
+                self.work / config_name,
+                list(self.plans.values()),
+                self._shard_record(name, config_name),
+                manifest=self.work / MANIFESTS_DIR / f"{config_name}.json",
+                allowed=[BUILD_INFO_FILE],
+                overwrite=config.overwrite,
+            )
+            folder.check(what=f"The unfinished build of config {config_name!r} in")
+            self.shard_folders[config_name] = folder
+
+    @property
+    def work(self) -> Path:
+        """The resumable work folder beside the output: `.<name>-pplmask-work`, kept until the build is committed."""
+        return self.output.parent.resolve() / f".{self.output.name}{WORK_SUFFIX}"
+
+    def _shard_record(self, name: str, config_name: str) -> dict[str, Any]:
+        """What decides a config's shards: the data settings and the model (its fingerprint is added once loaded)."""
+        settings = asdict(self.config)
+        for key in (*_UNRECORDED_SETTINGS, *_CARD_SETTINGS):
+            settings.pop(key)
+        return {"command": "build", "model_name": name, "config_name": config_name, "settings": settings}
+
+    def open_staging(self) -> Path:
+        """The work folder, resumed when a killed run left it (its shards are checked in `prepare`)."""
+        stale = self.work / "folder"  # a commit of a new folder that was killed midway: assembled again
+        if self.workers.main and stale.exists():
+            shutil.rmtree(stale)
+        (self.work / MANIFESTS_DIR).mkdir(parents=True, exist_ok=True)
+        return self.work
+
+    def close_staging(self, staging: Path, finished: bool) -> None:
+        """Remove the work folder once the build is committed; keep it (to resume) otherwise."""
+        if finished and self.workers.main:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def load_model(self, name: str) -> tuple[Any, Any]:
         model, _ = load_model(name, dtype=self.config.dtype)
         return model, self.tokenizers[name]  # the tokenizer whose chat template was checked
 
     def is_main_process(self) -> bool:
-        return self.state.is_main_process
+        return self.workers.main
 
     def build_config(self, model, tokenizer, name: str, config_name: str, directory: Path, figure: Path) -> dict:
-        """Score and mask every split with one model: the parquet shards, the histogram, settings and split infos."""
-        config = self.config
-        conversation_columns = FORMAT_FIELDS[self.source["format"]]
-        split_infos, histogram_ppl = {}, []
+        """Score and mask every split with one model, shard by shard (each process its own shards, finished shards
+        of a killed run kept); then, on the main process, the histogram, settings and split infos."""
+        from ..scoring import model_fingerprint
+
+        folder = self.shard_folders[config_name]
+        folder.check_model(model_fingerprint(model), what=f"The unfinished build of config {config_name!r} in")
+        self.workers.barrier()  # every process checked the work folder before anyone writes to it
+        if self.workers.main:
+            folder.start()
+        self.workers.barrier()
         for split, dataset in self.splits.items():
-            strategy = "none" if split in config.unmasked_splits else "threshold"
+            work = self._shard_work(model, tokenizer, config_name, split)
+            process_shards(folder, self.plans[split], dataset, self.workers, work)
+        self.workers.barrier()  # all shards written
+        if not self.workers.main:
+            return {}
+        return self._summarise(config_name, directory, figure)
+
+    def _strategy(self, split: str) -> str:
+        return "none" if split in self.config.unmasked_splits else "threshold"
+
+    def _shard_work(self, model, tokenizer, config_name: str, split: str):
+        """Rows of one shard -> (its built rows, the figures of its split info that add up over shards)."""
+        config, columns = self.config, FORMAT_FIELDS[self.source["format"]]
+        strategy = self._strategy(split)
+
+        def work(rows):
             try:
-                built, info = build_split(dataset, model, tokenizer, config, strategy, conversation_columns)
+                built, info = build_split(
+                    rows, model, tokenizer, config, strategy, columns, split_across_processes=False
+                )
             except ValueError as err:
                 raise ValueError(f"Config {config_name!r}, split {split!r}: {err}") from err
-            shards = write_parquet_shards(built, directory, split, config.max_shard_size_bytes)
-            info["files"] = [f"{config_name}/{shard}" for shard in shards]
-            info["download_size"] = sum((directory / shard).stat().st_size for shard in shards)
+            counts = {key: info[key] for key in _SUMMED_INFO}
+            counts["tokens"] = count_tokens(built)
+            return built, counts
+
+        return work
+
+    def _summarise(self, config_name: str, directory: Path, figure: Path) -> dict:
+        """The split infos of a config from its shards (read one at a time), its histogram and settings."""
+        import pyarrow.parquet as pq
+
+        config = self.config
+        folder = self.shard_folders[config_name]
+        split_infos, histogram_nll, last = {}, [], []
+        for split, plan in self.plans.items():
+            strategy = self._strategy(split)
+            counts = folder.shard_infos(plan)
+            columns = ["labels", NLL_COLUMN, TRAINABLE_COLUMN]
+            parts = [table_statistics(pq.read_table(directory / shard, columns=columns)) for shard in plan.names()]
+            stats = combine_statistics(parts)
+            if stats["examples"] == 0:
+                try:
+                    raise_empty_split(config)
+                except ValueError as err:
+                    raise ValueError(f"Config {config_name!r}, split {split!r}: {err}") from None
+            info = {"strategy": strategy, "threshold": config.threshold if strategy != "none" else None}
+            info.update({key: sum(c[key] for c in counts) for key in _SUMMED_INFO if key != "num_bytes"})
+            info["stats"] = stats
+            info["num_bytes"] = sum(c["num_bytes"] for c in counts)
+            info["files"] = [f"{config_name}/{shard}" for shard in plan.names()]
+            info["download_size"] = sum((directory / shard).stat().st_size for shard in plan.names())
+            largest = max(c["num_bytes"] for c in counts)
+            if largest > config.max_shard_size_bytes:
+                logger.warning(
+                    "config %s, split %s: a shard holds %d bytes, more than --max-shard-size %s; lower --shard-rows "
+                    "(now %d) for smaller files.",
+                    config_name,
+                    split,
+                    largest,
+                    config.max_shard_size,
+                    config.shard_rows,
+                )
             split_infos[split] = info
+            last = [p["nll"] for p in parts]
             if strategy != "none":
-                histogram_ppl.append(completion_perplexities(built))
-        if not histogram_ppl:  # only unmasked splits: still show where the threshold would fall
-            histogram_ppl = [completion_perplexities(built)]
+                histogram_nll += last
+        if not histogram_nll:  # only unmasked splits: still show where the threshold would fall
+            histogram_nll = last
         plot_ppl_histogram(
-            np.concatenate(histogram_ppl),
+            np.exp(np.concatenate(histogram_nll).astype(np.float64)),
             config.threshold,
             figure,
             f"{source_short_name(self.source['dataset'])}: completion tokens scored by {config_name}",
@@ -113,8 +238,7 @@ class PplMaskedBuilder(FolderBuilder):
         settings = asdict(config)
         for key in _UNRECORDED_SETTINGS:
             settings.pop(key)
-        if self.is_main_process():
-            logger.info("config %s: %s", config_name, json.dumps(split_infos))
+        logger.info("config %s: %s", config_name, json.dumps(split_infos))
         return {"settings": settings, "splits": split_infos}
 
     def render(self, folder: Path, template_path: Path) -> None:
@@ -141,6 +265,17 @@ class PplMaskedBuilder(FolderBuilder):
             "threshold": latest["settings"]["threshold"],
             "default_config": default,
         }
+
+
+# Figures of a split's info that are sums over its shards (stored in each shard's metadata)
+_SUMMED_INFO = ("rows_loaded", "rows_dropped_by_truncation", "examples_dropped_empty", "num_bytes")
+
+
+def _with_row_ids(dataset: Dataset) -> Dataset:
+    """`row_id` over the whole split (tokenization adds it per shard otherwise, from 0 in every shard)."""
+    if ROW_ID_COLUMN in dataset.column_names:
+        return dataset
+    return dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
 
 
 def build_pplmasked(config: BuildConfig) -> Path:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..constants import EMBEDDED_MODEL_ALIAS
 from .builder import FolderSettings
 from .folder import check_config_name
+from .shards import DEFAULT_SHARD_ROWS
 from .source import FORMATS
 
 
@@ -47,8 +48,17 @@ class BuildConfig(FolderSettings):
             truncate `input_ids`/`labels` away from `token_nll`.
         drop_empty (`bool`, *optional*, defaults to `False`):
             Drop examples left with no trainable token after masking. Kept by default; counted in the card either way.
+        shard_rows (`int`, *optional*, defaults to `4096`):
+            Rows of the source per parquet shard. A split is built shard by shard (read, tokenized, scored, masked,
+            written, freed: memory does not grow with the number of rows), each process of an `accelerate launch`
+            taking its own shards; a killed build resumes from the shards it had written (see
+            [`~trl_pplmask.hub.shards`]). The number of shards is fixed by the row count, so the file names
+            `<split>-0000k-of-0000n.parquet` are known from the start.
         max_shard_size (`int` or `str`, *optional*, defaults to `"500MB"`):
-            Largest in-memory size of a parquet shard (as for `Dataset.push_to_hub`).
+            Size (in memory) a shard should stay under: a build whose shards exceed it warns, naming `shard_rows`.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Discard the shards of an unfinished earlier build with other settings or another model, instead of
+            refusing to mix them in.
         dtype (`str`, *optional*, defaults to `"auto"`):
             Weight dtype of the scoring models (`auto`, `float32`, `bfloat16`, `float16`).
         max_tokens_per_batch (`int`, *optional*):
@@ -84,7 +94,9 @@ class BuildConfig(FolderSettings):
     limit: int | None = None
     max_length: int | None = 1024
     drop_empty: bool = False
+    shard_rows: int = DEFAULT_SHARD_ROWS
     max_shard_size: int | str = "500MB"
+    overwrite: bool = False
     dtype: str = "auto"
     max_tokens_per_batch: int | None = None
     use_cache: bool = True
@@ -115,6 +127,8 @@ class BuildConfig(FolderSettings):
             raise ValueError(f"splits must be a non-empty list of distinct split names, got {self.splits!r}.")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit must be positive, got {self.limit}.")
+        if self.shard_rows <= 0:
+            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}.")
         if self.max_length is not None and self.max_length <= 0:
             raise ValueError(f"max_length must be positive or None, got {self.max_length}.")
         if self.format not in FORMATS:

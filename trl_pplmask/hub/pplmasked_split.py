@@ -34,25 +34,43 @@ def split_statistics(dataset: Dataset) -> dict[str, Any]:
     Computed from the stored columns (`labels`, `token_nll`, `trainable_mask`), so the card always agrees with the
     parquet files.
     """
+    table = dataset.select_columns(["labels", NLL_COLUMN, TRAINABLE_COLUMN]).with_format("arrow")[:]
+    return combine_statistics([table_statistics(table)])
+
+
+def table_statistics(table) -> dict[str, Any]:
+    """The parts of [`split_statistics`] of one arrow table (a shard): counts, and the completion tokens' NLLs
+    (float32, as stored) for the quantiles."""
     import pyarrow.compute as pc
 
-    table = dataset.select_columns(["labels", NLL_COLUMN, TRAINABLE_COLUMN]).with_format("arrow")[:]
     trainable = _flat(table, TRAINABLE_COLUMN, bool)
     masked = trainable & (_flat(table, "labels", np.int64) == IGNORE_INDEX)
-    ppl = np.exp(_flat(table, NLL_COLUMN, np.float64)[trainable])
     lengths = pc.list_value_length(table.column(TRAINABLE_COLUMN)).to_numpy(zero_copy_only=False)
     per_example_kept = (
         np.add.reduceat((trainable & ~masked).astype(np.int64), _offsets(lengths)) if len(lengths) else []
     )
-    n, k = int(trainable.sum()), int(masked.sum())
     return {
-        "examples": len(dataset),
+        "examples": table.num_rows,
+        "completion_tokens": int(trainable.sum()),
+        "masked_tokens": int(masked.sum()),
+        "examples_without_trainable_token": int(np.sum(np.asarray(per_example_kept) == 0)),
+        "nll": _flat(table, NLL_COLUMN, np.float32)[trainable],
+    }
+
+
+def combine_statistics(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """[`split_statistics`] of a split from the [`table_statistics`] of its shards."""
+    nll = np.concatenate([p["nll"] for p in parts]) if parts else np.zeros(0, np.float32)
+    ppl = np.exp(nll.astype(np.float64))
+    n, k = sum(p["completion_tokens"] for p in parts), sum(p["masked_tokens"] for p in parts)
+    return {
+        "examples": sum(p["examples"] for p in parts),
         "completion_tokens": n,
         "masked_tokens": k,
         "masked_fraction": k / n if n else 0.0,
         "median_ppl": float(np.median(ppl)) if ppl.size else float("nan"),
         "p90_ppl": float(np.percentile(ppl, 90)) if ppl.size else float("nan"),
-        "examples_without_trainable_token": int(np.sum(np.asarray(per_example_kept) == 0)),
+        "examples_without_trainable_token": sum(p["examples_without_trainable_token"] for p in parts),
     }
 
 
@@ -68,9 +86,16 @@ def completion_perplexities(dataset: Dataset) -> np.ndarray:
 
 
 def build_split(
-    dataset: Dataset, model, tokenizer, config: BuildConfig, strategy: str, conversation_columns: Sequence[str]
+    dataset: Dataset,
+    model,
+    tokenizer,
+    config: BuildConfig,
+    strategy: str,
+    conversation_columns: Sequence[str],
+    split_across_processes: bool = True,
 ) -> tuple[Dataset, dict[str, Any]]:
-    """Tokenize (as SFTTrainer), score and mask one split; return the output columns and what the card reports."""
+    """Tokenize (as SFTTrainer), score and mask one split (or one shard of it: `split_across_processes=False` scores
+    it in this process alone); return the output columns and what the card reports."""
     # datasets, and the tokenization and scoring that import torch, are imported here: not on the `--help` path
     from datasets import List, Value
 
@@ -81,15 +106,11 @@ def build_split(
     scoring = ScoringConfig(
         max_tokens_per_batch=config.max_tokens_per_batch, use_cache=config.use_cache, cache_dir=config.cache_dir
     )
-    scored = score_dataset(tokenized, model, tokenizer, scoring)
+    scored = score_dataset(tokenized, model, tokenizer, scoring, split_across_processes=split_across_processes)
     mask_config = PplMaskConfig(strategy=strategy, threshold=config.threshold)
     masked, mask_stats = mask_dataset(scored, mask_config, drop_empty=config.drop_empty)
-    if len(masked) == 0:
-        # An empty split would make the whole config unloadable (`datasets` refuses data files without rows)
-        raise ValueError(
-            f"Every example of this split was left with no trainable token at threshold {config.threshold} and "
-            "--drop-empty dropped them all: keep them (no --drop-empty) or use a higher threshold."
-        )
+    if len(masked) == 0 and split_across_processes:
+        raise_empty_split(config)
     keep = [*conversation_columns, ROW_ID_COLUMN, *OUTPUT_COLUMNS]
     masked = masked.select_columns(keep)
     # int8 is enough for a 0/1 mask and keeps the files small; flatten so shards are sliced from contiguous data
@@ -105,6 +126,14 @@ def build_split(
         "num_bytes": masked.data.nbytes,  # in-memory size, the `num_bytes` of the card's `dataset_info`
     }
     return masked, info
+
+
+def raise_empty_split(config: BuildConfig) -> None:
+    """An empty split would make the whole config unloadable (`datasets` refuses data files without rows)."""
+    raise ValueError(
+        f"Every example of this split was left with no trainable token at threshold {config.threshold} and "
+        "--drop-empty dropped them all: keep them (no --drop-empty) or use a higher threshold."
+    )
 
 
 def plot_ppl_histogram(ppl: np.ndarray, threshold: float, path: Path, title: str) -> None:

@@ -159,6 +159,15 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
             tmp.unlink()
 
 
+def count_tokens(dataset: Dataset) -> int:
+    """Tokens of `dataset` (the lengths of its `input_ids`), without reading them into Python."""
+    import pyarrow.compute as pc
+
+    if len(dataset) == 0:
+        return 0
+    return int(pc.sum(pc.list_value_length(dataset.flatten_indices().data.column("input_ids"))).as_py() or 0)
+
+
 def dataset_table(dataset: Dataset) -> pa.Table:
     """The arrow table of `dataset` as it would be saved (indices applied, `datasets` features in its metadata)."""
     return dataset.flatten_indices().data.table
@@ -171,7 +180,8 @@ class ShardFolder:
         directory (`Path`): The folder (created when missing).
         plans (`list[ShardPlan]`): The shard plans written there (one per split).
         record (`dict`): What decides the output (JSON-serialisable): settings, plan and, once known, the model.
-        manifest (`str`): File name of the manifest in `directory`.
+        manifest (`str` or `Path`): The manifest file: a name in `directory`, or a path elsewhere (a build keeps it
+            out of the config folder it publishes).
         allowed (`Iterable[str]`): Other names that may be in the folder (a build's `build_info.json`).
         overwrite (`bool`): Discard the shards of another run instead of refusing them.
     """
@@ -181,24 +191,25 @@ class ShardFolder:
         directory: Path,
         plans: list[ShardPlan],
         record: dict[str, Any],
-        manifest: str,
+        manifest: str | Path,
         allowed: Iterable[str] = (),
         overwrite: bool = False,
     ):
         self.directory = Path(directory)
         self.plans = plans
         self.record = record
-        self.manifest = manifest
+        self.manifest_path = manifest if isinstance(manifest, Path) else self.directory / manifest
+        self.manifest = self.manifest_path.name if self.manifest_path.parent == self.directory else None
         self.allowed = set(allowed)
         self.overwrite = overwrite
 
     @property
     def key(self) -> str:
-        return run_key(self.record)
+        return run_key({**self.record, "plans": [plan.as_dict() for plan in self.plans]})
 
     def _expected_names(self) -> set[str]:
         names = {name for plan in self.plans for name in plan.names()}
-        return names | {f".{name}{_TMP_SUFFIX}" for name in names} | {self.manifest} | self.allowed
+        return names | {f".{name}{_TMP_SUFFIX}" for name in names} | {self.manifest} - {None} | self.allowed
 
     def check(self, what: str = "--output") -> None:
         """Before any work: refuse foreign files and a previous run with other settings (unless `overwrite`).
@@ -220,11 +231,15 @@ class ShardFolder:
             if any(p.name in expected and p.name != self.manifest for p in self.directory.iterdir()):
                 if not self.overwrite:
                     raise ValueError(
-                        f"{what} {self.directory} holds shards but no {self.manifest}: they were not written by a run "
-                        "of this command. Choose a new or empty folder, or pass --overwrite to replace them."
+                        f"{what} {self.directory} holds shards but no {self.manifest_path.name}: they were not "
+                        "written by a run of this command. Choose a new or empty folder, or pass --overwrite to "
+                        "replace them."
                     )
             return
         changed = _differences(previous.get("record", {}), self.record, skip=("model",))
+        plans = [plan.as_dict() for plan in self.plans]
+        if previous.get("plans") != plans:
+            changed.append(f"shard plan: {previous.get('plans')} -> {plans}")
         if changed and not self.overwrite:
             raise ValueError(
                 f"{what} {self.directory} holds shards of a run with other settings ({'; '.join(changed[:4])}); they "
@@ -247,7 +262,7 @@ class ShardFolder:
             )
 
     def _read_manifest(self) -> dict[str, Any] | None:
-        path = self.directory / self.manifest
+        path = self.manifest_path
         if not path.is_file():
             return None
         try:
@@ -265,14 +280,9 @@ class ShardFolder:
         """Write the manifest (after [`check`] and [`check_model`] passed), discarding another run's shards if
         `overwrite`. The main process calls it; the others wait for it."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        previous = self._read_manifest()
-        if previous is not None and previous.get("key") != self.key:
+        if self.overwrite:
             for path in self.directory.iterdir():
-                if path.name in self._expected_names() - self.allowed and path.name != self.manifest:
-                    path.unlink()
-        if previous is None and self.overwrite:
-            for path in self.directory.iterdir():
-                if path.is_file() and path.name not in self.allowed:
+                if path.is_file() and path.name not in self.allowed and path != self.manifest_path:
                     path.unlink()
         manifest = {
             "kind": "trl-pplmask-shards",
@@ -281,7 +291,7 @@ class ShardFolder:
             "record": self.record,
             "plans": [plan.as_dict() for plan in self.plans],
         }
-        atomic_write_text(self.directory / self.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     def finished(self, plan: ShardPlan, index: int, rows_sha256: str) -> bool:
         """Whether shard `index` of `plan` is written by this run; a shard of another run, or one whose input rows
@@ -418,22 +428,33 @@ def process_shards(
         work (`Callable`): Rows of one shard -> (output dataset, info).
         show_progress (`bool`, *optional*, defaults to `True`): Log progress after each shard.
     """
-    from ..utils import raise_if_termination_requested
+    import datasets
 
     mine = plan.assigned(workers.index, workers.count)
     progress = Progress(folder, plan, mine, workers.name(), enabled=show_progress)
     made = []
-    for index in mine:
-        rows = source.select(plan.rows(index))
-        rows_hash = rows_fingerprint(rows)
-        if folder.finished(plan, index, rows_hash):
-            progress.update(0)
-            continue
-        output, info = work(rows)
-        raise_if_termination_requested()
-        folder.write(plan, index, dataset_table(output), rows_hash, info)
-        tokens = info.get("tokens", 0)
-        del output, rows
-        made.append(index)
-        progress.update(tokens)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one line per shard instead of every map's bar
+    try:
+        for index in mine:
+            made += _process_shard(folder, plan, index, source, work, progress)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return made
+
+
+def _process_shard(folder: ShardFolder, plan: ShardPlan, index: int, source: Dataset, work, progress) -> list[int]:
+    """Shard `index`: skipped when this run finished it, else made and written. Returns `[index]` if made."""
+    from ..utils import raise_if_termination_requested
+
+    rows = source.select(plan.rows(index))
+    rows_hash = rows_fingerprint(rows)
+    if folder.finished(plan, index, rows_hash):
+        progress.update(0)
+        return []
+    output, info = work(rows)
+    raise_if_termination_requested()
+    folder.write(plan, index, dataset_table(output), rows_hash, info)
+    progress.update(info.get("tokens", 0))
+    return [index]

@@ -218,33 +218,31 @@ class ShardFolder:
         """
         if not self.directory.is_dir():
             return
-        expected = self._expected_names()
-        foreign = sorted(p.name for p in self.directory.iterdir() if p.name not in expected)
         previous = self._read_manifest()
+        if previous is not None and not self.overwrite:
+            changed = _differences(previous.get("record", {}), self.record, skip=("model",))
+            plans = [plan.as_dict() for plan in self.plans]
+            if previous.get("plans") != plans:
+                changed.append(f"shard plan: {previous.get('plans')} -> {plans}")
+            if changed:
+                raise ValueError(
+                    f"{what} {self.directory} holds shards of a run with other settings ({'; '.join(changed[:4])}); "
+                    "they cannot be resumed. Rerun with the same settings to finish that run, pass --overwrite to "
+                    "start again, or choose another folder."
+                )
+        expected = self._expected_names()
+        present = [p.name for p in self.directory.iterdir()]
+        foreign = sorted(name for name in present if name not in expected)
         if foreign and not (self.overwrite and previous is not None):
             raise ValueError(
                 f"{what} {self.directory} holds files that this run would not write ({', '.join(foreign[:5])}"
                 f"{', ...' if len(foreign) > 5 else ''}): it is not an earlier run of the same command. Choose a new "
                 "or empty folder" + (", or pass --overwrite to replace it." if previous is not None else ".")
             )
-        if previous is None:
-            if any(p.name in expected and p.name != self.manifest for p in self.directory.iterdir()):
-                if not self.overwrite:
-                    raise ValueError(
-                        f"{what} {self.directory} holds shards but no {self.manifest_path.name}: they were not "
-                        "written by a run of this command. Choose a new or empty folder, or pass --overwrite to "
-                        "replace them."
-                    )
-            return
-        changed = _differences(previous.get("record", {}), self.record, skip=("model",))
-        plans = [plan.as_dict() for plan in self.plans]
-        if previous.get("plans") != plans:
-            changed.append(f"shard plan: {previous.get('plans')} -> {plans}")
-        if changed and not self.overwrite:
+        if previous is None and not self.overwrite and any(name != self.manifest for name in present):
             raise ValueError(
-                f"{what} {self.directory} holds shards of a run with other settings ({'; '.join(changed[:4])}); they "
-                "cannot be resumed. Rerun with the same settings to finish that run, pass --overwrite to start "
-                "again, or choose another folder."
+                f"{what} {self.directory} holds shards but no {self.manifest_path.name}: they were not written by a "
+                "run of this command. Choose a new or empty folder, or pass --overwrite to replace them."
             )
 
     def check_model(self, fingerprint: str, what: str = "--output") -> None:

@@ -1,0 +1,252 @@
+"""Sharded, resumable `score` and `build` (trl_pplmask.hub.shards): the shard plan, kill -9 then rerun, 2 processes
+against 1, and the refusals (foreign files, another model, changed settings, changed input)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trl_pplmask.hub.shards import ShardPlan, parse_worker
+
+
+ROWS = 24
+SHARD_ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory) -> Path:
+    rows = [
+        {"prompt": f"What is {i} + 3? ", "completion": f"{i} + 3 = {i + 3}. The answer is {i + 3}."}
+        for i in range(ROWS)
+    ]
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_PPLMASK_CACHE": str(cache)}
+
+
+def _score_argv(model: Path, rows: Path, out: Path, *extra: str) -> list[str]:
+    argv = ["score", "--dataset", str(rows), "--model", str(model), "--output", str(out)]
+    return argv + ["--layout", "shards", "--shard-rows", str(SHARD_ROWS), *extra]
+
+
+def _cli(argv: list[str], cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    run = subprocess.run(
+        [sys.executable, "-m", "trl_pplmask.cli", *argv], env=_env(cache), capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, rows_file) -> dict[str, bytes]:
+    """An uninterrupted one-process sharded `score`."""
+    root = tmp_path_factory.mktemp("reference")
+    _cli(_score_argv(tiny_model_dir, rows_file, root / "out"), root / "cache")
+    return _files(root / "out")
+
+
+def test_shard_plan_is_fixed_by_the_row_count():
+    plan = ShardPlan(num_rows=10, shard_rows=4, split="train")
+    assert plan.num_shards == 3
+    assert plan.names() == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert [plan.rows(i) for i in range(3)] == [range(0, 4), range(4, 8), range(8, 10)]
+    assert plan.assigned(0, 2) == [0, 2] and plan.assigned(1, 2) == [1]
+    assert sorted(plan.assigned(0, 5) + plan.assigned(1, 5) + plan.assigned(2, 5)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="shard_rows must be positive"):
+        ShardPlan(num_rows=10, shard_rows=0, split="train")
+    assert parse_worker("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "x", "1"):
+        with pytest.raises(ValueError, match="K/N"):
+            parse_worker(bad)
+
+
+def test_sharded_output_loads_and_equals_the_in_memory_score(tmp_path, tiny_model_dir, rows_file, reference):
+    import numpy as np
+    from datasets import load_dataset, load_from_disk
+
+    assert sorted(reference) == [".trl-pplmask-shards.json"] + [
+        f"train-0000{i}-of-00006.parquet" for i in range(ROWS // SHARD_ROWS)
+    ]
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for name, data in reference.items():
+        (folder / name).write_bytes(data)
+    sharded = load_dataset(str(folder), split="train")
+    argv = ["score", "--dataset", str(rows_file), "--model", str(tiny_model_dir), "--output", str(tmp_path / "disk")]
+    _cli([*argv, "--layout", "save_to_disk"], tmp_path / "cache")
+    whole = load_from_disk(str(tmp_path / "disk"))
+    assert sharded.features == whole.features
+    assert sharded["row_id"] == list(range(ROWS)) == whole["row_id"]
+    assert sharded["input_ids"] == whole["input_ids"] and sharded["labels"] == whole["labels"]
+    for a, b in zip(sharded["token_nll"], whole["token_nll"]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, rows_file, reference):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "trl_pplmask.cli", *_score_argv(tiny_model_dir, rows_file, out)]
+    process = subprocess.Popen(argv, env=_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*.parquet"))) < 2:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    written = sorted(p.name for p in out.glob("*.parquet"))
+    assert process.returncode == -signal.SIGKILL and 2 <= len(written) < ROWS // SHARD_ROWS, written
+    for name in written:  # what is visible is whole: exactly the uninterrupted run's bytes
+        assert (out / name).read_bytes() == reference[name]
+
+    rerun = _cli(_score_argv(tiny_model_dir, rows_file, out), tmp_path / "cache")
+    assert _files(out) == reference
+    assert f"shards {ROWS // SHARD_ROWS}/{ROWS // SHARD_ROWS}" in rerun.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_and_two_workers_write_what_one_process_writes(tmp_path, tiny_model_dir, rows_file, reference):
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launch += ["-m", "trl_pplmask.cli"]
+    env = {**_env(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "launched"
+    run = subprocess.run(
+        [*launch, *_score_argv(tiny_model_dir, rows_file, out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert _files(out) == reference
+    # Each process made its own shards: shard i on process i % 2, and nothing was gathered
+    assert "[worker 0/2]" in run.stderr and "[worker 1/2]" in run.stderr
+
+    # Independent workers (a Slurm array), one after the other: the first leaves half the shards, the second the rest
+    out = tmp_path / "workers"
+    first = _cli([*_score_argv(tiny_model_dir, rows_file, out), "--worker", "0/2"], tmp_path / "cache")
+    assert "3 of 6 shards" in first.stdout
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"train-0000{i}-of-00006.parquet" for i in (0, 2, 4)]
+    _cli([*_score_argv(tiny_model_dir, rows_file, out), "--worker", "1/2"], tmp_path / "cache")
+    assert _files(out) == reference
+
+
+def _copy(reference: dict[str, bytes], folder: Path) -> Path:
+    folder.mkdir()
+    for name, data in reference.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_refusals_before_any_work(tmp_path, tiny_model_dir, rows_file, reference):
+    from trl_pplmask.commands.score import main
+
+    # A folder holding files no run of ours wrote
+    foreign = _copy(reference, tmp_path / "foreign")
+    (foreign / "notes.txt").write_text("mine")
+    argv = _score_argv(tiny_model_dir, rows_file, foreign)[1:]
+    with pytest.raises(ValueError, match="holds files that this run would not write .*notes.txt"):
+        _debug(main, argv)
+    # Shards and no manifest
+    bare = _copy(reference, tmp_path / "bare")
+    (bare / ".trl-pplmask-shards.json").unlink()
+    with pytest.raises(ValueError, match="holds shards but no"):
+        _debug(main, _score_argv(tiny_model_dir, rows_file, bare)[1:])
+    # Other settings: refused, then --overwrite starts again
+    changed = _copy(reference, tmp_path / "changed")
+    with pytest.raises(ValueError, match="other settings .*max_length"):
+        _debug(main, _score_argv(tiny_model_dir, rows_file, changed, "--max-length", "512")[1:])
+    with pytest.raises(ValueError, match="other settings .*shard plan"):
+        _debug(main, [*_score_argv(tiny_model_dir, rows_file, changed)[1:-2], "--shard-rows", "5"])
+    assert _files(changed) == reference  # nothing touched
+
+
+def test_another_model_or_changed_input_is_refused_and_overwrite_restarts(
+    tmp_path, tiny_model_dir, rows_file, reference
+):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import tiny_llama
+
+    from trl_pplmask.commands.score import main
+
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other_model)
+    tiny_llama(initializer_range=0.5).save_pretrained(other_model)  # same name in the record, other weights
+    folder = _copy(reference, tmp_path / "model")
+    with pytest.raises(ValueError, match="another model|other settings"):
+        _debug(main, _score_argv(other_model, rows_file, folder)[1:])
+    same_path = _copy(reference, tmp_path / "weights")
+    record = json.loads((same_path / ".trl-pplmask-shards.json").read_text())
+    record["record"]["settings"]["model"] = str(other_model)
+    (same_path / ".trl-pplmask-shards.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="scored by another model"):
+        _debug(main, _score_argv(other_model, rows_file, same_path)[1:])
+
+    # The input changed (edited in place) under a finished shard: same settings, other rows
+    edited = tmp_path / "edited.jsonl"
+    edited.write_bytes(rows_file.read_bytes())
+    folder = tmp_path / "input"
+    assert _debug(main, _score_argv(tiny_model_dir, edited, folder)[1:]) == 0
+    before = _files(folder)
+    lines = edited.read_text().splitlines()
+    lines[1] = json.dumps({"prompt": "What is 1 + 3? ", "completion": "Four."})
+    edited.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="rows 0-3 changed"):
+        _debug(main, _score_argv(tiny_model_dir, edited, folder)[1:])
+    assert _files(folder) == before  # nothing touched
+
+    # --overwrite: the old shards go, the new run is whole
+    assert _debug(main, [*_score_argv(tiny_model_dir, edited, folder)[1:], "--overwrite"]) == 0
+    assert (folder / "train-00000-of-00006.parquet").read_bytes() != before["train-00000-of-00006.parquet"]
+    last = "train-00005-of-00006.parquet"  # rows 20-23 did not change: the same data (another run's key)
+    assert pq.read_table(folder / last).equals(pq.read_table(pa.BufferReader(reference[last])))
+
+
+def _debug(main, argv: list[str]) -> int:
+    """`main(argv)` with errors raised (TRL_PPLMASK_DEBUG) rather than printed."""
+    os.environ["TRL_PPLMASK_DEBUG"] = "1"
+    try:
+        return main(argv)
+    finally:
+        del os.environ["TRL_PPLMASK_DEBUG"]
+
+
+def test_build_refuses_to_resume_with_other_settings(tmp_path, tiny_model_dir, rows_file, monkeypatch):
+    """A build killed midway keeps its work folder; a rerun with another threshold is refused, --overwrite restarts."""
+    from trl_pplmask.commands.build import main
+
+    out = tmp_path / "out"
+    argv = ["--dataset", str(rows_file), "--models", str(tiny_model_dir), "--output-dir", str(out)]
+    argv += ["--shard-rows", str(SHARD_ROWS), "--no-cache"]
+    work = tmp_path / ".out-pplmask-work"
+    config = tiny_model_dir.name
+    from trl_pplmask.hub import pplmasked
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C right after the last shard
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pplmasked.PplMaskedBuilder, "_summarise", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _debug(main, argv)
+    assert not out.exists() and len(list((work / config).glob("*.parquet"))) == ROWS // SHARD_ROWS
+    with pytest.raises(ValueError, match="unfinished build of config .* other settings .*threshold"):
+        _debug(main, [*argv, "--threshold", "3"])
+    assert _debug(main, [*argv, "--threshold", "3", "--overwrite"]) == 0
+    info = json.loads((out / config / "build_info.json").read_text())
+    assert info["settings"]["threshold"] == 3 and len(info["splits"]["train"]["files"]) == ROWS // SHARD_ROWS
+    assert not work.exists()

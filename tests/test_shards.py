@@ -250,3 +250,45 @@ def test_build_refuses_to_resume_with_other_settings(tmp_path, tiny_model_dir, r
     info = json.loads((out / config / "build_info.json").read_text())
     assert info["settings"]["threshold"] == 3 and len(info["splits"]["train"]["files"]) == ROWS // SHARD_ROWS
     assert not work.exists()
+
+
+def test_prescoring_in_shards_resumes_and_equals_scoring_in_memory(tmp_path, monkeypatch):
+    """`pplmask_prescore`'s path: shard by shard into a folder named by content; a rerun reads it back, a lost shard
+    is all that a rerun scores, another model gets a folder of its own."""
+    import numpy as np
+    from _accelerate_score import build_dataset
+    from conftest import tiny_llama
+
+    import trl_pplmask.scoring as scoring
+    from trl_pplmask.hub.shards import score_in_shards
+
+    dataset = build_dataset()  # 7 rows
+    model = tiny_llama(vocab_size=512, initializer_range=0.3)
+    config = scoring.ScoringConfig(max_tokens_per_batch=64, show_progress=False, use_cache=False)
+    expected = scoring.score_dataset(dataset, model, config=config)
+    rows_scored = []
+    original = scoring.batch_token_nll
+    monkeypatch.setattr(
+        scoring, "batch_token_nll", lambda m, ids, *a, **k: rows_scored.append(len(ids)) or original(m, ids, *a, **k)
+    )
+
+    scored = score_in_shards(dataset, model, None, config, tmp_path, shard_rows=3)
+    assert sum(rows_scored) == 7 and scored.column_names == expected.column_names
+    assert scored["row_id"] == list(range(7)) and scored["labels"] == expected["labels"]
+    for column in ("token_nll", "token_entropy"):
+        for got, want in zip(scored[column], expected[column]):
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.glob("*.parquet")) == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+
+    rows_scored.clear()
+    again = score_in_shards(dataset, model, None, config, tmp_path, shard_rows=3)
+    assert rows_scored == [] and again["token_nll"] == scored["token_nll"]
+    (folder / "train-00001-of-00003.parquet").unlink()  # as if killed before that shard was written
+    score_in_shards(dataset, model, None, config, tmp_path, shard_rows=3)
+    assert sum(rows_scored) == 3
+
+    rows_scored.clear()
+    other = tiny_llama(vocab_size=512, initializer_range=0.5)
+    score_in_shards(dataset, other, None, config, tmp_path, shard_rows=3)
+    assert sum(rows_scored) == 7 and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2

@@ -335,34 +335,47 @@ def _differences(before: dict[str, Any], now: dict[str, Any], skip: Iterable[str
 
 
 class Progress:
-    """Progress of one worker's shards, logged after each one: shards and rows done in the folder (all workers),
-    this worker's tokens per second, and its ETA."""
+    """Progress of one worker's shards, logged after each one: shards and rows done in the folder (every worker's),
+    the tokens per second of all workers together and of this one, and the ETA of the whole run.
+
+    The figures of all workers come from the folder itself (a shard's token count is in its metadata), so they need
+    no process group: independent tasks of a Slurm array see each other's shards as they land.
+    """
 
     def __init__(self, folder: ShardFolder, plan: ShardPlan, mine: list[int], worker: str, enabled: bool = True):
         self.folder, self.plan, self.mine, self.worker, self.enabled = folder, plan, mine, worker, enabled
         self.start = time.perf_counter()
         self.tokens = 0
         self.done_mine = 0
+        self.before = set(range(plan.num_shards)) - set(folder.missing(plan)) if enabled else set()
+        self._tokens_of: dict[int, int] = {}
 
     def update(self, tokens: int) -> None:
         self.tokens += tokens
         self.done_mine += 1
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
-        done = self.plan.num_shards - len(self.folder.missing(self.plan))
-        rows = sum(len(self.plan.rows(i)) for i in range(self.plan.num_shards)) - sum(
-            len(self.plan.rows(i)) for i in self.folder.missing(self.plan)
-        )
-        left = len(self.mine) - self.done_mine
-        eta = elapsed / self.done_mine * left
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        missing = self.folder.missing(self.plan)
+        done = set(range(self.plan.num_shards)) - set(missing)
+        rows = self.plan.num_rows - sum(len(self.plan.rows(i)) for i in missing)
+        new = done - self.before  # made by any worker since this one started
+        all_tokens = sum(self._shard_tokens(i) for i in new)
+        eta = f"{_duration(elapsed / len(new) * len(missing))}" if new else "unknown"
         print(
-            f"[{self.worker}] {self.plan.split}: shards {done}/{self.plan.num_shards}, rows {rows}/"
-            f"{self.plan.num_rows}; {self.tokens / max(elapsed, 1e-9):.0f} tok/s here; ETA of this worker "
-            f"{_duration(eta)}",
+            f"[{self.worker}] {self.plan.split}: shards {len(done)}/{self.plan.num_shards}, rows {rows}/"
+            f"{self.plan.num_rows}; {all_tokens / elapsed:.0f} tok/s over all workers ({self.tokens / elapsed:.0f} "
+            f"here); ETA {eta}",
             file=sys.stderr,
             flush=True,
         )
+
+    def _shard_tokens(self, index: int) -> int:
+        """The tokens of a finished shard, from its metadata (read once)."""
+        if index not in self._tokens_of:
+            metadata = read_shard_metadata(self.folder.directory / self.plan.name(index)) or {}
+            self._tokens_of[index] = int(metadata.get("info", {}).get("tokens", 0))
+        return self._tokens_of[index]
 
 
 def _duration(seconds: float) -> str:
@@ -456,3 +469,86 @@ def _process_shard(folder: ShardFolder, plan: ShardPlan, index: int, source: Dat
     folder.write(plan, index, dataset_table(output), rows_hash, info)
     progress.update(info.get("tokens", 0))
     return [index]
+
+
+PRESCORE_MANIFEST = "manifest.json"
+
+
+def score_in_shards(
+    dataset: Dataset,
+    model: Any,
+    tokenizer: Any,
+    scoring: Any,
+    root: Path,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    show_progress: bool = True,
+) -> Dataset:
+    """Score a tokenized `dataset` shard by shard into a folder of parquet shards under `root`, each process of a
+    launch its own shards, and return the whole scored dataset, memory-mapped (what `trl-pplmask sft`'s
+    `pplmask_prescore` trains on).
+
+    The folder is named by a hash of everything the scores depend on (the rows of every shard, the model's
+    fingerprint, the scoring settings): an identical later call (a rerun, another arm of a study) reads the finished
+    shards back, a call killed midway resumes with the shards it had not finished, and anything else gets a folder
+    of its own. No process holds the whole dataset's scores; the processes meet only before and after the scoring.
+
+    Args:
+        dataset (`Dataset`): Tokenized rows (`input_ids`, optionally `labels`), as
+            [`~trl_pplmask.scoring.score_dataset`] takes them.
+        model (`torch.nn.Module`): The scoring model, whole (not sharded) on this process.
+        tokenizer (`PreTrainedTokenizerBase`): Supplies the pad token id.
+        scoring (`ScoringConfig`): Scoring settings (its cache is not used: the folder is the cache).
+        root (`Path`): Where the folders of such runs live; every process of a launch must see the same folder (on
+            several machines: a shared file system).
+        shard_rows (`int`, *optional*, defaults to `DEFAULT_SHARD_ROWS`): Rows per shard.
+        show_progress (`bool`, *optional*, defaults to `True`): Log progress after each shard (the main process).
+    """
+    import dataclasses
+
+    import datasets
+
+    from ..scoring import adapter_context, distributed_state, model_fingerprint, score_dataset
+
+    workers = current_workers()
+    plan = ShardPlan(len(dataset), shard_rows, "train")
+    with adapter_context(model, scoring.disable_adapter):
+        weights = model_fingerprint(model)
+    settings = {k: getattr(scoring, k) for k in ("score_all_tokens", "disable_adapter", "output_column")}
+    settings["entropy_column"] = scoring.entropy_column
+    record = {
+        "command": "prescore",
+        "rows": [rows_fingerprint(dataset.select(plan.rows(i))) for i in range(plan.num_shards)],
+        "model": weights,
+        "settings": settings,
+    }
+    folder = ShardFolder(Path(root) / run_key(record), [plan], record, PRESCORE_MANIFEST)
+    folder.check("The pre-scoring folder")
+    workers.barrier()
+    if workers.main and folder.missing(plan):
+        folder.start()
+    workers.barrier()
+    per_shard = dataclasses.replace(scoring, use_cache=False, show_progress=False)
+
+    def work(rows):
+        scored = score_dataset(rows, model, tokenizer, per_shard, split_across_processes=False)
+        return scored, {"rows": len(rows), "tokens": count_tokens(scored)}
+
+    process_shards(folder, plan, dataset, workers, work, show_progress=show_progress and workers.main)
+    workers.barrier()
+    missing = folder.missing(plan)
+    if missing:
+        raise RuntimeError(
+            f"After every process finished pre-scoring, {len(missing)} of {plan.num_shards} shards are missing from "
+            f"{folder.directory} on {workers.name()}: the processes do not share that folder (machines with separate "
+            "disks). Set TRL_PPLMASK_CACHE to a folder on a file system that every machine sees."
+        )
+    files = [str(folder.directory / name) for name in plan.names()]
+    with distributed_state().main_process_first():  # one process converts, the others read its cache
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            scored = datasets.load_dataset("parquet", data_files=files, split="train")
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
+    return scored

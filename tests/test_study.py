@@ -62,7 +62,9 @@ def test_study_configs_parse_and_plan_the_same_stages():
     kinds = [kind for kind, _ in reference]
     assert kinds[0] == "prepare" and kinds[-1] == "report"
     trained = [arm for kind, arm in reference if kind == "train"]
-    assert trained == ["gt", "stm", "random", "lowest", "dft", "stm_entropy", "stm_anchor", "self_output"]
+    assert trained == [
+        "gt", "stm", "random", "lowest", "dft", "stm_entropy", "stm_anchor", "eaft", "asft", "soft_stm", "self_output"
+    ]  # fmt: skip
     assert [arm for kind, arm in reference if kind == "eval"] == ["base", *trained]
 
 
@@ -114,6 +116,9 @@ def test_arm_settings(tmp_path):
         "dft",
         "stm_entropy",
         "stm_anchor",
+        "eaft",
+        "asft",
+        "soft_stm",
         "self_output",
     }
 
@@ -234,6 +239,34 @@ def test_finished_arm_with_other_settings_is_refused(tmp_path):
     assert finished_arm(arm_dir, identity, "stm") is not None
     with pytest.raises(ValueError, match="max_steps: finished run 1, YAML 2"):
         finished_arm(arm_dir, {**identity, "settings": {**settings, "max_steps": 2}}, "stm")
+
+
+# The `trl-pplmask sft` settings added with the token-weighted objectives (issue 19)
+OBJECTIVE_FIELDS = ("pplmask_loss", "pplmask_eaft_alpha", "pplmask_eaft_k", "pplmask_asft_alpha", "pplmask_soft_width")
+
+
+def test_arm_finished_before_the_objectives_existed_is_reused(tmp_path):
+    """A CPU-study arm recorded by the code before `pplmask_loss` (no such fields in arm.json or pplmask_config.json)
+    is reused by a resume; the new arms set the new fields explicitly."""
+    import dataclasses
+
+    from trl_pplmask.sft import PplMaskArguments
+
+    config = load_study_config(CPU_STUDY)
+    new_arms = {"eaft": "eaft", "asft": "asft", "soft_stm": "soft_stm"}
+    for arm in config.training_arms:
+        settings = arm_trainer_settings(config, arm)
+        if arm.kind in new_arms:
+            assert settings["pplmask_loss"] == new_arms[arm.kind] and settings["pplmask_strategy"] == "none"
+            continue
+        assert not set(OBJECTIVE_FIELDS) & set(settings), arm.label  # an old arm's identity is unchanged
+        # What the old trainer wrote: every PplMaskArguments field of its time, i.e. without the new ones
+        mine = {k: v for k, v in settings.items() if k.startswith("pplmask_")}
+        old = {k: v for k, v in dataclasses.asdict(PplMaskArguments(**mine)).items() if k not in OBJECTIVE_FIELDS}
+        identity = {"arm": arm.kind, "settings": settings, "data": "abc"}
+        _finish(tmp_path / arm.label, identity, old)
+        assert finished_arm(tmp_path / arm.label, identity, arm.label) is not None, arm.label
+    assert {a.kind for a in config.training_arms} >= set(new_arms)
 
 
 def test_eta_from_finished_stages(tmp_path):

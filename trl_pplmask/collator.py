@@ -23,9 +23,14 @@ from .masking import (
     check_nll,
     compute_mask,
     resolve_fraction_threshold,
+    soft_token_weights,
     trainable_positions,
 )
 from .scoring import adapter_context, batch_token_nll
+
+
+# Per-token soft STM weights of the batch (`soft_width`), read by the token-weighted objective of `trl_pplmask.anchor`
+WEIGHT_KEY = "pplmask_weight"
 
 
 class PplMaskCollator:
@@ -61,6 +66,11 @@ class PplMaskCollator:
             Add a `pplmask_dropped` bool tensor to the batch, `True` on the trainable tokens this collator dropped from
             the loss. Only for trainers that consume it (the anchored objective of [`AnchoredSFTTrainer`]); a model's
             forward would reject the extra key.
+        soft_width (`float`, *optional*):
+            Soft STM: add a `pplmask_weight` float tensor to the batch, each kept token's weight
+            `exp(-((ppl - 1) / soft_width) ** 2)` from its reference NLL (see [`soft_token_weights`]), 0 elsewhere.
+            The batch is scored even with strategy `"none"`. Only for [`TokenWeightedSFTTrainer`] with
+            `objective="soft_stm"`, which consumes the key.
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class PplMaskCollator:
         padding_free: bool = False,
         pad_to_multiple_of: int | None = None,
         return_dropped: bool = False,
+        soft_width: float | None = None,
     ):
         self.config = config or PplMaskConfig(strategy=strategy, threshold=threshold, fraction=fraction, seed=seed)
         self.reference_model = reference_model
@@ -85,6 +96,9 @@ class PplMaskCollator:
         self.padding_free = padding_free
         self.pad_to_multiple_of = pad_to_multiple_of
         self.return_dropped = return_dropped
+        if soft_width is not None:
+            soft_token_weights([0.0], np.ones(1, dtype=bool), soft_width)  # validates the width before any batch
+        self.soft_width = soft_width
         # Counts of what logging already popped, so that `cumulative_stats` adds up every batch without a second tally
         self._popped = {"completion_tokens": 0, "masked_tokens": 0, "completion_nll_sum": 0.0}
         self.totals = {"examples": 0, "examples_fully_masked": 0}
@@ -113,7 +127,7 @@ class PplMaskCollator:
     def __call__(self, examples: list[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if not examples:
             raise ValueError("PplMaskCollator received an empty batch.")
-        if self.config.strategy == "none":
+        if self.config.strategy == "none" and self.soft_width is None:
             # Nothing to mask: no scores needed (plain SFT through the same pipeline)
             nlls, entropies = [np.zeros(len(ex["input_ids"])) for ex in examples], None
         else:
@@ -132,6 +146,12 @@ class PplMaskCollator:
         batch = self.padder(features, return_tensors)
         if self.return_dropped:
             batch["pplmask_dropped"] = self._pad_like_labels(dropped, batch["labels"])
+        if self.soft_width is not None:
+            weights = [
+                soft_token_weights(nll, np.asarray(feature["labels"]) != IGNORE_INDEX, self.soft_width)
+                for nll, feature in zip(nlls, features)
+            ]
+            batch[WEIGHT_KEY] = self._pad_like_labels(weights, batch["labels"], dtype=torch.float32)
         return batch
 
     def _count_example(self, example: dict[str, Any], feature: dict[str, Any]) -> np.ndarray:
@@ -144,15 +164,17 @@ class PplMaskCollator:
         self.totals["examples_fully_masked"] += int(trainable.any() and dropped.sum() == trainable.sum())
         return dropped
 
-    def _pad_like_labels(self, rows: list[np.ndarray], labels: torch.Tensor) -> torch.Tensor:
-        """Right-pad (or, padding-free, concatenate) per-example bool rows to the shape of the padded labels."""
-        out = torch.zeros(labels.shape, dtype=torch.bool)
+    def _pad_like_labels(
+        self, rows: list[np.ndarray], labels: torch.Tensor, dtype: torch.dtype = torch.bool
+    ) -> torch.Tensor:
+        """Right-pad (or, padding-free, concatenate) per-example rows with zeros to the shape of the padded labels."""
+        out = torch.zeros(labels.shape, dtype=dtype)
         if self.padding_free:
-            flat = np.concatenate(rows) if rows else np.zeros(0, dtype=bool)
-            out[0, : flat.size] = torch.from_numpy(flat)
+            flat = np.concatenate(rows) if rows else np.zeros(0)
+            out[0, : flat.size] = torch.from_numpy(flat).to(dtype)
         else:
             for i, row in enumerate(rows):
-                out[i, : row.size] = torch.from_numpy(row)
+                out[i, : row.size] = torch.from_numpy(row).to(dtype)
         return out
 
     def cumulative_stats(self) -> dict[str, float | int]:

@@ -221,6 +221,35 @@ def compute_mask(
     return rise | _threshold_mask(nll, trainable, t)
 
 
+DEFAULT_SOFT_WIDTH = 0.75  # the paper repository's soft variant (appier-research/robust-llm-finetunes)
+
+
+def soft_token_weights(
+    token_nll: Sequence[float], trainable: np.ndarray, width: float = DEFAULT_SOFT_WIDTH
+) -> np.ndarray:
+    """Soft STM: the weight of each token in the loss, `exp(-((ppl - 1) / width) ** 2)` with `ppl = exp(token_nll)`.
+
+    The soft counterpart of `"threshold"` (the paper's soft variant): a token the reference model predicts with
+    certainty (`ppl = 1`) keeps weight 1, and the weight falls smoothly with its perplexity (width 0.75: `ppl = 1.75`
+    weighs `exp(-1) = 0.37`, the paper's hard threshold `ppl = 2.5` weighs `exp(-4) = 0.018`). Weights are 0 on tokens
+    that are not trainable. A very large width gives every trainable token weight 1 (plain SFT).
+
+    Args:
+        token_nll (`Sequence[float]`): Per-token NLL under the reference model.
+        trainable (`np.ndarray`): Boolean array, `True` on the trainable tokens (see [`trainable_positions`]).
+        width (`float`, *optional*, defaults to `0.75`): Width of the bell, in perplexity units; must be positive.
+
+    Returns:
+        `np.ndarray` of float64 weights in `[0, 1]`, aligned with `token_nll`.
+    """
+    if not (width > 0 and math.isfinite(width)):
+        raise ValueError(f"The soft STM width must be a positive, finite number, got {width}; the paper uses 0.75.")
+    # Perplexities above ~e^700 overflow to inf and weigh exp(-inf) = 0, which is their limit anyway
+    with np.errstate(over="ignore"):
+        ppl = np.exp(np.asarray(token_nll, dtype=np.float64))
+    return np.where(trainable, np.exp(-np.square((ppl - 1.0) / width)), 0.0)
+
+
 def resolve_fraction_threshold(
     token_nlls: Sequence[Sequence[float]],
     labels: Sequence[Sequence[int]],

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .masking import STRATEGIES, PplMaskConfig
+from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig
 from .utils import atomic_write_text, package_version
 
 
 CONFIG_FILE = "pplmask_config.json"
+# The objectives of `trl_pplmask.anchor.TokenWeightedSFTTrainer` (`anchor.OBJECTIVES`, spelled out here so that parsing
+# arguments imports no torch; tests/test_objectives.py checks that the two agree, and the defaults below)
+LOSSES = ("nll", "eaft", "asft", "soft_stm")
 
 
 @dataclass
@@ -61,6 +64,23 @@ class PplMaskArguments:
             Weight of `KL(p_base || p_model)` on each masked token, relative to a kept token's NLL.
         pplmask_anchor_all_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the same KL on each kept completion token.
+        pplmask_loss (`str`, *optional*, defaults to `"nll"`):
+            Token-weighted objective (see `trl_pplmask.anchor`): `nll` (TRL's loss, today's default), `eaft`
+            (Entropy-Adaptive Fine-Tuning: NLL x (top-k entropy / log k) ** alpha), `asft` (Anchored SFT: DFT +
+            alpha x KL(p_base || p_model) on every trainable token) or `soft_stm` (the STM paper's soft weights
+            exp(-((ppl - 1) / width) ** 2) from the reference NLLs; needs pplmask_strategy=none). `eaft` and `asft`
+            combine with any mask strategy (they weigh the kept tokens) and with pplmask_anchor; all need
+            loss_type=nll and no label smoothing.
+        pplmask_eaft_alpha (`float`, *optional*, defaults to `1.0`):
+            EAFT's exponent of the normalised entropy (LLaMA-Factory's and axolotl's `eaft_alpha` default, 1.0); 0
+            gives plain NLL.
+        pplmask_eaft_k (`int`, *optional*, defaults to `20`):
+            EAFT's top-k entropy approximation (axolotl's `eaft_k`, LLaMA-Factory's fixed 20). The vocabulary size
+            gives the exact entropy (read from TRL's fused LM head, no extra pass).
+        pplmask_asft_alpha (`float`, *optional*, defaults to `0.1`):
+            ASFT's weight of the KL anchor (LLaMA-Factory's `asft_alpha` default, 0.1); 0 gives TRL's DFT loss.
+        pplmask_soft_width (`float`, *optional*, defaults to `0.75`):
+            Width of soft STM's bell in perplexity units (the paper repository's 0.75).
     """
 
     pplmask_strategy: str = field(
@@ -88,6 +108,16 @@ class PplMaskArguments:
     )
     pplmask_anchor_weight: float = field(default=1.0, metadata={"help": "Anchor KL weight on masked tokens."})
     pplmask_anchor_all_weight: float = field(default=0.0, metadata={"help": "Anchor KL weight on kept tokens."})
+    pplmask_loss: str = field(
+        default="nll",
+        metadata={"help": "Token-weighted objective: nll, eaft, asft or soft_stm.", "choices": list(LOSSES)},
+    )
+    pplmask_eaft_alpha: float = field(default=1.0, metadata={"help": "EAFT: exponent of the normalised entropy."})
+    pplmask_eaft_k: int = field(default=20, metadata={"help": "EAFT: top-k entropy approximation (vocab: exact)."})
+    pplmask_asft_alpha: float = field(default=0.1, metadata={"help": "ASFT: weight of KL(p_base || p_model)."})
+    pplmask_soft_width: float = field(
+        default=DEFAULT_SOFT_WIDTH, metadata={"help": "soft_stm: width w of exp(-((ppl - 1) / w) ** 2)."}
+    )
 
     def __post_init__(self):
         if self.pplmask_strategy not in STRATEGIES:
@@ -104,7 +134,36 @@ class PplMaskArguments:
                 "pplmask_anchor=true with pplmask_strategy=none anchors nothing (no token is masked). Choose a mask "
                 "strategy (e.g. threshold) or drop pplmask_anchor."
             )
+        self._check_loss()
         self.mask_config()  # validates threshold, fraction, ... before any work
+
+    def _check_loss(self) -> None:
+        if self.pplmask_loss not in LOSSES:
+            raise ValueError(f"pplmask_loss={self.pplmask_loss!r} is unknown; choose one of {', '.join(LOSSES)}.")
+        for name in ("pplmask_eaft_alpha", "pplmask_asft_alpha"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        if self.pplmask_eaft_k < 1:
+            raise ValueError(
+                f"pplmask_eaft_k must be >= 1 (the reference implementations use 20), got {self.pplmask_eaft_k}."
+            )
+        if not (self.pplmask_soft_width > 0 and self.pplmask_soft_width < float("inf")):
+            raise ValueError(
+                f"pplmask_soft_width must be a positive, finite width, got {self.pplmask_soft_width}; the paper uses "
+                "0.75."
+            )
+        if self.pplmask_loss == "soft_stm" and self.pplmask_strategy != "none":
+            raise ValueError(
+                "pplmask_loss=soft_stm weighs every token softly instead of dropping some; it does not combine "
+                f"with pplmask_strategy={self.pplmask_strategy}. Set pplmask_strategy=none (eaft, asft and nll "
+                "combine with any strategy)."
+            )
+        if self.pplmask_loss == "asft" and self.pplmask_reference != "base":
+            raise ValueError(
+                "pplmask_loss=asft anchors to the model before training, which is also the mask's reference: it needs "
+                f"pplmask_reference=base (got {self.pplmask_reference!r})."
+            )
 
     def mask_config(self) -> PplMaskConfig:
         """The [`PplMaskConfig`] these settings describe."""
@@ -123,7 +182,8 @@ class PplMaskArguments:
 
     @property
     def needs_scores(self) -> bool:
-        return self.pplmask_strategy != "none"
+        """Whether training needs the reference NLLs (a mask, or soft STM's weights)."""
+        return self.pplmask_strategy != "none" or self.pplmask_loss == "soft_stm"
 
 
 def make_parser(prog: str | None = "trl-pplmask sft"):
@@ -152,10 +212,30 @@ def check_settings(training_args, model_args, pplmask_args: PplMaskArguments) ->
             f"dataloader_num_workers={training_args.dataloader_num_workers} with on-the-fly scoring would run the "
             "reference model in worker processes. Set dataloader_num_workers=0 or pplmask_prescore=true."
         )
+    _check_loss_settings(training_args, pplmask_args)
     if pplmask_args.pplmask_anchor and pplmask_args.pplmask_reference != "base":
         raise ValueError(
             "pplmask_anchor keeps the prediction of the model before training, so it needs pplmask_reference=base "
             f"(got {pplmask_args.pplmask_reference!r})."
+        )
+
+
+def _check_loss_settings(training_args, pplmask_args: PplMaskArguments) -> None:
+    loss = pplmask_args.pplmask_loss
+    if loss == "nll":
+        return
+    if training_args.loss_type != "nll" or training_args.label_smoothing_factor:
+        raise ValueError(
+            f"pplmask_loss={loss} weighs TRL's per-token NLL itself: it needs loss_type=nll (got "
+            f"{training_args.loss_type!r}; asft already includes DFT's weighting) and label_smoothing_factor=0 (got "
+            f"{training_args.label_smoothing_factor})."
+        )
+    if training_args.padding_free:
+        raise ValueError(f"pplmask_loss={loss} does not support padding_free=true yet; set padding_free=false.")
+    if loss == "soft_stm" and training_args.dataloader_num_workers and not pplmask_args.pplmask_prescore:
+        raise ValueError(
+            "pplmask_loss=soft_stm reads reference NLLs: scoring them on the fly in dataloader worker processes is "
+            "not supported. Set pplmask_prescore=true, or dataloader_num_workers=0."
         )
 
 
@@ -231,8 +311,11 @@ def prescore(trainer, reference, pplmask_args: PplMaskArguments) -> dict[str, An
 
     Replaces `trainer.train_dataset` by the scored dataset. Raises before training when the mask empties every row.
     """
+    from .hub.shards import score_in_shards
     from .masking import mask_dataset
-    from .scoring import ScoringConfig, score_dataset
+    from .models import cache_dir
+    from .scoring import ScoringConfig
+    from .sharding import on_device
 
     config = pplmask_args.mask_config()
     dataset = trainer.train_dataset
@@ -244,7 +327,10 @@ def prescore(trainer, reference, pplmask_args: PplMaskArguments) -> dict[str, An
     if "entropy_column" in {f.name for f in dataclasses.fields(ScoringConfig)}:
         needs_entropy = config.strategy == "stm_entropy"
         scoring.entropy_column = "token_entropy" if needs_entropy else None
-    scored = score_dataset(dataset, reference, trainer.processing_class, scoring)
+    # Shard by shard into a folder named by content (the cache: a rerun or another arm reads it back, a killed run
+    # resumes), each process of the launch its own shards; under FSDP the model is not on the accelerator yet
+    with on_device(reference, trainer.accelerator.device):
+        scored = score_in_shards(dataset, reference, trainer.processing_class, scoring, cache_dir() / "prescore")
     _, stats = mask_dataset(scored, config)
     stats["examples_fully_masked"] = stats.pop("examples_without_trainable_token")
     if stats["examples"] and stats["examples_fully_masked"] == stats["examples"]:
@@ -266,9 +352,10 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
     from transformers import AutoTokenizer
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-    from .anchor import AnchoredSFTTrainer
+    from .anchor import TokenWeightedSFTTrainer, objective_uses_base
     from .collator import PplMaskCollator, add_pplmask_callback
     from .models import resolve_model_path
+    from .sharding import check_sharded_training, detect_sharding
 
     check_settings(training_args, model_args, pplmask_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -286,6 +373,10 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
             f"The dataset has no split {script_args.dataset_train_split!r} (dataset_train_split); it has "
             f"{sorted(dataset)}."
         )
+    check_sharded_training(
+        detect_sharding(training_args), pplmask_args, bool(model_args.use_peft),
+        dataset[script_args.dataset_train_split].column_names,
+    )  # fmt: skip
     # The collator reads token_nll / trainable_mask columns that Trainer would otherwise drop
     training_args.remove_unused_columns = False
     training_args.model_init_kwargs = init_kwargs
@@ -295,17 +386,26 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
         padding_free=training_args.padding_free,
         pad_to_multiple_of=training_args.pad_to_multiple_of,
         return_dropped=pplmask_args.pplmask_anchor,
+        soft_width=pplmask_args.pplmask_soft_width if pplmask_args.pplmask_loss == "soft_stm" else None,
     )
     peft_config = get_peft_config(model_args)
     trainer_kwargs: dict[str, Any] = {}
     trainer_cls = SFTTrainer
-    if pplmask_args.pplmask_anchor:
-        trainer_cls = AnchoredSFTTrainer
+    if pplmask_args.pplmask_anchor or pplmask_args.pplmask_loss != "nll":
+        trainer_cls = TokenWeightedSFTTrainer
+        anchor = pplmask_args.pplmask_anchor
         trainer_kwargs = {
-            "anchor_weight": pplmask_args.pplmask_anchor_weight,
-            "anchor_all_weight": pplmask_args.pplmask_anchor_all_weight,
+            "objective": pplmask_args.pplmask_loss,
+            "anchor_weight": pplmask_args.pplmask_anchor_weight if anchor else 0.0,
+            "anchor_all_weight": pplmask_args.pplmask_anchor_all_weight if anchor else 0.0,
+            "eaft_alpha": pplmask_args.pplmask_eaft_alpha,
+            "eaft_k": pplmask_args.pplmask_eaft_k,
+            "asft_alpha": pplmask_args.pplmask_asft_alpha,
         }
-        if peft_config is None:
+        if peft_config is None and objective_uses_base(
+            pplmask_args.pplmask_loss, trainer_kwargs["anchor_weight"], trainer_kwargs["anchor_all_weight"],
+            pplmask_args.pplmask_asft_alpha,
+        ):  # fmt: skip
             # Without PEFT the trained weights move, so the base needs its own frozen copy
             reference = reference or load_reference(model_path, tokenizer, init_kwargs)
             trainer_kwargs["reference_model"] = reference

@@ -44,6 +44,12 @@ def _entropy(mask: MaskSettings) -> dict[str, Any]:
     return settings
 
 
+def _objective(loss: str, **settings: Any) -> Callable[[MaskSettings], dict[str, Any]]:
+    """A token-weighted objective of `trl-pplmask sft --pplmask_loss` without a mask, its settings spelled out (the
+    reference implementations' defaults), so that a finished arm never changes meaning with a changed default."""
+    return lambda mask: {"pplmask_strategy": "none", "pplmask_loss": loss, **settings}
+
+
 _ARMS = (
     ArmSpec("base", "the model before fine-tuning (reference of every comparison)", False, lambda m: {}),
     ArmSpec("gt", "plain SFT on the ground truth, completion-only loss", True, lambda m: {"pplmask_strategy": "none"}),
@@ -81,6 +87,24 @@ _ARMS = (
         True,
         lambda m: {**_stm(m), "pplmask_anchor": True, "pplmask_anchor_weight": m.anchor_weight},
         "threshold",
+    ),
+    ArmSpec(
+        "eaft",
+        "EAFT: NLL x (top-20 entropy / log 20)^1, the flag of LLaMA-Factory and axolotl, no mask",
+        True,
+        _objective("eaft", pplmask_eaft_alpha=1.0, pplmask_eaft_k=20),
+    ),
+    ArmSpec(
+        "asft",
+        "ASFT: DFT + 0.1 x KL(p_base || p_model) on every token (LLaMA-Factory's use_asft_loss), no mask",
+        True,
+        _objective("asft", pplmask_asft_alpha=0.1),
+    ),
+    ArmSpec(
+        "soft_stm",
+        "the paper's soft STM: each token weighted exp(-((ppl - 1) / 0.75)^2) from the base model's perplexity",
+        True,
+        _objective("soft_stm", pplmask_soft_width=0.75),
     ),
     ArmSpec(
         "self_output",

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -292,7 +292,9 @@ class TokenWeightedSFTTrainer(SFTTrainer):
             stats["weight_sum"] = (weight * outputs.label_mask).sum().detach()
             return weight
 
-        with capture_last_hidden(causal_lm) as captured, _weighted_log_probs(model, weigh):
+        # Anchored STM (`nll` with an anchor) keeps TRL's NLL untouched: no weight, no weight statistic
+        weighting = _weighted_log_probs(model, weigh) if self.objective != "nll" else nullcontext()
+        with capture_last_hidden(causal_lm) as captured, weighting:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         kept = inputs["labels"][:, 1:].ne(-100)

@@ -6,7 +6,7 @@ cycle hidden from the import system, not removed). Layers, bottom to top:
 0. `constants`, `utils`, `_compat`: no project imports at all below this line
 1. `tasks`, `data`, `models`, `metrics`: what the data and models are
 2. `scoring`, `masking`: per-token NLL and the mask rules
-3. `collator`, `anchor`, `sandbox`, `verifiers`: training-time parts and answer checking
+3. `collator`, `anchor`, `sandbox`, `verifiers`, `sharding`: training-time parts and answer checking
 4. `generation`, `evaluation`, `hub`, `sft`: the workflows
 5. `study`, `demo`: workflows made of workflows
 6. `commands`, `cli`: the command line
@@ -28,7 +28,7 @@ LAYERS = [
     {"constants", "utils", "_compat"},
     {"tasks", "data", "models", "metrics"},
     {"scoring", "masking"},
-    {"collator", "anchor", "sandbox", "verifiers"},
+    {"collator", "anchor", "sandbox", "verifiers", "sharding"},
     {"generation", "evaluation", "hub", "sft"},
     {"study", "demo"},
     {"commands", "cli"},

@@ -311,8 +311,11 @@ def prescore(trainer, reference, pplmask_args: PplMaskArguments) -> dict[str, An
 
     Replaces `trainer.train_dataset` by the scored dataset. Raises before training when the mask empties every row.
     """
+    from .hub.shards import score_in_shards
     from .masking import mask_dataset
-    from .scoring import ScoringConfig, score_dataset
+    from .models import cache_dir
+    from .scoring import ScoringConfig
+    from .sharding import on_device
 
     config = pplmask_args.mask_config()
     dataset = trainer.train_dataset
@@ -324,7 +327,10 @@ def prescore(trainer, reference, pplmask_args: PplMaskArguments) -> dict[str, An
     if "entropy_column" in {f.name for f in dataclasses.fields(ScoringConfig)}:
         needs_entropy = config.strategy == "stm_entropy"
         scoring.entropy_column = "token_entropy" if needs_entropy else None
-    scored = score_dataset(dataset, reference, trainer.processing_class, scoring)
+    # Shard by shard into a folder named by content (the cache: a rerun or another arm reads it back, a killed run
+    # resumes), each process of the launch its own shards; under FSDP the model is not on the accelerator yet
+    with on_device(reference, trainer.accelerator.device):
+        scored = score_in_shards(dataset, reference, trainer.processing_class, scoring, cache_dir() / "prescore")
     _, stats = mask_dataset(scored, config)
     stats["examples_fully_masked"] = stats.pop("examples_without_trainable_token")
     if stats["examples"] and stats["examples_fully_masked"] == stats["examples"]:
@@ -349,6 +355,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
     from .anchor import TokenWeightedSFTTrainer, objective_uses_base
     from .collator import PplMaskCollator, add_pplmask_callback
     from .models import resolve_model_path
+    from .sharding import check_sharded_training, detect_sharding
 
     check_settings(training_args, model_args, pplmask_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -366,6 +373,10 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
             f"The dataset has no split {script_args.dataset_train_split!r} (dataset_train_split); it has "
             f"{sorted(dataset)}."
         )
+    check_sharded_training(
+        detect_sharding(training_args), pplmask_args, bool(model_args.use_peft),
+        dataset[script_args.dataset_train_split].column_names,
+    )  # fmt: skip
     # The collator reads token_nll / trainable_mask columns that Trainer would otherwise drop
     training_args.remove_unused_columns = False
     training_args.model_init_kwargs = init_kwargs

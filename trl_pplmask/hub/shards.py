@@ -232,7 +232,7 @@ class ShardFolder:
                 )
         expected = self._expected_names()
         present = [p.name for p in self.directory.iterdir()]
-        foreign = sorted(name for name in present if name not in expected)
+        foreign = sorted(name for name in present if name not in expected and not self._manifest_in_flight(name))
         if foreign and not (self.overwrite and previous is not None):
             raise ValueError(
                 f"{what} {self.directory} holds files that this run would not write ({', '.join(foreign[:5])}"
@@ -244,6 +244,11 @@ class ShardFolder:
                 f"{what} {self.directory} holds shards but no {self.manifest_path.name}: they were not written by a "
                 "run of this command. Choose a new or empty folder, or pass --overwrite to replace them."
             )
+
+    def _manifest_in_flight(self, name: str) -> bool:
+        """Whether `name` is the manifest being written by another worker right now (`atomic_write_text`'s hidden
+        temporary name), which independent workers starting together see."""
+        return self.manifest is not None and name.startswith(f".{self.manifest}.") and name.endswith(_TMP_SUFFIX)
 
     def check_model(self, fingerprint: str, what: str = "--output") -> None:
         """Once the model is loaded: refuse to resume the shards of another model (unless `overwrite`)."""

@@ -12,10 +12,10 @@ head's weight) would see shards. So a run is allowed exactly when its mask and l
 - FSDP with on-the-fly scoring by a frozen copy (no PEFT, or `pplmask_reference=<model>`): the copy is never
   sharded, each process holds it whole.
 
-Refused before anything is loaded: on-the-fly scoring by the PEFT model with its adapter disabled (that model is the
-sharded one), the anchored and token-weighted objectives (they apply the trained model's LM head to captured hidden
-states), any model-reading route under ZeRO-3, and FSDP's `cpu_ram_efficient_loading` (processes other than the first
-load no weights) with a model-reading route. The message names the supported route.
+Refused before the model to train is loaded: on-the-fly scoring by the PEFT model with its adapter disabled (that
+model is the sharded one), the anchored and token-weighted objectives (they apply the trained model's LM head to
+captured hidden states), any model-reading route under ZeRO-3, and FSDP's `cpu_ram_efficient_loading` (processes
+other than the first load no weights) with a model-reading route. The message names the supported route.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def _nll_columns(pplmask_args: Any) -> list[str]:
 def check_sharded_training(
     sharding: ParameterSharding, pplmask_args: Any, uses_peft: bool, train_columns: Sequence[str] | None
 ) -> None:
-    """Refuse, before anything is loaded, a `trl-pplmask sft` run whose mask or loss would read a sharded model.
+    """Refuse, before the model to train is loaded, a `trl-pplmask sft` run whose mask or loss would read a sharded
+    model.
 
     Args:
         sharding (`ParameterSharding`): From [`detect_sharding`].

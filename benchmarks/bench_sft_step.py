@@ -4,13 +4,17 @@ Arms (all LoRA on the same model, same rows, same batches):
 - `sft`: plain SFT (`pplmask_strategy none`), what `trl sft` trains;
 - `stm_prescored`: STM from a pre-scored training set (the mask is read from columns);
 - `stm_online`: STM scored on the fly per batch by the adapter-disabled model (one extra no-grad forward);
-- `stm_anchor`: anchored STM, pre-scored (one extra no-grad backbone pass + the KL on the masked tokens).
+- `stm_anchor`: anchored STM, pre-scored (one extra no-grad backbone pass + the KL on the masked tokens);
+- `eaft`: `--pplmask_loss eaft`, no mask (one extra no-grad LM-head pass for the top-20 entropy);
+- `asft`: `--pplmask_loss asft`, no mask (one extra no-grad backbone pass + the KL on every trainable token);
+- `soft_stm`: `--pplmask_loss soft_stm`, pre-scored (the weights are read from the `token_nll` column).
 
 A step is the collator call plus `trainer.training_step` (forward, backward), what the Trainer does per batch. Arms
 alternate round by round so that machine load hits all of them alike; the medians and their ratio to `sft` are
 printed. With `--memory`, each arm also runs alone in a child process that reports its peak RSS.
 
     python benchmarks/bench_sft_step.py --rows 8 --rounds 3 --batch-size 4 --max-length 384 [--memory]
+    python benchmarks/bench_sft_step.py --arms sft eaft asft soft_stm    # a subset (`sft` is always run: the baseline)
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ ARMS = {
     "stm_prescored": ["--pplmask_prescore"],
     "stm_online": [],
     "stm_anchor": ["--pplmask_prescore", "--pplmask_anchor"],
+    "eaft": ["--pplmask_strategy", "none", "--pplmask_loss", "eaft"],
+    "asft": ["--pplmask_strategy", "none", "--pplmask_loss", "asft"],
+    "soft_stm": ["--pplmask_strategy", "none", "--pplmask_loss", "soft_stm", "--pplmask_prescore"],
 }
 
 
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--memory", action="store_true", help="Also measure each arm's peak RSS in a child process.")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="Arms to compare.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -103,10 +111,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     data = prepare_data(workdir, args.rows)
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}, model {args.model}")
-    trainers = {arm: build(workdir, data, args.model, args, arm) for arm in ARMS}
+    arms = ["sft", *(arm for arm in args.arms if arm != "sft")]
+    trainers = {arm: build(workdir, data, args.model, args, arm) for arm in arms}
     batches = [list(range(i, i + args.batch_size)) for i in range(0, args.rows - args.batch_size + 1, args.batch_size)]
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    cpu: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
     tokens = 0
     for round_index in range(args.rounds + 1):  # round 0 warms up every arm
         for indices in batches:
@@ -123,14 +132,14 @@ def main() -> None:
     print(f"\n{len(times['sft'])} steps per arm, {tokens / max(len(times['sft']), 1):.0f} tokens per batch")
     print("| arm | median step, CPU (s) | vs sft | median step, wall (s) | vs sft |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for arm in ARMS:
+    for arm in arms:
         c, w = statistics.median(cpu[arm]), statistics.median(times[arm])
         print(f"| {arm} | {c:.2f} | {c / cpu_base:.2f}x | {w:.2f} | {w / base:.2f}x |")
     print(f"load average after: {os.getloadavg()}")
     if args.memory:
         print("\n| arm | peak RSS (MiB), alone, 2 steps |")
         print("| --- | ---: |")
-        for arm in ARMS:
+        for arm in arms:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", arm, "--workdir", str(workdir), "--model", args.model,
                  "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)],

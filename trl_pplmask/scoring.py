@@ -280,21 +280,29 @@ def tokens_fingerprint(dataset: Dataset) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 256) -> str:
-    """Cheap identity of a model's weights: names, shapes, dtypes and a strided sample of every tensor.
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Content hash of a model's weights: the name, shape, dtype and every byte of every tensor (LoRA tensors too).
 
-    Any fine-tuning step changes sampled values of the tensors it touches (LoRA tensors included), without hashing
-    billions of parameters.
+    A full hash, so that no edit goes unnoticed (a sample of values misses an edited embedding row); it reads each
+    tensor once (measured: about 0.3 s per GB of weights for SHA-256 on one CPU core), tensors shared by several names
+    (tied embeddings) once.
     """
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update(str(getattr(config, "_name_or_path", "")).encode())
     h.update(type(model).__name__.encode())
+    seen: dict[tuple, str] = {}
     for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_tensor)
         h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        h.update(flat[::step][:samples_per_tensor].float().cpu().numpy().tobytes())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key in seen:
+            h.update(f"=={seen[key]}".encode())
+            continue
+        seen[key] = name
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        h.update(memoryview(flat.cpu().numpy()))
     return h.hexdigest()
 
 
@@ -337,17 +345,32 @@ def _save_cache(path: Path, scores: tuple[list[np.ndarray], list[np.ndarray] | N
             os.remove(tmp)
 
 
-def _load_cache(path: Path) -> tuple[list[np.ndarray], list[np.ndarray] | None] | None:
-    """`(nlls, entropies)` of a cache entry (entropies `None` if the entry has none), or `None` if unreadable."""
+def _load_cache(
+    path: Path, row_lengths: np.ndarray | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray] | None] | None:
+    """`(nlls, entropies)` of a cache entry (entropies `None` if the entry has none), or `None` (a miss, which the
+    caller scores again and replaces) if the entry is unreadable (empty, truncated, not an `.npz`) or does not fit the
+    rows it would serve: one float32 array per row, each as long as its row's `input_ids` (`row_lengths`)."""
     try:
-        with np.load(path) as data:
-            lengths, values = data["lengths"], data["values"]
-            entropy = (data["entropy_lengths"], data["entropy_values"]) if "entropy_values" in data.files else None
-    except (OSError, KeyError, ValueError):
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception:  # BadZipFile, EOFError, OSError, ValueError, ...: any unreadable entry is a miss
         return None
-    if entropy is not None and not np.array_equal(entropy[0], lengths):
+    if not {"lengths", "values"} <= set(arrays):
         return None
-    return _unflatten(lengths, values), None if entropy is None else _unflatten(*entropy)
+    pairs = [(arrays["lengths"], arrays["values"])]
+    if "entropy_values" in arrays:
+        pairs.append((arrays.get("entropy_lengths"), arrays["entropy_values"]))
+    for lengths, values in pairs:
+        if lengths is None or lengths.dtype != np.int64 or values.dtype != np.float32 or lengths.ndim != 1:
+            return None
+        if values.ndim != 1 or int(lengths.sum()) != len(values) or (lengths < 0).any():
+            return None
+        if row_lengths is not None and not np.array_equal(lengths, np.asarray(row_lengths, dtype=np.int64)):
+            return None
+    if len(pairs) == 2 and not np.array_equal(pairs[0][0], pairs[1][0]):
+        return None
+    return _unflatten(*pairs[0]), None if len(pairs) == 1 else _unflatten(*pairs[1])
 
 
 def _score_rows(
@@ -434,9 +457,11 @@ def score_dataset(
     # the same branch (scoring ends in a collective gather), and another process may not see the main process's
     # entry yet (or ever, without a shared file system).
     cache_file = _cache_path(config, dataset, model) if config.use_cache and main else None
-    cached = _load_cache(cache_file) if cache_file is not None and cache_file.exists() else None
-    if cached is not None and len(cached[0]) != len(dataset):
-        cached = None
+    cached = None
+    if cache_file is not None and cache_file.exists():
+        # Validated against the rows it serves (a short or foreign entry would misalign every later row)
+        lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_numpy(zero_copy_only=False)
+        cached = _load_cache(cache_file, lengths)
     if cached is not None and config.entropy_column is not None and cached[1] is None:
         cached = None  # scored without entropies: score again, and the new entry holds both
     if config.use_cache and distributed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig
-from .utils import atomic_write_text, package_version
+from .utils import atomic_write_text, package_version, redact, redact_text
 
 
 CONFIG_FILE = "pplmask_config.json"
@@ -506,12 +507,37 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_pplmask_config(path: Path, record: dict[str, Any]) -> None:
-    """Write `pplmask_config.json` atomically (a finished run is one whose file exists)."""
-    atomic_write_text(path, json.dumps(_json_safe(record), indent=2, allow_nan=False) + "\n")
+    """Write `pplmask_config.json` atomically (a finished run is one whose file exists), secrets redacted: it sits
+    next to the model that `push_to_hub` uploads."""
+    atomic_write_text(path, json.dumps(redact(_json_safe(record)), indent=2, allow_nan=False) + "\n")
 
 
-def main(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments) -> dict[str, Any]:
-    """Train like `trl sft`, with the mask; returns the record written to `pplmask_config.json`."""
+def keep_token_out_of_files(training_args) -> None:
+    """Move `hub_token` into the environment (`HF_TOKEN`), where `push_to_hub` finds it, so that no file the trainer
+    writes holds it (`training_args.bin` is a pickle of the arguments, written into every checkpoint and the output).
+    """
+    token = getattr(training_args, "hub_token", None)
+    if token:
+        os.environ["HF_TOKEN"] = token
+        training_args.hub_token = None
+    # A token pasted into any other setting (`run_name`, ...) is redacted there; paths keep their value (the folder
+    # is the user's choice, and changing it would write elsewhere)
+    for setting in dataclasses.fields(training_args):
+        value = getattr(training_args, setting.name, None)
+        if isinstance(value, str) and setting.name not in _PATH_SETTINGS and redact_text(value) != value:
+            setattr(training_args, setting.name, redact_text(value))
+
+
+_PATH_SETTINGS = {"output_dir", "logging_dir", "resume_from_checkpoint", "hub_model_id"}
+
+
+def main(
+    script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments, command: str | None = None
+) -> dict[str, Any]:
+    """Train like `trl sft`, with the mask; returns the record written to `pplmask_config.json`.
+
+    `command` is the command line recorded there (redacted), `sys.argv` by default.
+    """
     import transformers
     from packaging.version import Version
 
@@ -519,12 +545,14 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
 
     start = time.perf_counter()
     output_dir = Path(training_args.output_dir)
-    if _is_main():
-        # A rerun into the same folder is unfinished until it writes its own record
-        (output_dir / CONFIG_FILE).unlink(missing_ok=True)
+    keep_token_out_of_files(training_args)
     trainer, collator, recorder, prescore_stats = build_trainer(
         script_args, training_args, model_args, dataset_args, pplmask_args
     )
+    if _is_main():
+        # Inputs checked (a failed rerun keeps the finished run's record): a rerun into the same folder is unfinished
+        # until it writes its own record
+        (output_dir / CONFIG_FILE).unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     _print(trainer, "Training completed.")
     trainer.save_model(training_args.output_dir)
@@ -567,7 +595,7 @@ def main(script_args, training_args, model_args, dataset_args, pplmask_args: Ppl
             "trl": package_version("trl"),
             "transformers": transformers.__version__,
         },
-        "command": " ".join(sys.argv),
+        "command": command if command is not None else " ".join(sys.argv),
     }
     if trainer.accelerator.is_main_process:
         write_pplmask_config(output_dir / CONFIG_FILE, record)
@@ -596,7 +624,8 @@ def parse_args(argv: Sequence[str] | None = None):
 def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of `trl-pplmask sft` (reached from `trl_pplmask.commands.sft`)."""
     script_args, training_args, model_args, dataset_args, pplmask_args = parse_args(argv)
-    main(script_args, training_args, model_args, dataset_args, pplmask_args)
+    command = None if argv is None else shlex.join(["trl-pplmask", "sft", *argv])
+    main(script_args, training_args, model_args, dataset_args, pplmask_args, command)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is saved and the process group is gone. Freeing the trainer's distributed objects at interpreter
         # exit sometimes never returns on CPU (gloo) launches (seen: 1 run in 3, a worker idle after its last line),

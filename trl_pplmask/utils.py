@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import secrets
 import shutil
 import sys
@@ -36,7 +37,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+            f.write(redact_text(text))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -211,3 +212,189 @@ def raise_if_termination_requested() -> None:
     """Exit with status 128 + signal if a termination was requested: called right before an output is swapped in."""
     if _termination_signal is not None:
         raise SystemExit(128 + _termination_signal)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Redaction: no secret reaches a file the package writes (records, cards, study files), which may be published
+# --------------------------------------------------------------------------------------------------------------------
+REDACTED = "<redacted>"
+# Setting names that hold secrets: `hub_token`, `HF_TOKEN`, `api_key`, `wandb_api_key`, `password`, `client_secret`
+# (a name whose last word is `token`; `pad_token`, `max_new_tokens` and `token_nll` name no secret)
+_SECRET_LAST_WORDS = {"token", "apikey", "password", "passwd", "secret", "credentials"}
+_SECRET_PARTS = ("secret", "password", "passwd", "api_key", "apikey", "credential")
+_NOT_SECRET_NAMES = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+# Values that are secrets whatever their setting is called: Hugging Face access tokens
+SECRET_VALUE_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{20,}")
+# `--hub_token X`, `--hub-token=X` in a recorded command line (a flag starts a word: `pad-token 5` in prose is no flag)
+_SECRET_FLAG_PATTERN = re.compile(r"(?<![\w-])(--?([A-Za-z][\w-]*))(=|[ \t]+)(\"[^\"]*\"|'[^']*'|[^\s,;)\]}]+)")
+# Flag values that are no secret: an option, a placeholder (`<token>`), an environment variable (`$HF_TOKEN`)
+_NOT_SECRET_VALUE_START = ("-", "<", "$", "%", "{{")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting called `name` holds a secret (`hub_token`, `api_key`, `HF_TOKEN`, `db-password`, ...).
+
+    Args:
+        name (`str`):
+            A setting name, any case, words separated by `_` or `-`.
+    """
+    lowered = str(name).lower().replace("-", "_")
+    if lowered in _NOT_SECRET_NAMES:
+        return False
+    return lowered.split("_")[-1] in _SECRET_LAST_WORDS or any(part in lowered for part in _SECRET_PARTS)
+
+
+def redact_text(text: str) -> str:
+    """`text` with every Hugging Face token (`hf_...`) and every value of a secret command-line flag replaced by
+    [`REDACTED`]."""
+
+    def flag(match: re.Match) -> str:
+        if not is_secret_name(match.group(2)) or not _is_secret_value(match.group(4).strip("\"'")):
+            return match.group(0)
+        return f"{match.group(1)}{match.group(3)}{REDACTED}"
+
+    return SECRET_VALUE_PATTERN.sub(REDACTED, _SECRET_FLAG_PATTERN.sub(flag, text))
+
+
+def _is_secret_value(value: str) -> bool:
+    return bool(value) and value not in ("None", "null") and not value.startswith(_NOT_SECRET_VALUE_START)
+
+
+def redact(value):
+    """A copy of `value` (JSON-like: dicts, lists, strings, numbers) in which no secret remains: the value of every
+    key that [`is_secret_name`] (unless unset) and every `hf_...` token inside strings become [`REDACTED`].
+
+    This is the one redaction step of everything the package records: `pplmask_config.json`, study files, build
+    records and cards ([`atomic_write_text`] also applies [`redact_text`] to every file it writes).
+
+    Args:
+        value:
+            The record to write.
+    """
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if is_secret_name(k) and v not in (None, "", False) else redact(v)) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        # An argv list: `["--hub_token", "abc"]` hides the value that follows a secret flag
+        out = [redact(v) for v in value]
+        for i in range(1, len(out)):
+            before, item = value[i - 1], value[i]
+            if isinstance(before, str) and isinstance(item, str) and re.fullmatch(r"--?[A-Za-z][\w-]*", before):
+                if is_secret_name(before.lstrip("-")) and _is_secret_value(item):
+                    out[i] = REDACTED
+        return out
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One writer per output: an advisory lock (fcntl) beside (or inside) the output folder
+# --------------------------------------------------------------------------------------------------------------------
+class OutputLockedError(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+class OutputLock:
+    """Exclusive advisory lock (`fcntl.flock`) on an output, held by one process until it exits or releases it.
+
+    The lock file is `.<name>.lock` beside the output (outputs are swapped in whole, so the lock cannot live inside
+    them), or `.lock` inside it with `inside=True` (a study's `output_dir`, which is never swapped). It holds the
+    holder's PID, so that a second writer is refused with a message naming it. The operating system releases the lock
+    when the holder dies (even by SIGKILL), so a stale lock file never blocks a rerun.
+
+    Args:
+        output (`str` or `os.PathLike`):
+            The output folder (or file) to protect.
+        inside (`bool`, *optional*, defaults to `False`):
+            Put the lock file inside `output` (created if missing) instead of beside it.
+        what (`str`, *optional*, defaults to `"output"`):
+            Word for the output in the error message (e.g. `"study output_dir"`).
+    """
+
+    def __init__(self, output: str | os.PathLike, inside: bool = False, what: str = "output"):
+        self.output = Path(output).expanduser().absolute()
+        self.inside = inside
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        if self.inside:
+            return self.output / ".lock"
+        return self.output.parent / f".{self.output.name or 'output'}.lock"
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLockedError(
+                f"The {self.what} {self.output} is being written by another process (PID {holder}, lock file "
+                f"{self.path}). Wait for it to finish, or write to another folder; two writers would overwrite each "
+                "other's files."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Content hashes of files, memoised: caches keyed on full content without rereading unchanged weight files
+# --------------------------------------------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike, memo_dir: str | os.PathLike | None = None) -> str:
+    """SHA-256 of every byte of the file at `path`, remembered in `memo_dir` by the file's path, size, mtime, ctime and
+    inode, so that an unchanged weight file is read once (a change of any of them, which every write makes, hashes it
+    again).
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The file.
+        memo_dir (`str` or `os.PathLike`, *optional*):
+            Folder of remembered hashes (one small JSON file per hashed file); `None` always hashes.
+    """
+    import hashlib
+    import json
+
+    path = Path(path).absolute()
+    stat = path.stat()
+    identity = [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    memo = None
+    if memo_dir is not None:
+        memo = Path(memo_dir) / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+        try:
+            entry = json.loads(memo.read_text())
+            if entry.get("identity") == identity and isinstance(entry.get("sha256"), str):
+                return entry["sha256"]
+        except (OSError, ValueError, AttributeError):  # none yet, or unreadable: hash again
+            pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, json.dumps({"identity": identity, "sha256": digest}))
+        except OSError:  # a read-only cache only costs the next run a reread
+            pass
+    return digest

@@ -5,34 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..models import cache_dir, resolve_model_path
-from ..utils import atomic_write_text, package_version
+from ..utils import atomic_write_text, file_sha256, package_version
 from ..verifiers import CODE_TASKS
 from .config import EvalConfig, ModelSpec
 from .results import TaskResult
 from .tasks import EvalTask
 
 
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: full content hashes of the model files; entries carry their key and item count
 
 
 def _file_identity(path: Path, h) -> None:
-    # Weight files can be many GB: their size and their first and last MiB identify them well enough; small files
-    # (configs, tokenizers, adapters) are hashed whole
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        if size <= 4 << 20:
-            h.update(f.read())
-        else:
-            h.update(f.read(1 << 20))
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
+    # Every byte of every file (a weight file edited in the middle must miss), hashed once per file version: the hash
+    # is remembered by path, size, mtime, ctime and inode under `<TRL_PPLMASK_CACHE>/file-hashes`
+    h.update(f"{path.name}:{path.stat().st_size}:".encode())
+    h.update(file_sha256(path, cache_dir() / "file-hashes").encode())
 
 
 def path_identity(name_or_path: str) -> str:
@@ -112,18 +104,33 @@ class ResultCache:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
     def load(self, key: str) -> TaskResult | None:
+        """The cached result under `key`, or `None` (a miss, which the caller evaluates again and replaces) when there
+        is none or the entry does not hold exactly what it was saved with: its own key, as many well-formed items
+        as it recorded, numeric metrics."""
         path = self.root / f"{key}.json"
         if not self.enabled or not path.is_file():
             return None
         try:
-            return TaskResult.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):  # a corrupt entry is a miss, and gets rewritten
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            result = TaskResult.from_dict(entry["result"])
+        except (OSError, ValueError, TypeError, KeyError):  # empty, truncated, or not an entry of this version
             return None
+        return result if entry.get("key") == key and _consistent(result, entry.get("items")) else None
 
     def save(self, key: str, result: TaskResult) -> None:
         if not self.enabled:
             return
-        atomic_write_text(self.root / f"{key}.json", json.dumps(result.to_dict()))
+        entry = {"key": key, "items": len(result.items), "result": result.to_dict()}
+        atomic_write_text(self.root / f"{key}.json", json.dumps(entry))
+
+
+def _consistent(result: TaskResult, n_items: Any) -> bool:
+    """Whether a loaded result has the recorded number of items, each with its scores, and numeric metrics."""
+    if not isinstance(result.items, list) or n_items != len(result.items) or not isinstance(result.metrics, dict):
+        return False
+    if not all(isinstance(item, dict) and isinstance(item.get("scores"), dict) for item in result.items):
+        return False
+    return all(isinstance(v, (int, float)) or v is None for v in result.metrics.values())
 
 
 __all__ = ["ResultCache", "eval_cache_root", "model_identity", "path_identity", "rows_fingerprint"]

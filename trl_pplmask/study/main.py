@@ -7,7 +7,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ..utils import atomic_write_text, package_versions
+from ..utils import OutputLock, atomic_write_text, package_versions, redact
 from .config import StudyConfig
 from .prepare import prepare_data, run_self_output
 from .runner import (
@@ -69,7 +69,7 @@ def build_study_json(
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "status": "complete" if report is not None else "in progress",
             "command": command,
-            "config": config.to_dict(),
+            "config": redact(config.to_dict()),
             "versions": package_versions(VERSIONED_PACKAGES),
             "machine": machine(),
             "wall_time_seconds": {
@@ -94,7 +94,12 @@ def run_study(config: StudyConfig, command: str | None = None) -> dict[str, Any]
     """
     check_before_work(config)
     paths = StudyPaths(config.output_dir)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    with OutputLock(paths.root, inside=True, what="study output_dir"):
+        return _run_study(config, paths, command)
+
+
+def _run_study(config: StudyConfig, paths: StudyPaths, command: str | None) -> dict[str, Any]:
+    """[`run_study`] once its `output_dir` is locked (one study at a time trains into one folder)."""
     stages = plan_stages(config)
     state = _read_json(paths.state) or {}
     state.setdefault("stages", {})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
+from ..utils import REDACTED, atomic_write_text, is_secret_name, redact, redact_text
 from .arms import arm_settings
 from .config import ArmConfig, StudyConfig
 
@@ -274,10 +274,11 @@ def _same(a: Any, b: Any) -> bool:
 
 def settings_differences(wanted: dict[str, Any], recorded: dict[str, Any], skip: set[str] = frozenset()) -> list[str]:
     """Keys of `wanted` whose value differs from `recorded` (keys missing from `recorded` are not compared)."""
+    # Secrets are recorded redacted: they cannot be compared, and do not change what an arm trains
     return [
-        f"{key}: finished run {recorded[key]!r}, YAML {value!r}"
+        f"{key}: finished run {recorded[key]!r}, YAML {redact(value)!r}"
         for key, value in wanted.items()
-        if key in recorded and key not in skip and not _same(recorded[key], value)
+        if key in recorded and key not in skip and not is_secret_name(key) and not _same(recorded[key], redact(value))
     ]
 
 
@@ -298,7 +299,7 @@ def finished_arm(arm_dir: Path, identity: dict[str, Any], label: str) -> dict[st
     if launched is not None:
         launched_differences = settings_differences(identity["settings"], launched["settings"])
         differences += [d for d in launched_differences if d not in differences]
-        extra = sorted(set(launched["settings"]) - set(identity["settings"]))
+        extra = sorted(k for k in set(launched["settings"]) - set(identity["settings"]) if not is_secret_name(k))
         differences += [f"{key}: finished run {launched['settings'][key]!r}, YAML (unset)" for key in extra]
         if launched.get("data") != identity["data"]:
             differences.append(f"training data: finished run {launched.get('data')}, now {identity['data']}")
@@ -309,6 +310,23 @@ def finished_arm(arm_dir: Path, identity: dict[str, Any], label: str) -> dict[st
             + f"\n{fix}"
         )
     return record
+
+
+def split_secrets(settings: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """`(settings without secrets, flags, environment)` of an arm: no secret is written to its `config.yaml`.
+
+    `hub_token` travels as `HF_TOKEN` in the trainer's environment (where `push_to_hub` reads it); any other secret
+    setting as a command-line flag, which the log records redacted.
+    """
+    public, flags, env = {}, [], {}
+    for key, value in settings.items():
+        if not is_secret_name(key) or value in (None, "", REDACTED):
+            public[key] = value
+        elif key == "hub_token":
+            env["HF_TOKEN"] = str(value)
+        else:
+            flags += [f"--{key}", str(value)]
+    return public, flags, env
 
 
 def train_arm(config: StudyConfig, arm: ArmConfig, paths: StudyPaths, data_fingerprint: str) -> tuple[dict, bool]:
@@ -323,16 +341,20 @@ def train_arm(config: StudyConfig, arm: ArmConfig, paths: StudyPaths, data_finge
         return record, True
     arm_dir.mkdir(parents=True, exist_ok=True)
     header = f"# Arm {arm.label!r} ({arm.kind}) of the study {config.source}; written by `trl-pplmask study`.\n"
-    atomic_write_text(arm_dir / "config.yaml", header + yaml.safe_dump(settings, sort_keys=False))
-    atomic_write_text(arm_dir / ARM_FILE, json.dumps(identity, indent=1))
+    public, secret_flags, env = split_secrets(settings)
+    atomic_write_text(arm_dir / "config.yaml", header + yaml.safe_dump(public, sort_keys=False))
+    atomic_write_text(arm_dir / ARM_FILE, json.dumps(redact(identity), indent=1))
     log_path = arm_dir / "train.log"
-    command = [*sft_command(), "--config", "config.yaml"]
+    command = [*sft_command(), "--config", "config.yaml", *secret_flags]
     with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(command)}  (cwd {arm_dir})\n".encode())
+        log.write(redact_text(f"\n$ {' '.join(command)}  (cwd {arm_dir})\n").encode())
         log.flush()
-        process = subprocess.Popen(command, cwd=arm_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=arm_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
         try:
             for chunk in iter(lambda: process.stdout.read1(4096), b""):
+                chunk = redact_text(chunk.decode(errors="replace")).encode()
                 log.write(chunk)
                 log.flush()
                 sys.stdout.buffer.write(chunk)

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run(tmp_path):
+def test_gpu_check_dry_run(tmp_path, data_dir):  # GSM8K rows from the data mirror (the script runs offline)
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1",
+           "TRL_PPLMASK_DATA_DIR": str(data_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--steps", "1", "--arms", "stm_prescored",
            "--scoring-examples", "2", "--agreement-rows", "2", "--study"]  # fmt: skip

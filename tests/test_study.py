@@ -390,8 +390,14 @@ def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, ca
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "studies" / "calibration").glob("*.yaml")), ids=lambda p: p.stem)
+PARTIAL_STUDIES = sorted((REPO / "studies" / "calibration").glob("*.yaml")) + sorted(
+    (REPO / "studies" / "reruns").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", PARTIAL_STUDIES, ids=lambda p: p.stem)
 def test_calibration_configs_parse_and_plan(path):
+    """Calibration runs and partial reruns (a study's subset of arms): they plan, and compare with base and gt."""
     config = load_study_config(path)
     kinds = [stage.kind for stage in plan_stages(config)]
     assert kinds[0] == "prepare" and kinds[-1] == "report" and "train" in kinds

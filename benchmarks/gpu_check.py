@@ -85,7 +85,12 @@ def objective_arms() -> dict[str, list[str]]:
     if "pplmask_loss" not in fields:
         return {}
     choices = fields["pplmask_loss"].metadata.get("choices") or ("eaft", "asft", "soft_stm")
-    return {name: ["--pplmask_loss", name] for name in choices if name != "nll"}
+    # As the study's arms: each objective on its own, no hard mask (soft_stm refuses one; its weights need the
+    # reference NLLs, scored once before training as the pre-scored arm does)
+    arms = {name: ["--pplmask_loss", name, "--pplmask_strategy", "none"] for name in choices if name != "nll"}
+    if "soft_stm" in arms:
+        arms["soft_stm"].append("--pplmask_prescore")
+    return arms
 
 
 def machine(device: str) -> str:

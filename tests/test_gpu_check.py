@@ -19,8 +19,9 @@ def test_gpu_check_dry_run(tmp_path, data_dir):  # GSM8K rows from the data mirr
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1",
            "TRL_PPLMASK_DATA_DIR": str(data_dir),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--steps", "1", "--arms", "stm_prescored",
-           "--scoring-examples", "2", "--agreement-rows", "2", "--study"]  # fmt: skip
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--steps", "1",
+           "--arms", "stm_prescored,soft_stm", "--scoring-examples", "2", "--agreement-rows", "2",
+           "--study"]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
@@ -30,7 +31,7 @@ def test_gpu_check_dry_run(tmp_path, data_dir):  # GSM8K rows from the data mirr
     }
     assert all(r["ours_tok_per_s"] > 0 and r["gflops_per_token"] > 0 for r in scoring["rows"])
     sft = json.loads((out / "sft.json").read_text())
-    assert set(sft["arms"]) == {"sft", "stm_prescored"}
+    assert set(sft["arms"]) == {"sft", "stm_prescored", "soft_stm"}  # soft_stm: an objective, run without a mask
     assert sft["arms"]["sft"]["vs_sft"] == 1.0
     assert sft["arms"]["stm_prescored"]["masked_fraction"] > 0  # the mask reached training
     agreement = json.loads((out / "mask_agreement.json").read_text())

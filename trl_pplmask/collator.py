@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from . import _compat
+from .constants import DEFAULT_THRESHOLD
 from .masking import (
     IGNORE_INDEX,
     TRAINABLE_COLUMN,
@@ -76,7 +77,7 @@ class PplMaskCollator:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        threshold: float = 2.5,
+        threshold: float = DEFAULT_THRESHOLD,
         strategy: str = "threshold",
         config: PplMaskConfig | None = None,
         reference_model: torch.nn.Module | None = None,

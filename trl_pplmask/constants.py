@@ -9,6 +9,8 @@ IGNORE_INDEX = -100
 # Columns that scoring writes and masking reads.
 NLL_COLUMN = "token_nll"
 ENTROPY_COLUMN = "token_entropy"
+# NLLs under a first fine-tuned model (DPF: the paper's "double perplexity filter").
+DPF_NLL_COLUMN = "token_nll_dpf"
 TRAINABLE_COLUMN = "trainable_mask"
 # Stable row identity carried from the source data to every derived dataset.
 ROW_ID_COLUMN = "row_id"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN, TRAINABLE_COLUMN
+from .constants import DEFAULT_THRESHOLD, DPF_NLL_COLUMN, ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN, TRAINABLE_COLUMN
 
 
 STRATEGIES = ("threshold", "fraction", "random", "lowest", "lowest_count", "dpf", "stm_dpf", "stm_entropy", "none")
@@ -67,12 +67,12 @@ class PplMaskConfig:
     """
 
     strategy: str = "threshold"
-    threshold: float = 2.5
+    threshold: float = DEFAULT_THRESHOLD
     fraction: float | None = None
     seed: int = 0
     dpf_ratio: float = 1.0
     nll_column: str = NLL_COLUMN
-    dpf_nll_column: str = "token_nll_dpf"
+    dpf_nll_column: str = DPF_NLL_COLUMN
     entropy_threshold: float = 1.0
     entropy_column: str = ENTROPY_COLUMN
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import DEFAULT_THRESHOLD
 from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig
 from .utils import atomic_write_text, package_version, redact, redact_text
 
@@ -88,7 +89,9 @@ class PplMaskArguments:
         default="threshold",
         metadata={"help": "Mask strategy.", "choices": list(STRATEGIES)},
     )
-    pplmask_threshold: float = field(default=2.5, metadata={"help": "Perplexity threshold (paper: 2.5)."})
+    pplmask_threshold: float = field(
+        default=DEFAULT_THRESHOLD, metadata={"help": "Perplexity threshold (paper: 2.5)."}
+    )
     pplmask_fraction: float | None = field(default=None, metadata={"help": "Fraction to mask (strategy fraction)."})
     pplmask_seed: int = field(default=0, metadata={"help": "Seed of strategy random."})
     pplmask_entropy_threshold: float = field(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..constants import EMBEDDED_MODEL_ALIAS
+from ..constants import DEFAULT_THRESHOLD, EMBEDDED_MODEL_ALIAS
 from ..generation.config import BACKENDS, FALLBACKS, MODES, SELECTIONS, SelfOutputConfig
 from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
 from ._run import command_main
@@ -99,7 +99,9 @@ class SelfOutputArguments:
         default=None, metadata={"help": "transformers: token budget of a generation batch."}
     )
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
-    ppl_threshold: float = field(default=2.5, metadata={"help": "Token perplexity counted as high (2.5)."})
+    ppl_threshold: float = field(
+        default=DEFAULT_THRESHOLD, metadata={"help": "Token perplexity counted as high (2.5)."}
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "Folder to write (default: <dataset>-self-output)."}
     )

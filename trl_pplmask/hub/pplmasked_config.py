@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..constants import EMBEDDED_MODEL_ALIAS
+from ..constants import DEFAULT_THRESHOLD, EMBEDDED_MODEL_ALIAS
 from .builder import FolderSettings
 from .folder import check_config_name
 from .shards import DEFAULT_SHARD_ROWS
@@ -89,7 +89,7 @@ class BuildConfig(FolderSettings):
     splits: list[str] = field(default_factory=lambda: ["train"])
     dataset_config: str | None = None
     format: str = "auto"
-    threshold: float = 2.5
+    threshold: float = DEFAULT_THRESHOLD
     unmasked_splits: list[str] = field(default_factory=lambda: ["test"])
     limit: int | None = None
     max_length: int | None = 1024

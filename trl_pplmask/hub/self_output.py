@@ -19,7 +19,7 @@ from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from .. import _compat
-from ..constants import EMBEDDED_MODEL_ALIAS
+from ..constants import DEFAULT_THRESHOLD, EMBEDDED_MODEL_ALIAS
 from ..data import check_dataset_spec, load_any_dataset, load_task
 from ..generation.backends import check_vllm_available
 from ..generation.config import SelfOutputConfig
@@ -104,7 +104,7 @@ class SelfOutputBuildConfig(FolderSettings):
     verifier: str | None = None
     generation: SelfOutputConfig = field(default_factory=SelfOutputConfig)
     dtype: str = "auto"
-    ppl_threshold: float = 2.5
+    ppl_threshold: float = DEFAULT_THRESHOLD
     checkpoint_dir: str | None = None
     max_shard_size: int | str = "500MB"
     repo_id: str | None = None

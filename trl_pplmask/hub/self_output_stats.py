@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..constants import DEFAULT_THRESHOLD
 from ..generation.config import SOURCE_GROUND_TRUTH, SOURCE_SELF
 
 
@@ -35,7 +36,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 def self_output_statistics(
-    dataset: Dataset, threshold: float = 2.5, skipped: dict[str, int] | None = None
+    dataset: Dataset, threshold: float = DEFAULT_THRESHOLD, skipped: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """Statistics of a self-output dataset, as its card shows them.
 

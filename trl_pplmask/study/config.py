@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..constants import DEFAULT_THRESHOLD
 from ..tasks import TASKS
 from .arms import ARM_KINDS, TRAINER_OWNED_KEYS, ArmSpec, arm_spec
 
@@ -66,7 +67,7 @@ class MaskSettings:
             Which model scores the data (`pplmask_reference` of `trl-pplmask sft`).
     """
 
-    threshold: float = 2.5
+    threshold: float = DEFAULT_THRESHOLD
     seed: int = 0
     entropy_threshold: float | None = None
     anchor_weight: float = 1.0

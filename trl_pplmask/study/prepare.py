@@ -8,6 +8,7 @@ import json
 import shutil
 from typing import Any
 
+from ..constants import DPF_NLL_COLUMN
 from ..utils import atomic_write_text
 from .config import StudyConfig
 from .runner import StudyPaths, _jsonable, _read_json, check_data_columns
@@ -61,7 +62,7 @@ def prepare_data(config: StudyConfig, paths: StudyPaths) -> tuple[dict[str, Any]
     if ROW_ID_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
     keep.append(ROW_ID_COLUMN)
-    scored = ("token_nll", "token_entropy", "token_nll_dpf", "input_ids", "labels")
+    scored = ("token_nll", "token_entropy", DPF_NLL_COLUMN, "input_ids", "labels")
     keep += [c for c in scored if c in dataset.column_names]
     train = dataset.select_columns(keep)
     paths.data.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..constants import DPF_NLL_COLUMN
 from ..utils import REDACTED, atomic_write_text, is_secret_name, redact, redact_text
 from .arms import arm_settings
 from .config import ArmConfig, StudyConfig
@@ -191,8 +192,8 @@ def check_data_columns(config: StudyConfig, columns: list[str]) -> None:
                 f"(columns: {columns}); rescore it with `trl-pplmask score` of this version, or give unscored "
                 "prompt/completion data, or remove the arm."
             )
-        if strategy in ("dpf", "stm_dpf") and "token_nll_dpf" not in columns:
-            raise ValueError(f"arm {arm.label!r} needs the column `token_nll_dpf`, which data.path lacks.")
+        if strategy in ("dpf", "stm_dpf") and DPF_NLL_COLUMN not in columns:
+            raise ValueError(f"arm {arm.label!r} needs the column `{DPF_NLL_COLUMN}`, which data.path lacks.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -73,3 +73,6 @@ def test_wheel_metadata_carries_the_license(tmp_path):
         assert archive.read(shipped) == (ROOT / "LICENSE").read_bytes()
     assert "License-Expression: Apache-2.0" in metadata
     assert "License-File: LICENSE" in metadata
+    # package data beyond the card templates: the lm-eval task YAMLs that `--backend lm-eval` renders for the mirror
+    yamls = {p.relative_to(ROOT).as_posix() for p in (ROOT / "trl_pplmask/evaluation/lm_eval_tasks").glob("*.yaml")}
+    assert yamls and yamls <= set(names)

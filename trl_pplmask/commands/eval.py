@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..evaluation.config import BACKENDS, EvalConfig, build_model_specs
-from ..evaluation.harness import lm_eval_available
+from ..evaluation.harness import LmEvalError, check_lm_eval_backend
 from ..evaluation.tasks import DEFAULT_TASKS, available_tasks
 from ._args import ArgumentParser
 from ._run import command_main
@@ -67,8 +68,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--backend",
         default="builtin",
         choices=BACKENDS,
-        help="builtin: the paper's prompts, offline, sandboxed code. lm-eval: lm-evaluation-harness for gsm8k and "
-        "arc_challenge_mc (harness prompts, Hub data), builtin for the rest.",
+        help="builtin: the paper's prompts, offline, sandboxed code. lm-eval: lm-evaluation-harness's own gsm8k and "
+        "arc_challenge tasks for gsm8k and arc_challenge_mc (harness prompts; data from TRL_PPLMASK_DATA_DIR when "
+        "set, else the Hub; an lm-eval failure is an error), builtin for the rest (the report names each task's "
+        "backend).",
     )
     parser.add_argument("--cache-dir", help="Result cache (default: <TRL_PPLMASK_CACHE>/eval).")
     parser.add_argument("--no-cache", action="store_true", help="Neither read nor write cached results.")
@@ -115,14 +118,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
     )
-    if config.backend == "lm-eval" and not lm_eval_available():
-        print(
-            "trl-pplmask eval: lm-eval is not installed (pip install lm-eval); using the builtin evaluator.",
-            file=sys.stderr,
-        )
+    check_lm_eval_backend(config)  # a missing lm-eval is an error before any work, never a silent fallback
     specs = build_model_specs(args.base, args.adapter or [], args.model or [], args.base_label)
     command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
-    report = run_evaluation(specs, config, args.output, command)
+    try:
+        report = run_evaluation(specs, config, args.output, command)
+    except LmEvalError as err:  # one line, as for bad input (the cause's traceback with TRL_PPLMASK_DEBUG set)
+        if os.environ.get("TRL_PPLMASK_DEBUG"):
+            raise
+        print(f"trl-pplmask eval: error: {err}", file=sys.stderr)
+        return 2
     print(render_markdown(report))
     print(f"Report -> {', '.join(str(Path(args.output) / name) for name in REPORT_FILES)}")
     return 0

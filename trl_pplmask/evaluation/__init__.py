@@ -41,10 +41,14 @@ evaluates only that model. The forgetting metrics come from the `evaluate` modul
 Backends. Use `builtin` (the default) to measure forgetting as the paper does: its prompts and answer formats under
 the chat template, offline from the local data mirror, code executed in the sandbox, every output kept and cached.
 Use `--backend lm-eval` when numbers must be comparable with published lm-evaluation-harness results (leaderboards,
-model cards): `gsm8k` and `arc_challenge_mc` then run through the harness (its prompts and answer extraction, data
-from the Hub). Other tasks stay builtin, the code tasks included, which the harness would execute unsandboxed. Without
-`lm-eval` installed, or when it fails (e.g. the Hub is unreachable), the builtin evaluator runs and the report's notes
-say so.
+model cards): `gsm8k` and `arc_challenge_mc` then run through the harness's own `gsm8k` and `arc_challenge` tasks (its
+prompts, few-shot examples, answer extraction and metrics) on the same loaded model and device as the builtin
+evaluators. With `TRL_PPLMASK_DATA_DIR` set they read the local mirror (the task YAMLs of `lm_eval_tasks/`, lm-eval's
+task with local `data_files`), else the Hub; each document is checked against the builtin's row. Other tasks stay
+builtin, the code tasks included, which the harness would execute unsandboxed, and the report's header names each
+task's backend. Nothing falls back: a missing `lm-eval` is an error before any work, a failing one an error naming the
+task and the model. On `arc_challenge_mc` both backends give the same `acc` and `acc_norm` item for item
+(`tests/test_lm_eval.py`; benchmarks/RESULTS.md has the embedded model's figure).
 
 Example (CPU, the embedded model against two adapters trained on GSM8K):
 

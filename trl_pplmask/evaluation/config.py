@@ -61,7 +61,8 @@ class EvalConfig:
             Label of a fine-tuned model (e.g. `gt`) that every other fine-tuned model is compared with: share of its
             target gain kept and of its non-target degradation avoided ([`~trl_pplmask.evaluation.reference_arm`]).
         backend (`str`, *optional*, defaults to `"builtin"`):
-            `builtin` or `lm-eval` (see [`trl_pplmask.evaluation`]; falls back to `builtin` where lm-eval cannot run).
+            `builtin` or `lm-eval` (see [`trl_pplmask.evaluation`]): with `lm-eval`, `gsm8k` and `arc_challenge_mc`
+            run through lm-evaluation-harness and the other tasks builtin; a missing or failing lm-eval is an error.
         cache_dir (`str`, *optional*):
             Where per-(model, task) results are cached; defaults to `<TRL_PPLMASK_CACHE>/eval`.
         use_cache (`bool`, *optional*, defaults to `True`):

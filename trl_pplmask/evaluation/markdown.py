@@ -29,6 +29,18 @@ def _other_budgets(tasks: list[dict[str, Any]], settings: dict[str, Any]) -> str
     return f" ({', '.join(budgets)})" if budgets else ""
 
 
+def _backends(report: dict[str, Any], tasks: list[dict[str, Any]]) -> str:
+    """The backend that evaluated each task (as the results say, not as requested): `builtin`, or e.g.
+    `lm-eval (gsm8k, arc_challenge_mc), builtin (mbpp_nll)` when they differ."""
+    by_backend: dict[str, list[str]] = {}
+    for t in tasks:
+        backend = report["results"][report["base"]][t["name"]].get("backend", "builtin")
+        by_backend.setdefault(backend, []).append(t["name"])
+    if len(by_backend) == 1:
+        return next(iter(by_backend))
+    return ", ".join(f"{backend} ({', '.join(names)})" for backend, names in by_backend.items())
+
+
 def _with_ci(value: float | None, ci: Sequence[float | None]) -> str:
     return f"{_fmt(value, True)} [{_fmt(ci[0], True)}, {_fmt(ci[1], True)}]"
 
@@ -55,7 +67,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Target task: **{report['target']}**. Base model: **{base}**. "
         f"Items per task: {items}. "
         f"Greedy decoding, max_new_tokens {settings['max_new_tokens']}{_other_budgets(tasks, settings)}. "
-        f"Backend: {settings['backend']}.",
+        f"Backend: {_backends(report, tasks)}.",
         "",
         "## Results",
         "",

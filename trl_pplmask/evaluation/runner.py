@@ -16,7 +16,7 @@ from .cache import ResultCache, _task_settings, eval_cache_root, model_identity,
 from .config import EvalConfig, ModelSpec
 from .drift import evaluate_drift
 from .generate import evaluate_generation
-from .harness import _backend_for, run_lm_eval
+from .harness import _backend_for, check_lm_eval_backend, lm_eval_settings, run_lm_eval
 from .instruction_following import MISSING_CHECKER, checker_available, evaluate_instruction_following
 from .loglik import evaluate_multiple_choice, evaluate_reference_nll
 from .output import check_output_dir, write_report
@@ -45,36 +45,22 @@ def _evaluate_model(
     tasks: list[tuple[EvalTask, str]],
     rows: dict[str, list[dict[str, Any]]],
     config: EvalConfig,
-    notes: list[str],
     base: ModelSpec | None = None,
 ) -> dict[str, TaskResult]:
-    """Evaluate one model on the tasks that missed the cache; the model is loaded only if a builtin task needs it.
-    `base` is the report's base model, the reference of drift tasks (defaults to `spec` itself)."""
+    """Evaluate one model on the tasks that missed the cache, each by its backend (`tasks` holds (task, backend)
+    pairs); the model is loaded once, on the builtin evaluator's device, for both. `base` is the report's base model,
+    the reference of drift tasks (defaults to `spec` itself). An lm-eval failure is an error: nothing falls back."""
     results: dict[str, TaskResult] = {}
-    builtin = []
-    for task, backend in tasks:
-        if backend == "lm-eval":
-            start = time.perf_counter()
-            try:
-                items = run_lm_eval(spec, task, config)
-            except Exception as exc:  # e.g. the Hub data is unreachable: measure with the builtin evaluator instead
-                notes.append(f"{spec.label}/{task.name}: lm-eval failed ({type(exc).__name__}: {exc}); used builtin")
-                logger.warning(notes[-1])
-                builtin.append(task)
-                continue
-            results[task.name] = TaskResult(
-                spec.label, task.name, aggregate(items, task.metrics), items, "lm-eval", time.perf_counter() - start
-            )
-        else:
-            builtin.append(task)
-    if not builtin:
+    if not tasks:
         return results
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(spec.name_or_path, adapter=spec.adapter, dtype=config.dtype, device=_device(config))
     try:
-        for task in builtin:
+        for task, backend in tasks:
             start = time.perf_counter()
-            if task.kind == "drift":
+            if backend == "lm-eval":
+                items, stats = run_lm_eval(model, tokenizer, task, rows[task.name], config, spec.label)
+            elif task.kind == "drift":
                 items, stats = evaluate_drift(model, tokenizer, task, rows[task.name], config, spec, base or spec)
             else:
                 items, stats = EVALUATORS[task.kind](model, tokenizer, task, rows[task.name], config, spec.label)
@@ -83,7 +69,7 @@ def _evaluate_model(
                 task.name,
                 aggregate(items, task.metrics),
                 items,
-                "builtin",
+                backend,
                 time.perf_counter() - start,
                 stats,
             )
@@ -128,6 +114,7 @@ def run_evaluation(
         `dict`: the report (the content of `report.json`).
     """
     config = config or EvalConfig()
+    check_lm_eval_backend(config)
     if output_dir is not None:
         check_output_dir(output_dir)
     models = list(models)
@@ -155,6 +142,8 @@ def run_evaluation(
         settings = _task_settings(task, config, device)
         if task.kind == "drift":  # a drift result is relative to the base model
             settings["base_identity"] = base_identity
+        if backend == "lm-eval":
+            settings.update(lm_eval_settings(config))
         return cache.key(identity, task, config.limit, fingerprints[task.name], settings, backend)
 
     for spec in models:
@@ -172,8 +161,8 @@ def run_evaluation(
             else:
                 todo.append((task, backend))
         logger.info("%s: %d task(s) cached, %d to evaluate.", spec.label, len(tasks) - len(todo), len(todo))
-        for name, result in _evaluate_model(spec, todo, rows, config, notes, models[0]).items():
-            # Keyed by the backend that produced it: a builtin fallback is not cached as an lm-eval result
+        for name, result in _evaluate_model(spec, todo, rows, config, models[0]).items():
+            # Keyed by the backend that produced it
             cache.save(key(identity, by_name[name], result.backend), result)
             results[spec.label][name] = result
     report = build_report(models, tasks, results, config, notes, command)

@@ -14,8 +14,9 @@ arms (one line each) and the evaluation. The study
 5. writes `report.json`, `report.md`, `report.png` and `study.json` (settings, versions, machine, wall time per stage,
    masked fraction per arm) into `output_dir`.
 
-Arms: `base`, `gt`, `stm`, `random`, `lowest`, `dft`, `stm_entropy`, `stm_anchor`, `self_output` (see
-[`ARM_KINDS`]). `trl-pplmask study --config X.yaml --plan` validates the YAML and prints the stages without running.
+Arms: `base`, `gt`, `stm`, `random`, `lowest`, `dft`, `stm_entropy`, `stm_anchor`, `eaft`, `asft`, `soft_stm`,
+`self_output` (see [`ARM_KINDS`]). `trl-pplmask study --config X.yaml --plan` validates the YAML and prints the
+stages without running.
 """
 
 from __future__ import annotations

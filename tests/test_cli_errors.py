@@ -285,6 +285,7 @@ BAD_INPUTS = {
         ["--pplmask_strategy", "invalid choice: 'bogus'"],
     ),
     "sft-threshold-one": (["sft", "--pplmask_threshold", "1.0"], ["threshold=1.0", "above 1"]),
+    "sft-threshold-inf": (["sft", "--pplmask_threshold", "inf"], ["pplmask_threshold=inf", "finite"]),
     "sft-packing": (["sft", "--packing", "true"], ["packing=true is not supported", "packing=false"]),
     "sft-anchor-without-mask": (
         ["sft", "--pplmask_strategy", "none", "--pplmask_anchor", "true"],
@@ -503,3 +504,48 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(command, tmp_path, tiny_m
         assert _dataset_content(out) == expected, where
         assert [p.name for p in runs.iterdir()] == ["out"], where  # the dead run's staging folder is gone
         assert (_snapshot(inputs) if inputs.is_dir() else inputs.read_bytes()) == before, where
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One writer per output, no overwrite without --overwrite, --no-cache (issue 18)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["score", "mask"])
+def test_second_writer_into_one_output_is_refused_naming_the_holder(command, scored, tmp_path, tiny_model_dir, capsys):
+    import os
+
+    from trl_pplmask.utils import OutputLock
+
+    out = tmp_path / "out"
+    if command == "score":
+        argv = ["score", "--dataset", str(_jsonl(tmp_path / "rows.jsonl", ROWS)), "--model", str(tiny_model_dir)]
+    else:
+        argv = ["mask", "--input", str(scored)]
+    with OutputLock(out):  # another run writing into `out` (this process stands for it)
+        _fails([*argv, "--output", str(out)], capsys, f"PID {os.getpid()}", str(out), "another process")
+    assert not out.exists()
+    assert cli_main([*argv, "--output", str(out)]) == 0  # released: the next run writes
+    assert not list(tmp_path.glob(".*.lock"))  # and no lock file is left beside the output
+
+
+def test_score_no_cache_neither_reads_nor_writes_the_cache(tmp_path, tiny_model_dir):
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    assert _score(data, tiny_model_dir, tmp_path / "a", "--no-cache") == 0
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+    assert _score(data, tiny_model_dir, tmp_path / "b") == 0
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+
+
+def test_eval_does_not_replace_a_report_without_overwrite(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import transformers
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"kept": true}')
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the existing report was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    argv = ["eval", "--tasks", "gsm8k", "--limit", "1", "--base", str(tiny_model_dir), "--output", str(out)]
+    _fails(argv, capsys, "already holds a report", "--overwrite")
+    assert (out / "report.json").read_text() == '{"kept": true}'

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -199,6 +200,14 @@ def make_parser(prog: str | None = "trl-pplmask sft"):
 
 def check_settings(training_args, model_args, pplmask_args: PplMaskArguments) -> None:
     """Refuse combinations that cannot train correctly, before anything is loaded."""
+    for name in ("pplmask_threshold", "pplmask_fraction", "pplmask_entropy_threshold", "pplmask_soft_width"):
+        value = getattr(pplmask_args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            # Refused here, not when the record is written after training (JSON has no inf)
+            raise ValueError(
+                f"{name}={value} is not a finite number. Give a finite value (e.g. pplmask_threshold=2.5, the paper's "
+                "value); to mask nothing, set pplmask_strategy=none."
+            )
     if training_args.packing:
         raise ValueError(
             "packing=true is not supported by trl-pplmask sft: a packed row mixes several examples, and scoring it as "

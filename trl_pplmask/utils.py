@@ -292,7 +292,7 @@ def redact(value):
 # --------------------------------------------------------------------------------------------------------------------
 # One writer per output: an advisory lock (fcntl) beside (or inside) the output folder
 # --------------------------------------------------------------------------------------------------------------------
-class OutputLockedError(RuntimeError):
+class OutputLockedError(OSError):
     """Another process holds the lock of an output folder."""
 
 
@@ -329,24 +329,36 @@ class OutputLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputLockedError(
+                    f"The {self.what} {self.output} is being written by another process (PID {holder}, lock file "
+                    f"{self.path}). Wait for it to finish, or write to another folder; two writers would overwrite "
+                    "each other's files."
+                ) from None
+            try:  # the holder before us may have removed the file on release: lock the file that is there now
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise OutputLockedError(
-                f"The {self.what} {self.output} is being written by another process (PID {holder}, lock file "
-                f"{self.path}). Wait for it to finish, or write to another folder; two writers would overwrite each "
-                "other's files."
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 
     def release(self) -> None:
+        """Remove the lock file (no stray file is left beside the output) and release the lock."""
         if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils import make_staging_dir, raise_if_termination_requested, swap_in
+from ..utils import OutputLock, make_staging_dir, raise_if_termination_requested, swap_in
 
 
 def check_positive(name: str, value) -> None:
@@ -45,6 +45,18 @@ def save_atomically(dataset, output: Path) -> None:
         swap_in(staging / "dataset", output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def output_lock(output: Path, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """The advisory lock of `output` ([`~trl_pplmask.utils.OutputLock`], beside it: the output is swapped in whole),
+    held from before the work until the output is saved; a second writer is refused naming the holder's PID.
+
+    Args:
+        output (`Path`): The output folder.
+        enabled (`bool`, *optional*, defaults to `True`): `False` (processes other than the main one, which write
+            nothing) takes no lock.
+    """
+    return OutputLock(output, what="--output") if enabled else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

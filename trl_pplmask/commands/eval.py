@@ -20,6 +20,7 @@ from ..constants import EMBEDDED_MODEL_ALIAS
 from ..evaluation.config import BACKENDS, EvalConfig, build_model_specs
 from ..evaluation.harness import LmEvalError, check_lm_eval_backend
 from ..evaluation.tasks import DEFAULT_TASKS, available_tasks
+from ..utils import OutputLock
 from ._args import ArgumentParser
 from ._run import command_main
 
@@ -42,6 +43,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="Evaluate the first N items of each task.")
     parser.add_argument("--split", action="append", metavar="DATASET=SPLIT", help="Split override (repeatable).")
     parser.add_argument("--output", default="eval_report", help="Folder of report.json, report.md, report.png.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace the report already in --output (refused without it)."
+    )
     parser.add_argument("--max-new-tokens", type=int, default=512, help="Generation budget per answer.")
     parser.add_argument(
         "--instruction-max-new-tokens", type=int, default=192, help="Budget of the instruction_following answers."
@@ -121,8 +125,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_lm_eval_backend(config)  # a missing lm-eval is an error before any work, never a silent fallback
     specs = build_model_specs(args.base, args.adapter or [], args.model or [], args.base_label)
     command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
+    if (Path(args.output) / "report.json").exists() and not args.overwrite:
+        raise ValueError(
+            f"--output {args.output} already holds a report (report.json). Pass --overwrite to replace it, or another "
+            "--output (cached results make a rerun with one more model cheap)."
+        )
     try:
-        report = run_evaluation(specs, config, args.output, command)
+        with OutputLock(args.output, what="report folder (--output)"):
+            report = run_evaluation(specs, config, args.output, command)
     except LmEvalError as err:  # one line, as for bad input (the cause's traceback with TRL_PPLMASK_DEBUG set)
         if os.environ.get("TRL_PPLMASK_DEBUG"):
             raise

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..masking import STRATEGIES, TRAINABLE_COLUMN, PplMaskConfig
 from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._io import check_aligned, check_output_folder, load_input, no_cache_beside_input, save_atomically
+from ._io import check_aligned, check_output_folder, load_input, no_cache_beside_input, output_lock, save_atomically
 from ._run import command_main
 
 
@@ -107,7 +107,7 @@ def run(config: MaskConfig) -> int:
         )
     mask_config = config.mask_config()
     output = check_output_folder(config.output, config.overwrite, config.input)
-    with no_cache_beside_input():
+    with no_cache_beside_input(), output_lock(output):
         dataset = load_input(config.input, config.split, config.dataset_config)
         dpf_column = mask_config.dpf_nll_column if mask_config.needs_dpf else None
         nll_columns = [c for c in (mask_config.nll_column, dpf_column) if c]

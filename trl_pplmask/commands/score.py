@@ -14,7 +14,15 @@ from ..constants import EMBEDDED_MODEL_ALIAS
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..masking import IGNORE_INDEX, TRAINABLE_COLUMN, PplMaskConfig, completion_ppl, text_histogram
 from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._io import check_aligned, check_output_folder, check_positive, load_input, no_cache_beside_input, save_atomically
+from ._io import (
+    check_aligned,
+    check_output_folder,
+    check_positive,
+    load_input,
+    no_cache_beside_input,
+    output_lock,
+    save_atomically,
+)
 from ._run import command_main
 
 
@@ -52,6 +60,7 @@ class ScoreConfig:
             folder; `auto` shards inputs of more than `shard_rows` rows. `worker` `"K/N"` takes every N-th shard.
         max_tokens_per_batch (`int` or `None`), score_all_tokens (`bool`), disable_adapter (`bool`),
         output_column (`str`): As in [`~trl_pplmask.scoring.ScoringConfig`].
+        no_cache (`bool`): Neither read nor write the score cache (`<TRL_PPLMASK_CACHE>/scores`).
     """
 
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id, local path or the embedded alias (default)."})
@@ -67,6 +76,7 @@ class ScoreConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "Replace a non-empty --output (only once the new data is complete)."}
     )
+    no_cache: bool = field(default=False, metadata={"help": "Neither read nor write cached scores; score again."})
     max_length: int = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
     max_tokens_per_batch: int | None = field(
         default=None, metadata={"help": "Token budget per batch (default: by device)."}
@@ -179,7 +189,7 @@ def _scoring_config(config: ScoreConfig, use_cache: bool = True, show_progress: 
         score_all_tokens=config.score_all_tokens,
         disable_adapter=config.disable_adapter,
         output_column=config.output_column,
-        use_cache=use_cache,
+        use_cache=use_cache and not config.no_cache,
         show_progress=show_progress,
     )
 
@@ -305,9 +315,11 @@ def run(config: ScoreConfig) -> int:
         if sharded or config.worker is not None:
             return _run_sharded(config, dataset)
         output = check_output_folder(config.output, config.overwrite, config.dataset)
-        scored, _ = _score(config, dataset)
-        if distributed_state().is_main_process:
-            save_atomically(scored, output)
+        # One writer per output: a second `score` into the same --output is refused, naming this one's PID
+        with output_lock(output, distributed_state().is_main_process):
+            scored, _ = _score(config, dataset)
+            if distributed_state().is_main_process:
+                save_atomically(scored, output)
     if distributed_state().is_main_process:
         dropped = len(dataset) - len(scored)
         note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""

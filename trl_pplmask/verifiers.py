@@ -22,6 +22,7 @@ this module runs the checks (code in the sandbox, in parallel) and accepts any t
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.util
 import logging
@@ -30,10 +31,19 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .sandbox import SandboxConfig, SandboxResult, default_workers, run_code
+from .sandbox import (
+    SandboxConfig,
+    SandboxResult,
+    SandboxUnavailableError,
+    default_workers,
+    describe_isolation,
+    run_code,
+)
+from .sandbox.verdict import NotSplittable, TestPlan, plan_asserts, run_plan, trusted
 from .tasks import TASKS, RowFormatError, get_task
 from .tasks.arc_challenge import extract_choice, verify_arc_challenge
-from .tasks.code import extract_code
+from .tasks.base import row_field
+from .tasks.code import code_lines, extract_code
 from .tasks.gsm8k import extract_gsm8k_answer, verify_gsm8k
 from .tasks.humaneval import humaneval_program
 from .tasks.math import last_boxed, verify_math
@@ -50,23 +60,96 @@ TEST_RUN_NAME = "__sandbox_test__"
 
 
 def run_tests(program: str, config: SandboxConfig | None = None) -> SandboxResult:
-    """Run a test program in the sandbox, requiring it to run to its last line (an early `sys.exit(0)` fails)."""
+    """Run a test program in the sandbox, requiring it to run to its last line (an early `sys.exit(0)` fails).
+
+    This trusts the program's own interpreter to report completion: it is what registered code tasks that give only
+    a `test_program` get. MBPP and HumanEval are decided outside the sandbox instead (`mbpp_plan`, `humaneval_plan`).
+    """
     return run_code(program, config, run_name=TEST_RUN_NAME, require_completion=True)
 
 
+def _asserts(lines: Sequence[str], task: str) -> list[ast.Assert]:
+    statements = []
+    for line in lines:
+        try:
+            statements += ast.parse(line).body
+        except SyntaxError as err:
+            raise RowFormatError(f"The {task} row's test {line!r} is not valid Python: {err}.") from None
+    return statements
+
+
+def mbpp_plan(row: dict[str, Any], response: str) -> TestPlan:
+    """How an MBPP response is checked: test imports, the response's code and setup code run in the sandbox; each
+    assert of `test_list` is split into solution probes (run there) and a comparison decided here."""
+    tests = _asserts(code_lines(row_field(row, "test_list", "mbpp")), "mbpp")
+    if not tests:
+        raise RowFormatError("The MBPP row's `test_list` is empty; there is nothing to check the code against.")
+    imports = code_lines(row.get("test_imports"))
+    setup = [*code_lines(row.get("test_setup_code")), *code_lines(row.get("test"))]
+    code = "\n".join([*imports, extract_code(response), *setup]) + "\n"
+    if not all(isinstance(test, ast.Assert) for test in tests):
+        raise RowFormatError(f"The MBPP row's `test_list` must hold assert statements only: {tests!r}.")
+    try:
+        return plan_asserts(code, tests, imports)
+    except NotSplittable:  # none in MBPP today: the whole assert, evaluated in the sandbox, must give True
+        return plan_asserts(code, [ast.Assert(ast.Compare(t.test, [ast.Eq()], [ast.Constant(True)])) for t in tests])
+
+
+def _check_function(test: str) -> tuple[list[ast.stmt], ast.FunctionDef | None]:
+    module = ast.parse(test)
+    checks = [s for s in module.body if isinstance(s, ast.FunctionDef) and s.name == "check"]
+    return module.body, checks[-1] if checks else None
+
+
+def humaneval_plan(row: dict[str, Any], response: str) -> TestPlan:
+    """How a HumanEval response is checked: a `check(candidate)` made only of asserts is split like MBPP's; any
+    other check runs as trusted code (the prompt's helpers, the test) in a sandbox of its own, `candidate` relayed as
+    data to the solution's sandbox."""
+    entry_point = str(row_field(row, "entry_point", "humaneval"))
+    test = str(row_field(row, "test", "humaneval"))
+    program = humaneval_program(row, response)
+    tail = f"{test}\n\ncheck({entry_point})\n"
+    code = program[: -len(tail)]
+    body, check = _check_function(test)
+    if check is None or not check.args.args:
+        raise RowFormatError(f"The humaneval row's `test` defines no `check(candidate)`: {test[:200]!r}.")
+    candidate = check.args.args[0].arg
+    asserts = [s for s in check.body if isinstance(s, ast.Assert)]
+    docstrings = [s for s in check.body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)]
+    others = [s for s in body if s is not check and not _is_literal_assignment(s)]
+    if len(asserts) + len(docstrings) == len(check.body) and not others:
+        try:
+            return plan_asserts(code, asserts, rename={candidate: entry_point})
+        except NotSplittable:
+            pass
+    trusted_prompt = humaneval_program({**row, "test": "pass"}, f"def {entry_point}(*args, **kwargs):\n    pass\n")
+    relay = trusted_prompt[: -len(f"pass\n\ncheck({entry_point})\n")] + f"{test}\n\ncheck(__candidate__)\n"
+    return TestPlan(code=code, relay=relay, relay_names={"__candidate__": entry_point})
+
+
+def _is_literal_assignment(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Assign) and trusted(statement.value)
+
+
 def verify_code(task: str, row: dict[str, Any], response: str, sandbox_config: SandboxConfig | None = None) -> bool:
-    """Whether the response's program passes a code task's tests (its `Task.test_program`) in the sandbox."""
+    """Whether the response passes a code task's tests: MBPP and HumanEval decided outside the sandbox, other
+    registered code tasks by their `Task.test_program` running to its end."""
+    if task == "mbpp":
+        return verify_mbpp(row, response, sandbox_config)
+    if task == "humaneval":
+        return verify_humaneval(row, response, sandbox_config)
     return run_tests(get_task(task).test_program(row, response), sandbox_config).passed
 
 
 def verify_mbpp(row: dict[str, Any], response: str, sandbox_config: SandboxConfig | None = None) -> bool:
-    """Whether the response's code passes the MBPP row's `test_list` in the sandbox."""
-    return run_tests(mbpp_program(row, response), sandbox_config).passed
+    """Whether the response's code passes the MBPP row's `test_list` (values computed in the sandbox, compared
+    here)."""
+    return run_plan(mbpp_plan(row, response), sandbox_config)[0]
 
 
 def verify_humaneval(row: dict[str, Any], response: str, sandbox_config: SandboxConfig | None = None) -> bool:
-    """Whether the response's function passes the HumanEval row's `check(entry_point)` in the sandbox."""
-    return run_tests(humaneval_program(row, response), sandbox_config).passed
+    """Whether the response's function passes the HumanEval row's `check(entry_point)`, decided outside its sandbox."""
+    return run_plan(humaneval_plan(row, response), sandbox_config)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -108,7 +191,7 @@ def _safe(verifier: Callable[..., Any], name: str) -> Verifier:
     def checked(row: dict[str, Any], response: str) -> bool:
         try:
             return bool(verifier(row, response))
-        except RowFormatError:
+        except (RowFormatError, SandboxUnavailableError):
             raise
         except Exception as exc:  # a crash while checking a response means "not verified correct"
             logger.warning("Verifier %s raised %s: %s; counted as incorrect.", name, type(exc).__name__, exc)
@@ -144,6 +227,8 @@ def get_verifier(task_or_callable: str | Verifier, sandbox_config: SandboxConfig
         package = task.requires.replace("_", "-")
         raise ImportError(f"The {task.name} verifier needs `{package}`: pip install 'trl-pplmask[eval]'.")
     verifier = VERIFIERS[task_or_callable]
+    if task.is_code:
+        describe_isolation(sandbox_config)  # refuses here, before any work, where bubblewrap cannot run
     if task.is_code and sandbox_config is not None:
         verifier = functools.partial(verifier, sandbox_config=sandbox_config)
     return _safe(verifier, task_or_callable)
@@ -213,7 +298,9 @@ __all__ = [
     "get_verifier",
     "humaneval_program",
     "last_boxed",
+    "mbpp_plan",
     "mbpp_program",
+    "humaneval_plan",
     "run_tests",
     "verify_arc_challenge",
     "verify_batch",

@@ -1,38 +1,29 @@
-"""Running one program (`run_code`): launch it under the runner, collect its output within bounds, enforce the
-timeout and the watchdog, kill everything it started and classify how it ended."""
+"""Running jobs in sandboxes: start the runner under bwrap, hand it its job, collect its output and its result
+channel within bounds, enforce the timeout and the memory check, and kill the sandbox (with everything in it: its
+PID namespace dies with bwrap) when it ends or overruns."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
-import secrets
 import selectors
 import signal
 import subprocess
+import tempfile
 import time
+from typing import Any
 
-from .config import SandboxConfig, SandboxIsolation, SandboxResult, SandboxStatus
-from .isolation import describe_isolation
-from .launch import (
-    _CLONE_NEWNET,
-    _CLONE_NEWNS,
-    _CLONE_NEWPID,
-    _CLONE_NEWUSER,
-    _make_preexec,
-    _minimal_env,
-    _Plan,
-    _rlimits,
-    _workdir,
-)
-from .procs import _kill_processes, _processes, _remove_files_of
-from .runner import _runner_command
-from .uids import _uid_lease
+from .bwrap import bwrap_command, describe_isolation, host_uid, seccomp_filter, unsandboxed_command
+from .config import SandboxConfig, SandboxIsolation, SandboxResult, SandboxStatus, SandboxUnavailableError
 
 
-logger = logging.getLogger(__package__)  # one logger for the whole sandbox, named as before the split
+logger = logging.getLogger(__package__)
 
 _WATCHDOG_INTERVAL = 0.1
+CHANNEL_LIMIT = 16 << 20  # bytes of result channel kept; beyond it the run fails (values are small data)
 
 
 class _CappedBuffer:
@@ -40,9 +31,7 @@ class _CappedBuffer:
 
     def __init__(self, cap: int):
         self.half = max(cap // 2, 1)
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
+        self.head, self.tail, self.total = bytearray(), bytearray(), 0
 
     def write(self, data: bytes) -> None:
         self.total += len(data)
@@ -51,95 +40,129 @@ class _CappedBuffer:
             self.head += data[:room]
             data = data[room:]
         if data:
-            self.tail += data[-self.half :]
-            if len(self.tail) > self.half:
-                del self.tail[: len(self.tail) - self.half]
+            self.tail = (self.tail + data)[-self.half :]
 
     @property
     def truncated(self) -> bool:
         return self.total > len(self.head) + len(self.tail)
 
     def text(self) -> str:
-        if self.truncated:
-            dropped = self.total - len(self.head) - len(self.tail)
-            data = bytes(self.head) + f"\n... [{dropped} bytes truncated] ...\n".encode() + bytes(self.tail)
-        else:
-            data = bytes(self.head + self.tail)
+        middle = f"\n... [{self.total - len(self.head) - len(self.tail)} bytes truncated] ...\n"
+        data = bytes(self.head) + (middle.encode() if self.truncated else b"") + bytes(self.tail)
         return data.decode("utf-8", errors="replace")
 
 
-def _has_exited(pid: int) -> bool:
-    # WNOWAIT leaves the process a zombie: its pid, hence its process group id, cannot be reused before we kill the
-    # group and reap it, so `killpg` never reaches an unrelated group
+def _rlimits(config: SandboxConfig) -> dict[str, int]:
+    return {
+        "RLIMIT_CPU": math.ceil(config.timeout) + 1,
+        "RLIMIT_AS": config.memory_limit,
+        "RLIMIT_FSIZE": config.file_size_limit,
+        "RLIMIT_NOFILE": config.max_open_files,
+        "RLIMIT_NPROC": config.max_processes,
+        "RLIMIT_CORE": 0,
+    }
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants (0 for what has gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+    return total
+
+
+def _start(job: dict[str, Any], config: SandboxConfig, isolation: SandboxIsolation, workdir: str) -> subprocess.Popen:
+    """Start one sandbox on `job` (its `fds` are inherited by number) and hand it the job on stdin."""
+    job = {**job, "rlimits": _rlimits(config)}
+    fds = list(job["fds"].values())
+    seccomp_read = -1
+    if isolation.sandboxed:
+        seccomp_read, seccomp_write = os.pipe()
+        os.write(seccomp_write, seccomp_filter())
+        os.close(seccomp_write)
+        command = bwrap_command(isolation.bwrap, isolation.python_executable, config, seccomp_read)
+        fds.append(seccomp_read)
+    else:
+        command = unsandboxed_command(isolation.python_executable)
+    as_root = os.geteuid() == 0 and isolation.sandboxed
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=fds,
+            cwd=workdir,
+            env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"},
+            start_new_session=True,
+            user=host_uid(config) if as_root else None,
+            group=host_uid(config) if as_root else None,
+            extra_groups=[] if as_root else None,
+        )
+    finally:
+        if seccomp_read >= 0:
+            os.close(seccomp_read)
+    try:
+        proc.stdin.write(json.dumps(job).encode("utf-8"))
+        proc.stdin.close()
+    except OSError:  # it died before reading its job: its exit status says why
+        pass
+    return proc
 
 
-def _read_ready(selector: selectors.BaseSelector, buffers: dict[int, _CappedBuffer], timeout: float) -> None:
+def _read_ready(selector: selectors.BaseSelector, timeout: float) -> None:
     for key, _ in selector.select(timeout=timeout):
         data = os.read(key.fd, 1 << 16)
         if data:
-            buffers[key.fd].write(data)
+            key.data.write(data)
         else:
             selector.unregister(key.fd)
 
 
-def _watchdog(config: SandboxConfig, isolation: SandboxIsolation, uid: int | None, session: int) -> str | None:
-    procs = _processes(uid=uid) if uid is not None else _processes(uid=os.geteuid(), session=session)
-    procs = [p for p in procs if not p.zombie]
-    rss = sum(p.rss for p in procs)
-    if config.total_memory_limit is not None and rss > config.total_memory_limit:
-        limit_mib = config.total_memory_limit / 2**20
-        return f"killed by the memory watchdog: {rss / 2**20:.0f} MiB resident > {limit_mib:.0f} MiB"
-    if isolation.process_limit == "watchdog" and len(procs) > config.max_processes:
-        return f"killed by the watchdog: {len(procs)} processes > max_processes={config.max_processes}"
-    return None
-
-
 def _supervise(
-    proc: subprocess.Popen, config: SandboxConfig, isolation: SandboxIsolation, uid: int | None, start: float
-) -> tuple[_CappedBuffer, _CappedBuffer, str | None]:
-    """Collect output until the process exits, times out or trips the watchdog; then kill everything it started."""
-    buffers = {proc.stdout.fileno(): _CappedBuffer(config.max_output_bytes)}
-    buffers[proc.stderr.fileno()] = _CappedBuffer(config.max_output_bytes)
+    procs: list[subprocess.Popen], channels: dict[int, _CappedBuffer], config: SandboxConfig, start: float
+) -> tuple[list[tuple[_CappedBuffer, _CappedBuffer]], str | None]:
+    """Collect output and channels until every sandbox exited, time ran out or memory overflowed; then kill all."""
+    outputs = [(_CappedBuffer(config.max_output_bytes), _CappedBuffer(config.max_output_bytes)) for _ in procs]
     reason = None
     with selectors.DefaultSelector() as selector:
-        for fd in buffers:
-            selector.register(fd, selectors.EVENT_READ)
+        for proc, (out, err) in zip(procs, outputs):
+            selector.register(proc.stdout, selectors.EVENT_READ, out)
+            selector.register(proc.stderr, selectors.EVENT_READ, err)
+        for fd, buffer in channels.items():
+            selector.register(fd, selectors.EVENT_READ, buffer)
         deadline, next_check = start + config.timeout, start + _WATCHDOG_INTERVAL
-        while True:
+        while any(proc.poll() is None for proc in procs):
             now = time.monotonic()
             if now >= deadline:
                 reason = f"timeout: killed after {config.timeout:g} s"
                 break
-            wait = min(config.poll_interval, deadline - now)
             if selector.get_map():
-                _read_ready(selector, buffers, wait)
-            else:  # both pipes closed: the process is exiting, or detached its output; poll it more often
-                time.sleep(min(wait, 0.005))
-            if _has_exited(proc.pid):
-                break
-            if time.monotonic() >= next_check:
-                reason = _watchdog(config, isolation, uid, proc.pid)
-                if reason:
+                _read_ready(selector, min(config.poll_interval, deadline - now))
+            else:
+                time.sleep(min(config.poll_interval, deadline - now, 0.005))
+            if config.total_memory_limit is not None and time.monotonic() >= next_check:
+                rss = sum(_tree_rss(proc.pid) for proc in procs if proc.poll() is None)
+                if rss > config.total_memory_limit:
+                    reason = (
+                        f"killed by the memory check: {rss >> 20} MiB resident > {config.total_memory_limit >> 20}"
+                    )
                     break
                 next_check = time.monotonic() + _WATCHDOG_INTERVAL
-        # Kill the group first (cheap, covers the common case), then sweep: by uid, that also catches processes that
-        # left the group with setsid(); otherwise by session
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if uid is not None:
-            _kill_processes(uid=uid)
-        else:
-            _kill_processes(uid=os.geteuid(), session=proc.pid)
-        proc.wait()
-        # Whatever is still in the pipes: every writer is dead now, unless one escaped (non-root, setsid)
+        for proc in procs:  # bwrap's death ends its PID namespace, hence everything the code started
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         drain_deadline = time.monotonic() + 1.0
         while selector.get_map() and time.monotonic() < drain_deadline:
-            _read_ready(selector, buffers, 0.05)
-    return buffers[proc.stdout.fileno()], buffers[proc.stderr.fileno()], reason
+            _read_ready(selector, 0.05)
+    return outputs, reason
 
 
 def _classify(returncode: int, reason: str | None) -> tuple[SandboxStatus, str]:
@@ -147,121 +170,82 @@ def _classify(returncode: int, reason: str | None) -> tuple[SandboxStatus, str]:
         return ("timeout" if reason.startswith("timeout") else "killed"), reason
     if returncode == 0:
         return "passed", ""
-    if returncode < 0:
-        sig = -returncode
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        why = {
-            signal.SIGXCPU: " (CPU time limit)",
-            signal.SIGXFSZ: " (file size limit)",
-            signal.SIGKILL: " (CPU hard limit, the kernel's OOM killer, or the code itself)",
-        }.get(sig, "")
-        return "killed", f"killed by {name}{why}"
+    if returncode < 0 or returncode > 128:
+        sig = -returncode if returncode < 0 else returncode - 128
+        why = {signal.SIGXCPU: " (CPU time limit)", signal.SIGXFSZ: " (file size limit)"}.get(sig, "")
+        return "killed", f"killed by signal {sig}{why}"
     return "failed", f"exited with status {returncode}"
 
 
-def _parent_netns() -> str:
+def run_jobs(jobs: list[dict[str, Any]], config: SandboxConfig | None = None) -> list[SandboxResult]:
+    """Run runner jobs side by side, each in its own sandbox, under one timeout (see `runner.RUNNER`).
+
+    Each job's `fds` name descriptors of this process to hand to it by number; they are closed here once the
+    sandboxes started. `channel_fds` (a job key, removed before the job is sent) lists read ends collected into that
+    job's `SandboxResult.channel`.
+
+    Raises:
+        SandboxUnavailableError: bubblewrap cannot run here.
+    """
+    config = config or SandboxConfig()
+    isolation = describe_isolation(config)
+    start = time.monotonic()
+    channels: dict[int, _CappedBuffer] = {}
+    per_job = []
+    for job in jobs:
+        buffers = {fd: _CappedBuffer(CHANNEL_LIMIT) for fd in job.pop("channel_fds", [])}
+        channels.update(buffers)
+        per_job.append(buffers)
+    procs: list[subprocess.Popen] = []
     try:
-        return os.readlink("/proc/self/ns/net")
-    except OSError:
-        return ""
-
-
-def _read_report(fd: int, limit: int = 4096) -> bytes:
-    """What is in the completion pipe once every writer is gone (non-blocking: an escaped writer cannot hang us)."""
-    os.set_blocking(fd, False)
-    data = b""
-    with contextlib.suppress(OSError):
-        while len(data) <= limit:
-            chunk = os.read(fd, limit + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
-def _run(
-    code: str,
-    config: SandboxConfig,
-    run_name: str,
-    uid: int | None,
-    isolation: SandboxIsolation,
-    workdir: str,
-    nonce: bytes | None = None,
-):
-    program = os.path.join(workdir, "main.py")
-    with open(program, "w", encoding="utf-8") as f:
-        f.write(code)
-    os.chmod(program, 0o644)
-    netns = _CLONE_NEWNET if isolation.network == "namespace" else 0
-    drop_in_runner = isolation.private_proc and uid is not None
-    if isolation.private_proc:
-        # Root: the runner starts as root in new PID and mount namespaces and its child drops to `uid` after
-        # mounting a private /proc (see _RUNNER in runner.py)
-        flags, plan_uid = _CLONE_NEWPID | _CLONE_NEWNS | netns, None
-    elif isolation.pid_namespace:
-        flags, plan_uid = _CLONE_NEWUSER | _CLONE_NEWPID | netns, uid
-    else:
-        flags, plan_uid = netns, uid
-    plan = _Plan(isolation.python_executable, plan_uid, flags, isolation.user_namespace, _rlimits(config, isolation))
-    parent_netns = _parent_netns() if isolation.network == "namespace" else ""
-    pipes: list[int] = []
-    nonce_fd = report_fd = report_read = -1
-    try:
-        if nonce is not None:
-            # The nonce travels through a pipe the runner empties and closes before the program starts
-            nonce_fd, nonce_write = os.pipe()
-            pipes += [nonce_fd, nonce_write]
-            os.write(nonce_write, nonce)
-            os.close(nonce_write)
-            pipes.remove(nonce_write)
-            report_read, report_fd = os.pipe()
-            pipes += [report_read, report_fd]
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            _runner_command(
-                isolation.python_executable,
-                program,
-                run_name,
-                parent_netns,
-                isolation.network == "socket-guard",
-                nonce_fd,
-                report_fd,
-                uid if drop_in_runner else None,
-                isolation.private_proc,
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=_minimal_env(workdir, config.extra_env),
-            start_new_session=True,
-            preexec_fn=_make_preexec(plan),
-            umask=0o077,
-            pass_fds=tuple(fd for fd in (nonce_fd, report_fd) if fd >= 0),
-        )
-        for fd in (nonce_fd, report_fd):  # only the runner holds these now
-            if fd >= 0:
-                os.close(fd)
-                pipes.remove(fd)
-        try:
-            stdout, stderr, reason = _supervise(proc, config, isolation, uid, start)
-        finally:
-            if proc.returncode is None:  # supervision itself failed: never leave the tree running
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                _kill_processes(uid=uid) if uid is not None else _kill_processes(uid=os.geteuid(), session=proc.pid)
-                proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
-        completed = nonce is not None and _read_report(report_read) == nonce
+        with tempfile.TemporaryDirectory(prefix="trl-pplmask-sandbox-") as workdir:
+            os.chmod(workdir, 0o755)  # the cwd bwrap starts from (nothing of it is visible inside)
+            try:
+                for job in jobs:
+                    procs.append(_start(job, config, isolation, workdir))
+            finally:
+                for job in jobs:
+                    for fd in job["fds"].values():
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+            outputs, reason = _supervise(procs, channels, config, start)
+    except SandboxUnavailableError:
+        raise
+    except Exception as exc:  # the sandbox failing must never take the pipeline down
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        logger.warning("Sandbox run failed to execute: %s: %s", type(exc).__name__, exc)
+        detail = f"sandbox error: {type(exc).__name__}: {exc}"
+        return [SandboxResult(False, "error", None, "", "", time.monotonic() - start, detail=detail) for _ in jobs]
     finally:
-        for fd in pipes:
+        for fd in channels:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    return proc.returncode, stdout, stderr, reason, time.monotonic() - start, completed
+        for proc in procs:
+            for stream in (proc.stdout, proc.stderr):
+                stream.close()
+    results = []
+    for proc, (out, err), buffers in zip(procs, outputs, per_job):
+        status, detail = _classify(proc.returncode, reason)
+        channel = "".join(buffer.text() for buffer in buffers.values())
+        if any(buffer.truncated for buffer in buffers.values()):
+            status, detail = "failed", f"result channel over {CHANNEL_LIMIT} bytes"
+        results.append(
+            SandboxResult(
+                passed=status == "passed",
+                status=status,
+                returncode=proc.returncode,
+                stdout=out.text(),
+                stderr=err.text(),
+                duration=time.monotonic() - start,
+                stdout_truncated=out.truncated,
+                stderr_truncated=err.truncated,
+                detail=detail,
+                channel=channel,
+            )
+        )
+    return results
 
 
 def run_code(
@@ -271,63 +255,26 @@ def run_code(
     run_name: str = "__main__",
     require_completion: bool = False,
 ) -> SandboxResult:
-    """Run untrusted Python source in the sandbox and report how it ended. Never raises.
+    """Run untrusted Python source in a fresh sandbox and report how it ended.
 
     Args:
-        code (`str`): Python source, run as a file `main.py` in a fresh temporary working directory.
-        config (`SandboxConfig`, *optional*): Limits and isolation; defaults to `SandboxConfig()`.
-        run_name (`str`, *optional*, defaults to `"__main__"`): `__name__` of the program. Test harnesses use another
-            name so that a solution's `if __name__ == "__main__":` block (often reading `input()`) does not run,
-            as in the reference HumanEval and MBPP evaluators.
-        require_completion (`bool`, *optional*, defaults to `False`): Count the run as passed only if the program ran
-            to its end: its code returned normally, after which the sandbox's runner (not the program) reports a
-            random nonce over a pipe that only the pipeline reads. The nonce never appears in the program's file,
-            arguments, environment or descriptors, so exiting early with status 0 (`sys.exit(0)`, `os._exit(0)`,
-            `unittest.main()`) before the tests ran, or replaying anything the program can read, is a failure.
+        code (`str`): Python source, run as `main.py` in the sandbox's private `/tmp`.
+        config (`SandboxConfig`, *optional*): Limits; defaults to `SandboxConfig()`.
+        run_name (`str`, *optional*, defaults to `"__main__"`): `__name__` of the program.
+        require_completion (`bool`, *optional*, defaults to `False`): Count the run as passed only if the code returned
+            normally (an early `sys.exit(0)` / `os._exit(0)` fails). The program could write the runner's report
+            itself: use the verifiers (`trl_pplmask.sandbox.verdict`) to decide correctness, not this.
 
     Returns:
         `SandboxResult`
+
+    Raises:
+        SandboxUnavailableError: bubblewrap cannot run here (nothing ran); the message says how to fix it.
     """
-    config = config or SandboxConfig()
-    nonce = secrets.token_bytes(32) if require_completion else None
-    start = time.monotonic()
-    try:
-        isolation = describe_isolation(config)
-        lease = _uid_lease(config) if isolation.privilege_drop else contextlib.nullcontext()
-        with lease as uid:
-            try:
-                with _workdir(uid) as workdir:
-                    returncode, stdout, stderr, reason, duration, completed = _run(
-                        code, config, run_name, uid, isolation, workdir, nonce
-                    )
-            finally:
-                if uid is not None:
-                    _kill_processes(uid=uid)
-                    _remove_files_of(uid)
-    except Exception as exc:  # the sandbox failing must never take the pipeline down
-        logger.warning("Sandbox run failed to execute: %s: %s", type(exc).__name__, exc)
-        return SandboxResult(
-            passed=False,
-            status="error",
-            returncode=None,
-            stdout="",
-            stderr="",
-            duration=time.monotonic() - start,
-            detail=f"sandbox error: {type(exc).__name__}: {exc}",
-        )
-    status, detail = _classify(returncode, reason)
-    out = stdout.text()
-    if require_completion:
-        if status == "passed" and not completed:
-            status, detail = "failed", "exited with status 0 before its last line (sys.exit/os._exit in the code?)"
-    return SandboxResult(
-        passed=status == "passed",
-        status=status,
-        returncode=returncode,
-        stdout=out,
-        stderr=stderr.text(),
-        duration=duration,
-        stdout_truncated=stdout.truncated,
-        stderr_truncated=stderr.truncated,
-        detail=detail,
-    )
+    read, write = os.pipe()
+    job = {"mode": "complete", "code": code, "run_name": run_name, "fds": {"out": write}, "channel_fds": [read]}
+    (result,) = run_jobs([job], config)
+    if require_completion and result.passed and '"done"' not in result.channel:
+        result.passed, result.status = False, "failed"
+        result.detail = "exited with status 0 before its last line (sys.exit/os._exit in the code?)"
+    return result

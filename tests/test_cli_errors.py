@@ -234,6 +234,8 @@ def _bad_input_files(w: Path, tiny_model_dir: Path) -> None:
         "arms": ["base", "gt", "stm"],
         "eval": {"tasks": ["gsm8k"], "limit": 2},
     }
+    (w / "bert").mkdir()
+    (w / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
     (w / "study-arm.yaml").write_text(json.dumps({**study, "arms": ["base", "gt", "stn"]}))
     (w / "study-task.yaml").write_text(json.dumps({**study, "eval": {"tasks": ["gsm8k", "gsm9k"]}}))
     (w / "study-training.yaml").write_text(json.dumps({**study, "training": {"max_steps": 1, "learning_rat": 1e-4}}))
@@ -249,6 +251,10 @@ BAD_INPUTS = {
     "score-missing-model": (["score", "--dataset", "{w}/rows.jsonl", "--model", "./nomodel"], ["model folder"]),
     "score-unknown-task": (["score", "--dataset", "gsm9k"], ["Unknown task 'gsm9k'", "did you mean 'gsm8k'"]),
     "score-missing-adapter": (["score", "--dataset", "{w}/rows.jsonl", "--adapter", "./nope"], ["adapter folder"]),
+    "score-masked-lm-model": (
+        ["score", "--dataset", "{w}/rows.jsonl", "--model", "{w}/bert"],
+        ["BertForMaskedLM", "not a causal language model"],
+    ),
     # mask
     "mask-zero-rows": (["mask", "--input", "{w}/zero"], ["saved dataset with no rows"]),
     "mask-short-labels": (["mask", "--input", "{w}/short"], ["Row 0", "`labels` has 2 values", "4 tokens"]),

@@ -129,11 +129,35 @@ def check_model_path(name_or_path: str, what: str = "model") -> None:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
+        _check_causal(path, what)
         return
     if text.startswith((".", "/", "~")) or text.count("/") >= 2 or (os.sep != "/" and os.sep in text):
         raise FileNotFoundError(
             f"The {what} folder {text} does not exist (resolved to {path.resolve()}). Give an existing folder, a Hub "
             f"id (org/name) or the embedded alias {EMBEDDED_MODEL_ALIAS!r}."
+        )
+
+
+def _check_causal(path: Path, what: str) -> None:
+    """Refuse a local model whose `config.json` names only architectures that are not causal LMs (`BertForMaskedLM`):
+    bidirectional attention lets later tokens into every NLL, so its scores mean nothing."""
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return  # an adapter folder, or files that the loader reports on
+    try:
+        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not any(name in causal or name.endswith("ForCausalLM") for name in architectures):
+        raise ValueError(
+            f"The {what} {path} is a {', '.join(architectures)} ({config_file}), not a causal language model: its "
+            "attention sees later tokens, so its per-token NLLs would be meaningless. Give a causal LM (an "
+            "`...ForCausalLM` model)."
         )
 
 

@@ -50,6 +50,9 @@ def test_redaction_of_names_values_and_command_lines():
         f"trl-pplmask sft --hub_token {REDACTED} --max_new_tokens 5 --api-key={REDACTED} --push_to_hub"
     )
     assert not any(is_secret_name(n) for n in ("token_entropy", "pplmask_max_tokens_per_batch", "eos_token"))
+    # argparse's usage line and help name the flag's metavar, which is no secret (`sft --help` is cached in a file)
+    usage = "[--hub_token HUB_TOKEN] [--hub-token=HUB_TOKEN]\n  --hub_token HUB_TOKEN  The token to push with."
+    assert redact_text(usage) == usage
 
 
 def test_atomic_write_text_leaves_ordinary_content_untouched(tmp_path):

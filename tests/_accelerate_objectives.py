@@ -25,33 +25,15 @@ OBJECTIVES = {
 
 
 def main(out_dir: str, model_dir: str, data_dir: str) -> None:
-    import torch
+    from _accelerate_anchor import share_loss
     from test_sft import sft_args
-
-    from trl_pplmask.sft import build_trainer, parse_args
 
     out = Path(out_dir)
     result = {}
     for objective, extra in OBJECTIVES.items():
         argv = sft_args(out / objective, Path(model_dir), Path(data_dir), "--pplmask_strategy", "none")
         argv += ["--pplmask_loss", objective, *extra, "--lora_dropout", "0.0"]  # no dropout: deterministic
-        trainer, collator, _, _ = build_trainer(*parse_args(argv))
-        accelerator = trainer.accelerator
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # the same adapter on every process, away from its zero start: the KL is active
-            for name, p in sorted(trainer.model.named_parameters()):
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-        rows = [trainer.train_dataset[i] for i in range(4)]
-        every = collator(rows)
-        num_items = int(every["labels"][:, 1:].ne(-100).sum())
-        share = len(rows) // accelerator.num_processes
-        mine = rows[accelerator.process_index * share : (accelerator.process_index + 1) * share]
-        batch = {k: v.to(accelerator.device) for k, v in collator(mine).items()}
-        trainer.model.train()
-        result[objective] = float(
-            trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(num_items))
-        )
+        result[objective], accelerator = share_loss(argv)
         result["num_processes"] = accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))

@@ -111,7 +111,8 @@ def bench_speed(args, model, tokenizer) -> dict:
 def bench_entropy(args, model, tokenizer) -> dict:
     """`score_dataset` with and without `token_entropy`, alternating rounds over the same examples."""
     from trl_pplmask.data import load_task, tokenize_dataset
-    from trl_pplmask.scoring import _causal_lm, score_dataset, selected_log_probs
+    from trl_pplmask.lm_head import selected_log_probs, unwrap_causal_lm
+    from trl_pplmask.scoring import score_dataset
 
     data = tokenize_dataset(load_task("gsm8k", "train", limit=args.entropy_examples), tokenizer, max_length=1024)
     rounds = np.array_split(np.arange(len(data)), args.entropy_rounds)
@@ -143,7 +144,7 @@ def bench_entropy(args, model, tokenizer) -> dict:
             max_nll_diff = max(max_nll_diff, float(np.abs(np.subtract(a, b)).max()))
 
     # The LM-head step alone, where all the extra work is: the scored positions of the first round's examples
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_causal_lm(model)
     part = data.select(rounds[0].tolist())
     head = {"without": 0.0, "with": 0.0}
     head_cpu = {"without": 0.0, "with": 0.0}

@@ -66,6 +66,53 @@ def tiny_llama(vocab_size: int = 49152, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gemma2(softcap: float | None = 2.0):
+    """A tiny random Gemma-2 (soft-caps its final logits at `softcap`), vocabulary 512, hidden size 64."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=16,
+        max_position_embeddings=512,
+        final_logit_softcapping=softcap,
+        initializer_range=0.3,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
+def tiny_scaled(kind):
+    """A tiny random Granite (divides its logits by `logits_scaling`) or Cohere (multiplies by `logit_scale`)."""
+    import torch
+    import transformers
+
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    if kind == "granite":
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0, **common)).eval(), 0.25
+    return transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=3.0, **common)).eval(), 3.0
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """`tiny_llama()` saved with the embedded tokenizer, for commands that take a model path: its perplexities are

@@ -5,7 +5,7 @@ cycle hidden from the import system, not removed). Layers, bottom to top:
 
 0. `constants`, `utils`, `_compat`: no project imports at all below this line
 1. `tasks`, `data`, `models`, `metrics`: what the data and models are
-2. `scoring`, `masking`: per-token NLL and the mask rules
+2. `lm_head`, `scoring`, `masking`: the LM-head step, per-token NLL and the mask rules
 3. `collator`, `anchor`, `sandbox`, `verifiers`, `sharding`: training-time parts and answer checking
 4. `generation`, `evaluation`, `hub`, `sft`: the workflows
 5. `study`, `demo`: workflows made of workflows
@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trl_pplmask"
 LAYERS = [
     {"constants", "utils", "_compat"},
     {"tasks", "data", "models", "metrics"},
-    {"scoring", "masking"},
+    {"lm_head", "scoring", "masking"},
     {"collator", "anchor", "sandbox", "verifiers", "sharding"},
     {"generation", "evaluation", "hub", "sft"},
     {"study", "demo"},

@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import tiny_gemma2, tiny_llama, tiny_scaled
 from datasets import Dataset, concatenate_datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trl_pplmask.scoring as scoring
+from trl_pplmask import lm_head
 from trl_pplmask.data import load_task, tokenize_dataset
+from trl_pplmask.lm_head import output_logit_transform, selected_log_probs
 from trl_pplmask.masking import IGNORE_INDEX
 from trl_pplmask.scoring import (
     ScoringConfig,
     batch_token_nll,
     make_batches,
-    output_logit_transform,
     score_dataset,
-    selected_log_probs,
 )
 
 
@@ -219,7 +219,7 @@ def test_cpu_softmax_row_blocks(peaky_llama, monkeypatch, dtype):
     last, shorter one) give the plain reference's values, for a float32 model and for a bfloat16 one (whose logits are
     converted to float32 block by block)."""
     model = copy.deepcopy(peaky_llama).to(dtype)
-    monkeypatch.setattr(scoring, "_CPU_SOFTMAX_BLOCK_BYTES", 4 * 512 * 3)
+    monkeypatch.setattr(lm_head, "_CPU_SOFTMAX_BLOCK_BYTES", 4 * 512 * 3)
     hidden = torch.randn(20, 64, dtype=dtype)
     targets = torch.randint(0, 512, (20,))
     log_probs, entropy = selected_log_probs(model, hidden, targets, return_entropy=True)
@@ -252,7 +252,7 @@ def test_selected_log_probs_gradient(peaky_llama, monkeypatch, kind):
     """The log-probabilities stay differentiable (in-place steps only on tensors autograd did not save), over several
     row blocks, with soft-capping and logit scales."""
     model = {"llama": lambda: peaky_llama, "gemma2": tiny_gemma2, "granite": lambda: tiny_scaled("granite")[0]}[kind]()
-    monkeypatch.setattr(scoring, "_CPU_SOFTMAX_BLOCK_BYTES", 4 * 512 * 3)
+    monkeypatch.setattr(lm_head, "_CPU_SOFTMAX_BLOCK_BYTES", 4 * 512 * 3)
     torch.manual_seed(0)
     hidden = torch.randn(10, 64, requires_grad=True)
     targets = torch.randint(0, 512, (10,))
@@ -349,27 +349,6 @@ def test_collator_stm_entropy_on_the_fly(peaky_llama, monkeypatch):
 # (c) output logit transforms: Gemma-2 soft-capping and logit scales
 
 
-def tiny_gemma2(softcap=2.0):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=16,
-        max_position_embeddings=512,
-        final_logit_softcapping=softcap,
-        initializer_range=0.3,
-    )
-    return Gemma2ForCausalLM(config).eval()
-
-
 @torch.no_grad()
 def uncapped_nll(model, input_ids) -> np.ndarray:
     ids = torch.tensor([input_ids])
@@ -398,29 +377,6 @@ def test_gemma2_softcapping():
             assert got.max() < np.log(512) + 4
 
 
-def tiny_scaled(kind):
-    """A tiny random Granite (divides its logits by `logits_scaling`) or Cohere (multiplies by `logit_scale`)."""
-    import transformers
-
-    common = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    if kind == "granite":
-        return transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0, **common)).eval(), 0.25
-    return transformers.CohereForCausalLM(transformers.CohereConfig(logit_scale=3.0, **common)).eval(), 3.0
-
-
 @pytest.mark.parametrize("kind", ["granite", "cohere"])
 def test_logit_scale_models(kind):
     model, scale = tiny_scaled(kind)
@@ -439,7 +395,7 @@ def test_fused_kernel_path(kind, monkeypatch):
     forced here on CPU, the arguments `selected_log_probs` passes it (soft-cap, scale) reproduce the model's own
     forward too, entropies included (the kernel's `"entropy"` output)."""
     model = tiny_gemma2(softcap=2.0) if kind == "gemma2" else tiny_scaled(kind)[0]
-    monkeypatch.setattr(scoring, "_use_triton", lambda device: True)
+    monkeypatch.setattr(lm_head, "_use_triton", lambda device: True)
     calls = []
     handle = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
     try:

@@ -52,7 +52,8 @@ from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
 from .collator import WEIGHT_KEY
-from .scoring import _causal_lm, adapter_context, output_logit_transform
+from .lm_head import chunk_rows, head_log_probs, head_logits, unwrap_causal_lm, vocab_size
+from .scoring import adapter_context
 
 
 DROPPED_KEY = "pplmask_dropped"
@@ -62,26 +63,6 @@ OBJECTIVES = ("nll", "eaft", "asft", "soft_stm")
 DEFAULT_EAFT_ALPHA = 1.0
 DEFAULT_EAFT_K = 20
 DEFAULT_ASFT_ALPHA = 0.1
-
-
-def _head_logits(causal_lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 logits of the LM head on `hidden` rows, with the model's logit scale and soft-capping."""
-    logits = causal_lm.get_output_embeddings()(hidden).float()
-    scale, softcap = output_logit_transform(causal_lm.config)
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def _head_log_probs(causal_lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 log-softmax of the LM head on `hidden` rows, with the model's logit scale and soft-capping."""
-    return torch.log_softmax(_head_logits(causal_lm, hidden), dim=-1)
-
-
-def _chunk_rows(causal_lm: torch.nn.Module, logits_chunk_bytes: int) -> int:
-    return max(1, logits_chunk_bytes // (4 * causal_lm.get_output_embeddings().weight.shape[0]))
 
 
 def chunked_kl(
@@ -110,12 +91,12 @@ def chunked_kl(
     if hidden.shape[0] == 0:
         return hidden.new_zeros((0,) if reduction == "none" else (), dtype=torch.float32)
     base_lm = causal_lm if base_lm is None else base_lm
-    rows = _chunk_rows(causal_lm, logits_chunk_bytes)
+    rows = chunk_rows(causal_lm, logits_chunk_bytes)
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device)
 
     def chunk_kl(h: torch.Tensor, base_log_p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        log_q = _head_log_probs(causal_lm, h)
+        log_q = head_log_probs(causal_lm, h)
         return w * (base_log_p.exp() * (base_log_p - log_q)).sum(-1)
 
     parts = []
@@ -149,8 +130,8 @@ def topk_entropy(
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     out = []
-    for h in hidden.split(_chunk_rows(causal_lm, logits_chunk_bytes)):
-        top = _head_logits(causal_lm, h).topk(k, dim=-1).values
+    for h in hidden.split(chunk_rows(causal_lm, logits_chunk_bytes)):
+        top = head_logits(causal_lm, h).topk(k, dim=-1).values
         log_p = torch.log_softmax(top, dim=-1)
         out.append(-(log_p.exp() * log_p).sum(-1))
     return torch.cat(out)
@@ -158,7 +139,7 @@ def topk_entropy(
 
 def _base_log_probs(base_lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     with adapter_context(base_lm, disable_adapter=True):
-        return _head_log_probs(_causal_lm(base_lm), hidden)
+        return head_log_probs(base_lm, hidden)
 
 
 @contextmanager
@@ -267,7 +248,7 @@ class TokenWeightedSFTTrainer(SFTTrainer):
                 "reference NLLs)."
             )
         if self.objective != "nll":
-            vocab = _causal_lm(self.model).get_output_embeddings().weight.shape[0]
+            vocab = vocab_size(self.model)
             if self.objective == "eaft" and self.eaft_k is not None and self.eaft_k > vocab:
                 raise ValueError(f"eaft_k={self.eaft_k} exceeds the model's vocabulary ({vocab} tokens).")
             if self.args.loss_type != "nll" or self.args.label_smoothing_factor or self.compute_loss_func is not None:
@@ -283,7 +264,7 @@ class TokenWeightedSFTTrainer(SFTTrainer):
         asft_kl = self.objective == "asft" and self.asft_alpha > 0
         if self.objective == "nll" and not anchored:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        causal_lm = _causal_lm(model)
+        causal_lm = unwrap_causal_lm(model)
         mode = "train" if self.model.training else "eval"
         stats: dict[str, torch.Tensor] = {}
 
@@ -313,7 +294,7 @@ class TokenWeightedSFTTrainer(SFTTrainer):
         if self.objective == "soft_stm":
             return soft[:, 1:].to(log_probs.device)
         if self.objective == "eaft":
-            vocab = causal_lm.get_output_embeddings().weight.shape[0]
+            vocab = vocab_size(causal_lm)
             if self.eaft_k is None or self.eaft_k >= vocab:
                 # The top-vocab entropy is the exact one, which TRL's fused LM head computed in its own pass
                 entropy, norm = outputs.entropy.detach().float(), math.log(vocab)
@@ -367,7 +348,7 @@ class TokenWeightedSFTTrainer(SFTTrainer):
 
     def _kl_rows(self, model, inputs, hidden: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """Unweighted `KL(p_base || p_model)` at each selected position, `[selected.sum()]`, with gradient."""
-        causal_lm = _causal_lm(model)
+        causal_lm = unwrap_causal_lm(model)
         lm_device = causal_lm.get_output_embeddings().weight.device
         base_hidden = self._base_hidden(model, inputs)[:, :-1][selected.to(hidden.device)]
         return chunked_kl(
@@ -389,7 +370,7 @@ class TokenWeightedSFTTrainer(SFTTrainer):
         base.eval()
         try:
             with adapter_context(base, disable_adapter=True):
-                return _causal_lm(base).base_model(**forward_inputs, use_cache=False).last_hidden_state
+                return unwrap_causal_lm(base).base_model(**forward_inputs, use_cache=False).last_hidden_state
         finally:
             base.train(was_training)
 

@@ -2,9 +2,10 @@
 
 `token_nll[i] = -log p(input_ids[i] | input_ids[:i])` and `token_entropy[i] = -sum_v p(v | input_ids[:i]) log p(v |
 input_ids[:i])` (nats), both 0.0 at position 0 and wherever nothing is scored. The backbone runs once per batch; the
-LM head runs only on the positions that predict a scored token, in row chunks (TRL's fused Triton kernel on CUDA),
-with the model's own logit scale and final-logit soft-capping, and the log-softmax in float32. The entropy comes
-from the same pass over the logits as the NLL. No `[batch, seq, vocab]` float32 tensor is ever built.
+LM head (`lm_head.selected_log_probs`) runs only on the positions that predict a scored token, in row chunks (TRL's
+fused Triton kernel on CUDA), with the model's own logit scale and final-logit soft-capping, and the log-softmax in
+float32. The entropy comes from the same pass over the logits as the NLL. No `[batch, seq, vocab]` float32 tensor is
+ever built.
 """
 
 from __future__ import annotations
@@ -25,25 +26,16 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset, Sequence, Value
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from . import _compat
+from .lm_head import backbone_hidden, selected_log_probs, unwrap_causal_lm
 from .masking import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN
 from .models import cache_dir
 from .utils import make_batches
 
 
-def _use_triton(device: torch.device) -> bool:
-    """Whether TRL's fused Triton LM-head kernel runs on `device` (TRL's own switch)."""
-    return _compat.use_triton(device)
-
-
 # 2: entries also hold the entropies (`entropy_lengths`/`entropy_values`)
 _CACHE_VERSION = "2"
-# On CPU the softmax steps after the LM-head projection are memory-bound: they run on row blocks of about this many
-# bytes of float32 logits, which stay in cache (measured 2.5x faster than whole chunks at a 49k vocabulary, see
-# `benchmarks/bench_scoring.py`). Accelerators take each step in one kernel over the whole chunk.
-_CPU_SOFTMAX_BLOCK_BYTES = 2**20
 
 
 @dataclass
@@ -101,103 +93,6 @@ def distributed_state() -> PartialState:
     return PartialState(cpu=cpu_group)
 
 
-def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model inside accelerate/DDP and PEFT wrappers (LoRA layers stay injected in it)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    model = extract_model_from_parallel(model)
-    if hasattr(model, "get_base_model"):
-        peft_config = getattr(model, "peft_config", {})
-        if any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
-            raise ValueError("Prompt-learning PEFT adapters are not supported for scoring; use LoRA-style adapters.")
-        return model.get_base_model()
-    return model
-
-
-def output_logit_transform(config) -> tuple[float, float | None]:
-    """`(logit_scale, final_logit_softcapping)` that a model's forward applies after its LM head projection.
-
-    Reads the same config attributes as TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`): Gemma-2's
-    `final_logit_softcapping`, and the multipliers of Cohere (`logit_scale`), Falcon-H1 (`lm_head_multiplier`),
-    Granite/MiniCPM3 (divide by `logits_scaling`) and HyperCLOVA X (multiply by it).
-    """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        if scale is None:
-            scale = getattr(text_config, name, None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        scaling = text_config.logits_scaling
-        scale = scaling if getattr(text_config, "model_type", "") == "hyperclovax" else 1 / scaling
-    return (1.0 if scale is None else float(scale)), softcap
-
-
-def selected_log_probs(
-    causal_lm: PreTrainedModel,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    logits_chunk_bytes: int = 2**28,
-    return_entropy: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`log p(target)` for each row of `hidden` (`[N, H]`), without materialising the `[N, vocab]` logits at once.
-
-    The LM head runs on row chunks of at most `logits_chunk_bytes` of float32 logits; the model's logit scale and
-    soft-capping are applied and the log-softmax is computed in float32. On CUDA with Triton, TRL's fused
-    chunked kernel does the same in tiles. The entropy reuses the log-softmax's own passes plus one reduction.
-
-    Args:
-        causal_lm (`PreTrainedModel`): The model whose output embeddings (LM head) and logit transform are used.
-        hidden (`torch.Tensor`): Final hidden states, `[N, H]`, one row per position to score.
-        targets (`torch.Tensor`): Token ids, `[N]`, whose log-probability is returned.
-        logits_chunk_bytes (`int`, *optional*, defaults to `2**28`): Bound on the float32 logits of one chunk.
-        return_entropy (`bool`, *optional*, defaults to `False`): Also return the entropy (nats) of each row's
-            predictive distribution, from the same pass over the logits (without a gradient on CPU).
-
-    Returns:
-        `torch.Tensor` of float32 log-probabilities `[N]`, or `(log_probs, entropy)` with `return_entropy=True`.
-    """
-    lm_head = causal_lm.get_output_embeddings()
-    scale, softcap = output_logit_transform(causal_lm.config)
-    if hidden.shape[0] == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return (empty, empty.clone()) if return_entropy else empty
-    if _use_triton(hidden.device) and type(lm_head) is torch.nn.Linear:
-        # TRL's kernel folds the entropy into the same online-logsumexp pass when asked for it
-        outputs = ("log_probs", "entropy") if return_entropy else ("log_probs",)
-        log_probs, entropy, *_ = _compat.ChunkedLogProbFunction.apply(
-            hidden, lm_head.weight, lm_head.bias, targets, 1.0, 32768, softcap, scale, outputs
-        )
-        return (log_probs.float(), entropy.float()) if return_entropy else log_probs.float()
-    vocab = lm_head.weight.shape[0]
-    rows = max(1, logits_chunk_bytes // (4 * vocab))
-    block = max(1, _CPU_SOFTMAX_BLOCK_BYTES // (4 * vocab)) if hidden.device.type == "cpu" else rows
-    out, entropies = [], []
-    for h, t in zip(hidden.split(rows), targets.split(rows)):
-        logits = lm_head(h)  # one projection per chunk: each one streams the whole LM-head weight
-        for start in range(0, len(t), block):
-            # A float32 copy of the block (it stays in cache), so the in-place steps below touch no tensor that
-            # autograd saved: the NLL path stays differentiable
-            z = logits[start : start + block].to(torch.float32, copy=True)
-            t_block = t[start : start + block]
-            if scale != 1.0:
-                z.mul_(scale)
-            if softcap is not None:
-                z = z.div_(softcap).tanh_().mul(softcap)  # out of place after tanh, whose backward reads its output
-            # The steps of `logsumexp`, kept so that the entropy reuses them: with z shifted by its max and
-            # e = exp(z), log p(v) = z_v - log(sum e) and entropy = log(sum e) - sum(e * z) / sum(e). The shift
-            # cancels out of log p, so it is detached: the in-place shift then leaves the NLL path differentiable
-            z.sub_(z.detach().amax(dim=-1, keepdim=True))
-            exp = z.exp()
-            sum_exp = exp.sum(dim=-1)
-            log_sum_exp = sum_exp.log()
-            out.append(z.gather(-1, t_block[:, None]).squeeze(-1) - log_sum_exp)
-            if return_entropy:
-                entropies.append(log_sum_exp - exp.mul_(z).sum(dim=-1) / sum_exp)
-        del logits
-    return (torch.cat(out), torch.cat(entropies)) if return_entropy else torch.cat(out)
-
-
 def adapter_context(model: torch.nn.Module, disable_adapter: bool):
     """`model.disable_adapter()` for PEFT models when asked, else a no-op."""
     from accelerate.utils import extract_model_from_parallel
@@ -233,16 +128,13 @@ def batch_token_nll(
     Returns:
         `torch.Tensor` `nll`, or `(nll, entropy)` with `return_entropy=True`, each `[batch, seq]` float32.
     """
-    causal_lm = _causal_lm(model)
-    # Without padding, no mask lets attention take its causal fast path instead of building a [seq, seq] mask
-    backbone_mask = None if bool(attention_mask.all()) else attention_mask
-    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=backbone_mask, use_cache=False)
-    hidden = hidden.last_hidden_state
+    lm = unwrap_causal_lm(model)
+    hidden = backbone_hidden(lm, input_ids, attention_mask)
     predicts = score_mask[:, 1:].bool().to(hidden.device)
     predicts &= attention_mask[:, 1:].bool().to(hidden.device)
-    lm_device = causal_lm.get_output_embeddings().weight.device
+    lm_device = lm.get_output_embeddings().weight.device
     selected = selected_log_probs(
-        causal_lm,
+        lm,
         hidden[:, :-1][predicts].to(lm_device),
         input_ids[:, 1:].to(hidden.device)[predicts].to(lm_device),
         logits_chunk_bytes,

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..lm_head import backbone_hidden, chunk_rows, head_log_probs, unwrap_causal_lm, vocab_size
 from ..models import load_model, load_tokenizer
-from ..scoring import _causal_lm, adapter_context, output_logit_transform
+from ..scoring import adapter_context
 from ..utils import atomic_write_text, make_batches
 from .cache import eval_cache_root, model_identity
 from .config import EvalConfig, ModelSpec
@@ -50,19 +51,6 @@ DRIFT_METRICS = ("kl", "entropy")
 # --------------------------------------------------------------------------------------------------------------------
 # KL and entropy per position
 # --------------------------------------------------------------------------------------------------------------------
-def _log_softmax_head(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
-    """Float32 log-probabilities of the LM head on `hidden` (`[N, H]`), with the model's logit scale and soft-capping
-    (as [`~trl_pplmask.scoring.selected_log_probs`])."""
-    lm_head = causal_lm.get_output_embeddings()
-    scale, softcap = output_logit_transform(causal_lm.config)
-    logits = lm_head(hidden.to(lm_head.weight.device)).float()
-    if scale != 1.0:
-        logits.mul_(scale)
-    if softcap is not None:
-        logits.div_(softcap).tanh_().mul_(softcap)
-    return torch.log_softmax(logits, dim=-1)
-
-
 def kl_and_entropy(
     base_lm,
     tuned_lm,
@@ -90,14 +78,13 @@ def kl_and_entropy(
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    vocab = base_lm.get_output_embeddings().weight.shape[0]
-    rows = max(1, logits_chunk_bytes // (4 * vocab))
+    rows = chunk_rows(base_lm, logits_chunk_bytes)
     kls, base_entropies, tuned_entropies = [], [], []
     for start in range(0, n, rows):
         with base_context():
-            log_p = _log_softmax_head(base_lm, base_hidden[start : start + rows])
+            log_p = head_log_probs(base_lm, base_hidden[start : start + rows])
         with tuned_context():
-            log_q = _log_softmax_head(tuned_lm, tuned_hidden[start : start + rows]).to(log_p.device)
+            log_q = head_log_probs(tuned_lm, tuned_hidden[start : start + rows]).to(log_p.device)
         p = log_p.exp()
         kls.append((p * (log_p - log_q)).sum(-1).clamp_(min=0.0).cpu())
         base_entropies.append(-(p * log_p).sum(-1).cpu())
@@ -105,13 +92,6 @@ def kl_and_entropy(
         tuned_entropies.append(-(log_q.exp() * log_q).sum(-1).cpu())
         del log_p, log_q
     return torch.cat(kls), torch.cat(base_entropies), torch.cat(tuned_entropies)
-
-
-def _hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    causal_lm = _causal_lm(model)
-    backbone_mask = None if bool(attention_mask.all()) else attention_mask
-    out = causal_lm.base_model(input_ids=input_ids, attention_mask=backbone_mask, use_cache=False)
-    return out.last_hidden_state
 
 
 @torch.no_grad()
@@ -147,8 +127,7 @@ def token_drift(
         raise ValueError("Every sequence needs at least one prompt token before its answer.")
     same_object = base_model is model
     if base_model is not None and not same_object:
-        vocab = _causal_lm(model).get_output_embeddings().weight.shape[0]
-        base_vocab = _causal_lm(base_model).get_output_embeddings().weight.shape[0]
+        vocab, base_vocab = vocab_size(model), vocab_size(base_model)
         if vocab != base_vocab:
             raise ValueError(
                 f"The model's vocabulary ({vocab}) differs from the base model's ({base_vocab}); drift needs both to "
@@ -175,17 +154,17 @@ def token_drift(
                 attention[row, : len(sequences[i])] = 1
                 predicts[row, n_prompt[i] - 1 : len(sequences[i]) - 1] = True  # position t predicts token t + 1
             ids, attention = ids.to(device), attention.to(device)
-            tuned_hidden = _hidden_states(model, ids, attention)[:, :-1][predicts.to(device)]
-            tuned_lm = _causal_lm(model)
+            tuned_hidden = backbone_hidden(model, ids, attention)[:, :-1][predicts.to(device)]
+            tuned_lm = unwrap_causal_lm(model)
             if base_model is None:
                 base_hidden, base_lm, base_context = tuned_hidden, tuned_lm, None
             else:
                 base_context = (lambda: adapter_context(model, True)) if same_object else None
                 with base_context() if base_context else nullcontext():
                     base_device = next(base_model.parameters()).device
-                    hidden = _hidden_states(base_model, ids.to(base_device), attention.to(base_device))
+                    hidden = backbone_hidden(base_model, ids.to(base_device), attention.to(base_device))
                     base_hidden = hidden[:, :-1][predicts.to(base_device)]
-                base_lm = _causal_lm(base_model)
+                base_lm = unwrap_causal_lm(base_model)
             kl, base_entropy, entropy = kl_and_entropy(
                 base_lm, tuned_lm, base_hidden, tuned_hidden, base_context, None, logits_chunk_bytes
             )

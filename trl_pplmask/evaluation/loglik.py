@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX
 from ..data import tokenize_dataset
-from ..scoring import ScoringConfig, _causal_lm, batch_token_nll, score_dataset, selected_log_probs
+from ..lm_head import selected_log_probs, unwrap_causal_lm
+from ..scoring import ScoringConfig, batch_token_nll, score_dataset
 from ..utils import make_batches
 from .config import EvalConfig
 from .tasks import MC_CONTEXT_TEMPLATE, EvalTask
@@ -81,10 +82,10 @@ def _shared_context_nll(model, requests: list[dict[str, Any]], groups: list[list
 
     Contexts are left-padded (with explicit position ids) so that every continuation starts right after its
     context; the first continuation token is predicted by the context's last hidden state. The LM head runs only on
-    continuation positions, through [`~trl_pplmask.scoring.selected_log_probs`].
+    continuation positions, through [`~trl_pplmask.lm_head.selected_log_probs`].
     """
     device = next(model.parameters()).device
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_causal_lm(model)
     contexts = [requests[g[0]]["ids"][: requests[g[0]]["n_context"]] for g in groups]
     ctx, ctx_mask = (t.to(device) for t in _pad_rows(contexts, pad_token_id, left=True))
     positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)

@@ -267,6 +267,71 @@ def test_every_row_fully_masked_is_refused_before_training(tmp_path, tiny_dir, t
         build_trainer(*parse_args(argv))
 
 
+# Issue 18 items 3 and 5: eval batches unmasked and uncounted, an on-the-fly mask of every token fails, the input
+# folder is only read
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory, data_dir) -> Path:
+    from datasets import DatasetDict
+
+    from trl_pplmask.data import load_task
+
+    path = tmp_path_factory.mktemp("data") / "gsm8k-splits"
+    splits = {"train": load_task("gsm8k", "train", limit=4), "test": load_task("gsm8k", "test", limit=3)}
+    DatasetDict(splits).save_to_disk(str(path))
+    return path
+
+
+def _eval_loss(tmp_path: Path, tiny_dir: Path, data: Path, *extra: str):
+    argv = sft_args(tmp_path, tiny_dir, data, "--eval_strategy", "steps", "--per_device_eval_batch_size", "2", *extra)
+    trainer, collator, _, _ = build_trainer(*parse_args(argv))
+    return trainer.evaluate()["eval_loss"], collator
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--pplmask_threshold", str(TINY_THRESHOLD)],
+        ["--pplmask_threshold", str(TINY_THRESHOLD), "--pplmask_prescore"],
+        ["--pplmask_threshold", str(TINY_THRESHOLD), "--pplmask_loss", "eaft"],
+        ["--pplmask_strategy", "none", "--pplmask_loss", "soft_stm"],
+    ],
+    ids=["on_the_fly", "prescored", "eaft", "soft_stm"],
+)
+def test_eval_loss_is_the_unmasked_nll_and_eval_rows_are_not_counted(tmp_path, tiny_dir, split_dir, extra):
+    # The LoRA adapter starts at zero: every trainer evaluates the same weights, so only the labels and the loss differ
+    plain, _ = _eval_loss(tmp_path / "plain", tiny_dir, split_dir, "--pplmask_strategy", "none")
+    loss, collator = _eval_loss(tmp_path, tiny_dir, split_dir, *extra)
+    assert loss == pytest.approx(plain, rel=1e-6)
+    assert collator.cumulative_stats()["examples"] == 0  # the 3 eval rows are not training rows
+
+
+def test_on_the_fly_mask_of_every_token_fails_without_saving_a_model(tmp_path, tiny_dir, train_dir):
+    # The random model's perplexities are all far above 2.5: STM at the paper's threshold masks every token
+    argv = sft_args(tmp_path, tiny_dir, train_dir, "--max_steps", "-1", "--num_train_epochs", "3")
+    expected = r"masked every one of the \d+ completion tokens of all 6 training rows .* first epoch \(step 3\)"
+    with pytest.raises(ValueError, match=expected):
+        main(*parse_args(argv))
+    out = tmp_path / "out"
+    assert not (out / CONFIG_FILE).exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_saved_dataset_folder_is_only_read(tmp_path, tiny_dir, data_dir):
+    from trl_pplmask.data import load_task
+
+    data = tmp_path / "gsm8k-saved"
+    load_task("gsm8k", "train", limit=4).save_to_disk(str(data))
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    for path in (data, *data.iterdir()):
+        path.chmod(0o555 if path.is_dir() else 0o444)  # read-only (root writes anyway: the files are compared too)
+    try:
+        argv = sft_args(tmp_path, tiny_dir, data, "--pplmask_prescore", "--pplmask_threshold", str(TINY_THRESHOLD))
+        trainer, _, _, _ = build_trainer(*parse_args(argv))  # TRL's tokenizing maps and the pre-scoring maps
+        trainer.train()
+    finally:
+        data.chmod(0o755)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
 @pytest.mark.parametrize("anchor", [False, True], ids=["stm", "stm_anchor"])
 def test_two_processes_mask_like_one(tmp_path, tiny_dir, train_dir, anchor):
     """`accelerate launch` with 2 CPU processes: the same rows, the same masked tokens, the same loss as 1 process."""

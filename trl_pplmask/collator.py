@@ -8,6 +8,7 @@ trainer = SFTTrainer(model, args=SFTConfig(..., remove_unused_columns=False), tr
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,22 @@ class PplMaskCollator:
             pad_token_id=pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
         )
         self.reset_stats()
+
+    def unmasked(self) -> PplMaskCollator:
+        """A collator that pads like this one and masks nothing: every trainable token keeps its label (tokens a
+        pre-masked dataset carries as -100 are restored), no NLL is read or scored, no extra key is added, and its
+        statistics are its own. `trl-pplmask sft` collates evaluation batches with it, so that `eval_loss` is the
+        ordinary loss on the full completion and eval rows are not counted as training rows."""
+        clone = copy.copy(self)
+        clone.config = PplMaskConfig(strategy="none")
+        clone.reference_model = None
+        clone.return_dropped = False
+        clone.soft_width = None
+        clone._popped = dict.fromkeys(self._popped, 0)
+        clone._popped["completion_nll_sum"] = 0.0
+        clone.totals = dict.fromkeys(self.totals, 0)
+        clone.reset_stats()
+        return clone
 
     # Statistics, read and reset by PplMaskCallback at each logging step
     def reset_stats(self) -> None:

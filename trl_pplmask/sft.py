@@ -9,10 +9,19 @@ It parses exactly what `trl sft` parses (TRL's own `TrlParser` with `ScriptArgum
 `DatasetMixtureConfig`, from a YAML `--config` and flags) plus [`PplMaskArguments`], and follows the flow of TRL's
 `scripts/sft.py`; the differences are the collator ([`PplMaskCollator`] + [`PplMaskCallback`]), the reference model,
 optional pre-scoring of the prepared training set, and `pplmask_config.json` written next to the saved model.
+
+Evaluation (`eval_strategy` with a test split) is never masked: `eval_loss` is TRL's NLL on every completion token,
+whatever the mask strategy or `pplmask_loss`, so that arms trained with different masks are compared on the same
+quantity, and the eval rows are not counted in the mask statistics. A run whose on-the-fly mask drops every completion
+token fails (after its first epoch) instead of saving a model that trained nothing, as a pre-scored run fails before
+training. The `output_dir` is locked ([`~trl_pplmask.utils.OutputLock`], `.<name>.lock` beside it) against a second
+run, and a `Dataset.save_to_disk` folder given as `dataset_name` is only read (no `cache-*.arrow` files are written
+into it, so a read-only folder works).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +36,7 @@ from typing import Any
 
 from .constants import DEFAULT_THRESHOLD
 from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig
-from .utils import atomic_write_text, package_version, redact, redact_text
+from .utils import OutputLock, atomic_write_text, package_version, redact, redact_text
 
 
 CONFIG_FILE = "pplmask_config.json"
@@ -262,7 +271,7 @@ def load_datasets(script_args, dataset_args):
     if not script_args.dataset_name:
         raise ValueError("Either `datasets` or `dataset_name` must be provided (as for `trl sft`).")
     path = Path(script_args.dataset_name).expanduser()
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+    if is_saved_dataset(path):
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({script_args.dataset_train_split: loaded})
     if path.is_file():
@@ -272,6 +281,29 @@ def load_datasets(script_args, dataset_args):
     return load_dataset(
         script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
     )
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+@contextlib.contextmanager
+def maps_outside(script_args):
+    """While TRL prepares (tokenizes, truncates) a `save_to_disk` folder's data, and while it is pre-scored, the
+    `datasets` maps write their results to a temporary folder instead of `cache-*.arrow` files beside the folder's
+    Arrow files: the input is never written to (a read-only folder works). Other inputs keep `datasets`' caching."""
+    import datasets
+
+    saved = bool(script_args.dataset_name) and is_saved_dataset(Path(script_args.dataset_name).expanduser())
+    enabled = datasets.is_caching_enabled()
+    if saved:
+        datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if saved and enabled:
+            datasets.enable_caching()
 
 
 def _model_init_kwargs(training_args, model_args) -> dict[str, Any]:
@@ -361,17 +393,27 @@ def _print(trainer, message: str) -> None:
 
 
 def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments):
-    """Load data, model and reference as `trl sft` does; return `(trainer, collator, recorder, prescore_stats)`."""
+    """Load data, model and reference as `trl sft` does; return `(trainer, collator, recorder, prescore_stats)`.
+
+    Nothing is written into a `save_to_disk` folder given as `dataset_name` (see [`maps_outside`]).
+    """
+    with maps_outside(script_args):
+        return _build_trainer(script_args, training_args, model_args, dataset_args, pplmask_args)
+
+
+def _build_trainer(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments):
     from transformers import AutoTokenizer
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from .anchor import TokenWeightedSFTTrainer, objective_uses_base
     from .collator import PplMaskCollator, add_pplmask_callback
-    from .models import resolve_model_path
+    from .models import check_model_path, resolve_model_path
     from .sharding import check_sharded_training, detect_sharding
 
     check_settings(training_args, model_args, pplmask_args)
     model_path = resolve_model_path(model_args.model_name_or_path)
+    if pplmask_args.needs_scores and pplmask_args.pplmask_reference != "base":
+        check_model_path(pplmask_args.pplmask_reference, "pplmask_reference")  # a missing or non-causal one
     init_kwargs = _model_init_kwargs(training_args, model_args)
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
@@ -426,7 +468,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
         if reference is None and not pplmask_args.pplmask_prescore:
             reference = load_reference(model_path, tokenizer, init_kwargs)
 
-    trainer = trainer_cls(
+    trainer = with_unmasked_eval(trainer_cls)(
         model=model_path,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
@@ -437,6 +479,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
         peft_config=peft_config,
         **trainer_kwargs,
     )
+    trainer.eval_data_collator = collator.unmasked()
     if reference is not None:
         _config_vocab_check(reference, trainer.model)
         reference.to(trainer.accelerator.device)
@@ -462,6 +505,38 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
     return trainer, collator, recorder, prescore_stats
 
 
+def with_unmasked_eval(trainer_cls: type) -> type:
+    """`trainer_cls` evaluating without the mask: eval batches come from its `eval_data_collator` (set after
+    construction, typically [`PplMaskCollator.unmasked`]: every completion token keeps its label, no scores), and the
+    eval loss is TRL's own NLL (`SFTTrainer.compute_loss`) whatever token-weighted objective trains the model.
+
+    So `eval_loss` is the `trl sft` eval loss on the full completion for every strategy and `pplmask_loss`, and the
+    eval rows stay out of the training collator's statistics.
+    """
+    from trl import SFTTrainer
+
+    class UnmaskedEvalTrainer(trainer_cls):
+        eval_data_collator = None
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if self.eval_data_collator is None:
+                return super().get_eval_dataloader(eval_dataset)
+            # The DataLoader takes the collator when it is made: swap it in for that moment only
+            train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = train_collator
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    UnmaskedEvalTrainer.__name__ = UnmaskedEvalTrainer.__qualname__ = f"UnmaskedEval{trainer_cls.__name__}"
+    return UnmaskedEvalTrainer
+
+
 def _make_recorder_class():
     from transformers import TrainerCallback
 
@@ -472,6 +547,7 @@ def _make_recorder_class():
             self.collator = collator
             self.epochs: list[dict[str, Any]] = []
             self._start: dict[str, Any] = {}
+            self.stopped_at_step: int | None = None
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             self._start = self.collator.cumulative_stats()
@@ -484,6 +560,11 @@ def _make_recorder_class():
             delta["masked_fraction"] = delta["masked_tokens"] / n if n else 0.0
             delta["epoch"] = round(state.epoch or 0.0, 4)
             self.epochs.append(delta)
+            if n and delta["masked_tokens"] == n:
+                # Every completion token of the epoch masked: later epochs (same rows, frozen reference) train
+                # nothing either. Stop here; `main` then fails instead of saving the model
+                control.should_training_stop = True
+                self.stopped_at_step = state.global_step
 
     return _Recorder
 
@@ -543,13 +624,40 @@ def keep_token_out_of_files(training_args) -> None:
 _PATH_SETTINGS = {"output_dir", "logging_dir", "resume_from_checkpoint", "hub_model_id"}
 
 
+def check_trained_something(totals: dict[str, Any], pplmask_args: PplMaskArguments, recorder) -> None:
+    """Refuse a run whose mask dropped every completion token it saw (the pre-scored path refuses it before training):
+    it trained nothing, so its model is not saved and no `pplmask_config.json` is written."""
+    n = totals["completion_tokens"]
+    if not n or totals["masked_tokens"] != n:
+        return
+    stopped = recorder.stopped_at_step
+    when = f"training stopped after the first epoch (step {stopped})" if stopped is not None else "training ended"
+    raise ValueError(
+        f"pplmask_strategy={pplmask_args.pplmask_strategy} masked every one of the {n} completion tokens of all "
+        f"{totals['examples']} training rows it saw (threshold {pplmask_args.pplmask_threshold:g}): nothing was "
+        f"trained, so {when} without saving the model or writing {CONFIG_FILE}. Raise pplmask_threshold, or check "
+        "that the reference model is the one the data was meant for; pplmask_prescore=true reports this before "
+        "training."
+    )
+
+
 def main(
     script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments, command: str | None = None
 ) -> dict[str, Any]:
     """Train like `trl sft`, with the mask; returns the record written to `pplmask_config.json`.
 
-    `command` is the command line recorded there (redacted), `sys.argv` by default.
+    `command` is the command line recorded there (redacted), `sys.argv` by default. The main process holds the
+    advisory lock of `output_dir` ([`~trl_pplmask.utils.OutputLock`], `.<name>.lock` beside it) from before any work
+    until the run has ended: a second run into the same folder is refused, naming this one's PID.
     """
+    lock = OutputLock(training_args.output_dir, what="sft output_dir") if _is_main() else contextlib.nullcontext()
+    with lock:
+        return _train(script_args, training_args, model_args, dataset_args, pplmask_args, command)
+
+
+def _train(
+    script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments, command: str | None
+) -> dict[str, Any]:
     import transformers
     from packaging.version import Version
 
@@ -565,14 +673,16 @@ def main(
         # Inputs checked (a failed rerun keeps the finished run's record): a rerun into the same folder is unfinished
         # until it writes its own record
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    with maps_outside(script_args):
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    totals = _sum_over_processes({k: v for k, v in collator.cumulative_stats().items() if k != "masked_fraction"})
+    check_trained_something(totals, pplmask_args, recorder)
     _print(trainer, "Training completed.")
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         # The logs (loss, pplmask/* statistics) next to the model even when no checkpoint was saved
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     _print(trainer, f"Model saved to {training_args.output_dir}.")
-    totals = _sum_over_processes({k: v for k, v in collator.cumulative_stats().items() if k != "masked_fraction"})
     n = totals["completion_tokens"]
     totals["masked_fraction"] = totals["masked_tokens"] / n if n else 0.0
     record = {

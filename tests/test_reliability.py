@@ -101,6 +101,7 @@ def test_no_secret_in_any_file_of_an_sft_run(tmp_path, tiny_model_dir, gsm8k_dir
     assert (out / "pplmask_config.json").is_file() and list(out.glob("checkpoint-*/training_args.bin"))
     assert files_holding(out) == []
     assert REDACTED in (out / "pplmask_config.json").read_text()  # the command line, recorded without the token
+    assert not list(tmp_path.glob(".*.lock"))  # the output_dir's lock is gone with the run
 
 
 @pytest.mark.slow
@@ -153,6 +154,7 @@ def test_no_secret_in_any_file_of_a_build(tmp_path, tiny_model_dir, data_dir):
     assert cli_main(argv) == 0
     assert (out / "README.md").is_file()
     assert files_holding(out) == []
+    assert not list(tmp_path.glob(".*.lock"))  # the output folder's lock is gone with the build
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,3 +263,38 @@ def test_eval_cache_entry_that_does_not_hold_what_was_saved_is_a_miss(tmp_path, 
     }[damage]
     path.write_text(text)
     assert cache.load("k1") is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One writer per output: build, self-output and sft (score/mask/eval: tests/test_cli_errors.py)
+# --------------------------------------------------------------------------------------------------------------------
+def _writer_argv(command: str, out: Path, model: Path, data: Path) -> list[str]:
+    if command == "sft":
+        return sft_argv(out, model, data, "--max_steps", "1", "--save_strategy", "no")
+    argv = [command, "--dataset", "gsm8k", "--limit", "2", "--models", str(model), "--output-dir", str(out)]
+    if command == "self-output":
+        return argv + ["--num-samples", "1", "--max-new-tokens", "4"]
+    return argv + ["--no-cache"]
+
+
+@pytest.mark.parametrize("command", ["build", "self-output", "sft"])
+def test_second_writer_into_one_output_is_refused_before_any_work(
+    command, tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch, capsys
+):
+    import os
+
+    import transformers
+
+    from trl_pplmask.utils import OutputLock
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded by the second writer")
+
+    out = tmp_path / "out"
+    with OutputLock(out):  # another run writing into `out` (this process stands for it)
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+        assert cli_main(_writer_argv(command, out, tiny_model_dir, gsm8k_dir)) == 2
+    err = capsys.readouterr().err
+    assert f"PID {os.getpid()}" in err and str(out) in err and "another process" in err, err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging, work or checkpoint folder beside it either

@@ -8,6 +8,7 @@ in the folder. A failure at any point leaves an existing folder as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -18,7 +19,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from ..constants import PAPER_ARXIV_ID
 from ..models import load_model, model_slug
-from ..utils import atomic_write_text, make_staging_dir, raise_if_termination_requested, swap_in
+from ..utils import OutputLock, atomic_write_text, make_staging_dir, raise_if_termination_requested, swap_in
 from .card import card_configs, card_template_path, default_config_name, size_category
 from .folder import (
     ASSETS_DIR,
@@ -144,9 +145,20 @@ class FolderBuilder:
     def build(self) -> Path:
         """Check everything, build every config in a staging folder, move them in and render the card.
 
+        The main process holds the output's advisory lock ([`~trl_pplmask.utils.OutputLock`], `.<name>.lock`
+        beside it) from before the first check until the card is written: a second build into the same folder is
+        refused, naming this one's PID.
+
         Returns:
             `Path`: the output folder.
         """
+        from ..scoring import distributed_state  # `is_main_process` may need what `prepare` sets up
+
+        main = distributed_state().is_main_process
+        with OutputLock(self.output, what="output folder") if main else contextlib.nullcontext():
+            return self._build()
+
+    def _build(self) -> Path:
         self.source = self.describe_source()
         check_existing_folder(self.output, self.source, self.kind, self.description)
         self.prepare()

@@ -101,3 +101,40 @@ def test_the_check_sees_relative_and_local_imports():
     assert _imports("from . import scoring\n", "trl_pplmask.collator") == [(1, "trl_pplmask.scoring")]
     assert _imports("from .card import x\n", "trl_pplmask.hub", is_package=True) == [(1, "trl_pplmask.hub.card")]
     assert _imports("from trl_pplmask.cli import main\n", "trl_pplmask.masking") == [(1, "trl_pplmask.cli")]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The lazy packages: `_EXPORTS` (what `lazy_exports` imports at run time) and the `if TYPE_CHECKING:` imports (what
+# type checkers, editors and the layer check above see) must name the same things, or one of them lies
+# --------------------------------------------------------------------------------------------------------------------
+def _lazy_tables(path: Path) -> tuple[dict[str, str], dict[str, str]] | None:
+    """(`_EXPORTS`, name -> module of the TYPE_CHECKING imports, written as `_EXPORTS` writes it), or None."""
+    tree = ast.parse(path.read_text())
+    exports, typed = None, {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            exports = ast.literal_eval(node.value)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom) and stmt.level >= 1, ast.dump(stmt)
+                # `from .config import x` -> "config"; `from ..hub.self_output import x` -> ".hub.self_output"
+                module = "." * (stmt.level - 1) + (stmt.module or "")
+                typed.update({alias.name: module for alias in stmt.names})
+    return None if exports is None else (exports, typed)
+
+
+LAZY_PACKAGES = [p for p in MODULES if p.name == "__init__.py" and _lazy_tables(p) is not None]
+
+
+def test_there_are_lazy_packages_to_check():
+    assert {p.parent.name for p in LAZY_PACKAGES} >= {"trl_pplmask", "evaluation", "generation"}
+
+
+@pytest.mark.parametrize("path", LAZY_PACKAGES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_lazy_exports_and_type_checking_imports_agree(path):
+    import importlib
+
+    exports, typed = _lazy_tables(path)
+    assert typed == exports, "the TYPE_CHECKING block and _EXPORTS differ (add or remove the name in both)"
+    package = importlib.import_module(_module_name(path))
+    assert package.__all__ == sorted(exports)

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 from datasets import Dataset
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from trl_pplmask.masking import (
     IGNORE_INDEX,

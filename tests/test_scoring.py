@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_gemma2, tiny_llama, tiny_scaled
 from datasets import Dataset, concatenate_datasets
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import trl_pplmask.scoring as scoring
 from trl_pplmask import lm_head

@@ -26,8 +26,7 @@ import ast
 import functools
 import importlib.util
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 

@@ -64,6 +64,8 @@ report folder); the command, `trl-pplmask eval`, is `trl_pplmask.commands.eval`.
 them on first use, so that importing this package (and `trl-pplmask eval --help`) loads no torch.
 """
 
+from typing import TYPE_CHECKING
+
 from ..utils import lazy_exports
 
 
@@ -97,21 +99,33 @@ _EXPORTS = {
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
+if TYPE_CHECKING:  # what type checkers and editors see; test_layers checks that it equals _EXPORTS
+    from .cache import ResultCache as ResultCache
+    from .config import (
+        EvalConfig as EvalConfig,
+        ModelSpec as ModelSpec,
+        build_model_specs as build_model_specs,
+        parse_model_arg as parse_model_arg,
+    )
+    from .generate import generate_greedy as generate_greedy
+    from .harness import lm_eval_samples_to_items as lm_eval_samples_to_items
+    from .loglik import (
+        choice_requests as choice_requests,
+        continuation_nll as continuation_nll,
+        evaluate_multiple_choice as evaluate_multiple_choice,
+    )
+    from .markdown import render_markdown as render_markdown
+    from .output import REPORT_FILES as REPORT_FILES, write_report as write_report
+    from .report import build_report as build_report, load_forgetting_metric as load_forgetting_metric
+    from .results import TaskResult as TaskResult, aggregate as aggregate
+    from .runner import run_evaluation as run_evaluation
+    from .tasks import (
+        EvalTask as EvalTask,
+        available_tasks as available_tasks,
+        extract_answer as extract_answer,
+        load_eval_rows as load_eval_rows,
+        resolve_task as resolve_task,
+    )
 
-__all__ = [
-    "EvalConfig",
-    "EvalTask",
-    "ModelSpec",
-    "ResultCache",
-    "TaskResult",
-    "available_tasks",
-    "build_model_specs",
-    "build_report",
-    "extract_answer",
-    "generate_greedy",
-    "load_forgetting_metric",
-    "render_markdown",
-    "resolve_task",
-    "run_evaluation",
-    "write_report",
-]
+
+__all__ = sorted(_EXPORTS)

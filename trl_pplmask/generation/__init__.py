@@ -29,6 +29,8 @@ Modules: `config` ([`SelfOutputConfig`]), `prompts` (rows, prompts, seeds), `bac
 `trl-pplmask self-output --help` and `trl_pplmask.SelfOutputConfig` do not import torch.
 """
 
+from typing import TYPE_CHECKING
+
 from ..utils import lazy_exports
 
 
@@ -72,25 +74,53 @@ _EXPORTS = {
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
+if TYPE_CHECKING:  # what type checkers and editors see; test_layers checks that it equals _EXPORTS
+    from ..hub.self_output import (
+        SelfOutputBuildConfig as SelfOutputBuildConfig,
+        build_self_output as build_self_output,
+        render_self_output_card as render_self_output_card,
+    )
+    from ..hub.self_output_stats import (
+        plot_ppl_comparison as plot_ppl_comparison,
+        self_output_statistics as self_output_statistics,
+    )
+    from .backends import (
+        GenerationBackend as GenerationBackend,
+        Sample as Sample,
+        SeededSampler as SeededSampler,
+        TransformersBackend as TransformersBackend,
+        VLLMBackend as VLLMBackend,
+        check_vllm_available as check_vllm_available,
+        make_backend as make_backend,
+    )
+    from .checkpoint import GenerationCheckpoint as GenerationCheckpoint
+    from .config import (
+        BACKENDS as BACKENDS,
+        FALLBACKS as FALLBACKS,
+        MODES as MODES,
+        SELECTIONS as SELECTIONS,
+        SOURCE_GROUND_TRUTH as SOURCE_GROUND_TRUTH,
+        SOURCE_SELF as SOURCE_SELF,
+        SelfOutputConfig as SelfOutputConfig,
+    )
+    from .loop import (
+        generate_records as generate_records,
+        generate_self_outputs as generate_self_outputs,
+        plan_batches as plan_batches,
+    )
+    from .prompts import (
+        REPHRASE_TEMPLATE as REPHRASE_TEMPLATE,
+        GenerationRequest as GenerationRequest,
+        derive_seed as derive_seed,
+        rephrase_messages as rephrase_messages,
+        row_messages as row_messages,
+    )
+    from .scoring import completion_token_nll as completion_token_nll, sequence_ppl as sequence_ppl
+    from .selection import (
+        assemble_dataset as assemble_dataset,
+        output_features as output_features,
+        select_candidate as select_candidate,
+    )
 
-__all__ = [
-    "GenerationBackend",
-    "GenerationCheckpoint",
-    "GenerationRequest",
-    "REPHRASE_TEMPLATE",
-    "Sample",
-    "SeededSampler",
-    "SelfOutputBuildConfig",
-    "SelfOutputConfig",
-    "TransformersBackend",
-    "VLLMBackend",
-    "assemble_dataset",
-    "build_self_output",
-    "check_vllm_available",
-    "completion_token_nll",
-    "generate_records",
-    "generate_self_outputs",
-    "plan_batches",
-    "select_candidate",
-    "self_output_statistics",
-]
+
+__all__ = sorted(_EXPORTS)

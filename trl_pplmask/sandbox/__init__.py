@@ -39,9 +39,14 @@ verdicts), `pool` (running many). Standard library only, plus the `bwrap` binary
 """
 
 from .bwrap import describe_isolation
-from .config import SECRET_NAME_PATTERN as SECRET_NAME_PATTERN
-from .config import SandboxConfig, SandboxIsolation, SandboxResult, SandboxUnavailableError
-from .config import SandboxStatus as SandboxStatus
+from .config import (
+    SECRET_NAME_PATTERN as SECRET_NAME_PATTERN,
+    SandboxConfig,
+    SandboxIsolation,
+    SandboxResult,
+    SandboxStatus as SandboxStatus,
+    SandboxUnavailableError,
+)
 from .pool import SandboxPool, default_workers, run_many
 from .run import run_code, run_jobs
 

@@ -36,7 +36,7 @@ from trl_pplmask.evaluation import (
     resolve_task,
     write_report,
 )
-from trl_pplmask.evaluation.harness import _backend_for
+from trl_pplmask.evaluation.harness import backend_for
 from trl_pplmask.metrics import FORGETTING_METRIC
 from trl_pplmask.metrics.forgetting.forgetting import bootstrap_ci, forgetting_summary
 from trl_pplmask.models import load_tokenizer
@@ -261,10 +261,10 @@ def test_model_specs_and_adapter_mismatch(tmp_path):
 
 def test_lm_eval_backend_falls_back_when_missing():
     config = EvalConfig(tasks=["gsm8k", "gsm8k_nll"], backend="lm-eval")
-    backend, why = _backend_for(resolve_task("gsm8k"), config)
+    backend, why = backend_for(resolve_task("gsm8k"), config)
     if backend == "builtin":  # lm-eval is not installed here
         assert "lm-eval is not installed" in why and "builtin" in why
-    assert _backend_for(resolve_task("gsm8k_nll"), config)[0] == "builtin"
+    assert backend_for(resolve_task("gsm8k_nll"), config)[0] == "builtin"
     with pytest.raises(ValueError, match="Unknown backend"):
         EvalConfig(tasks=["gsm8k"], backend="vllm")
 

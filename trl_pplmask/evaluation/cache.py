@@ -62,7 +62,14 @@ def rows_fingerprint(rows: Sequence[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(list(rows), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _task_settings(task: EvalTask, config: EvalConfig, device: str) -> dict[str, Any]:
+def task_settings(task: EvalTask, config: EvalConfig, device: str) -> dict[str, Any]:
+    """The settings that change `task`'s results (part of its cache key and of the report's record of the run).
+
+    Args:
+        task (`EvalTask`): The task evaluated.
+        config (`EvalConfig`): The evaluation's settings; only those this task's kind reads are kept.
+        device (`str`): The device it runs on.
+    """
     settings = {"dtype": config.dtype, "device": device, "max_tokens_per_batch": config.max_tokens_per_batch}
     if task.kind == "generate":
         settings.update(max_new_tokens=config.max_new_tokens, max_batch_size=config.max_batch_size)

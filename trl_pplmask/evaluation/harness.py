@@ -286,7 +286,7 @@ def run_lm_eval(model, tokenizer, task: EvalTask, rows: list[dict[str, Any]], co
     return items, {"lm_eval_task": name, "data": data, "lm_eval_results": aggregates}
 
 
-def _backend_for(task: EvalTask, config: EvalConfig) -> tuple[str, str | None]:
+def backend_for(task: EvalTask, config: EvalConfig) -> tuple[str, str | None]:
     """(backend that evaluates `task`, a note when it is not the requested one): with `backend="lm-eval"`, tasks
     lm-eval has no equivalent of run builtin (the report names each task's backend)."""
     if config.backend != "lm-eval":

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics.forgetting.forgetting import _percentiles, _resampled_means, bootstrap_indices, weighted_mean
+from ..metrics.forgetting.forgetting import bootstrap_indices, percentile_interval, resampled_means, weighted_mean
 
 
 def _aligned(report: dict[str, Any], task: str, labels: Sequence[str], metric: str):
@@ -48,9 +48,9 @@ def _gains(report, task: dict[str, Any], labels: Sequence[str], indices: np.ndar
     sign = 1.0 if task["higher_is_better"] else -1.0
     values, weights = _aligned(report, task["name"], labels, metric)
     base_value = weighted_mean(values[0], weights)
-    base_samples = _resampled_means(values[0], weights, indices)
+    base_samples = resampled_means(values[0], weights, indices)
     points = [sign * (weighted_mean(v, weights) - base_value) for v in values[1:]]
-    samples = [sign * (_resampled_means(v, weights, indices) - base_samples) for v in values[1:]]
+    samples = [sign * (resampled_means(v, weights, indices) - base_samples) for v in values[1:]]
     return points, samples
 
 
@@ -64,7 +64,7 @@ def _clean(value) -> float | None:
 
 
 def _ci(samples: np.ndarray, confidence: float) -> list[float | None]:
-    return [_clean(v) for v in _percentiles(np.asarray(samples, dtype=np.float64), confidence)]
+    return [_clean(v) for v in percentile_interval(np.asarray(samples, dtype=np.float64), confidence)]
 
 
 def compare_with_reference(

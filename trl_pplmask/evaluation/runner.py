@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from ..models import load_model
-from .cache import ResultCache, _task_settings, eval_cache_root, model_identity, rows_fingerprint
+from .cache import ResultCache, eval_cache_root, model_identity, rows_fingerprint, task_settings
 from .config import EvalConfig, ModelSpec
 from .drift import evaluate_drift
 from .generate import evaluate_generation
-from .harness import _backend_for, check_lm_eval_backend, lm_eval_settings, run_lm_eval
+from .harness import backend_for, check_lm_eval_backend, lm_eval_settings, run_lm_eval
 from .instruction_following import MISSING_CHECKER, checker_available, evaluate_instruction_following
 from .loglik import evaluate_multiple_choice, evaluate_reference_nll
 from .output import check_output_dir, write_report
@@ -139,7 +139,7 @@ def run_evaluation(
     base_identity = model_identity(models[0])
 
     def key(identity: str, task: EvalTask, backend: str) -> str:
-        settings = _task_settings(task, config, device)
+        settings = task_settings(task, config, device)
         if task.kind == "drift":  # a drift result is relative to the base model
             settings["base_identity"] = base_identity
         if backend == "lm-eval":
@@ -151,7 +151,7 @@ def run_evaluation(
         todo = []
         results[spec.label] = {}
         for task in tasks:
-            backend, why = _backend_for(task, config)
+            backend, why = backend_for(task, config)
             if why and why not in notes:
                 notes.append(why)
             cached = cache.load(key(identity, task, backend))

@@ -102,7 +102,15 @@ def bootstrap_indices(n: int, n_resamples: int = 1000, seed: int = 0) -> np.ndar
     return rng.integers(0, n, size=(n_resamples, n))
 
 
-def _resampled_means(values: np.ndarray, weights: np.ndarray | None, indices: np.ndarray) -> np.ndarray:
+def resampled_means(values: np.ndarray, weights: np.ndarray | None, indices: np.ndarray) -> np.ndarray:
+    """The (weighted) mean of `values` in each bootstrap resample, `[n_resamples]` (NaN where a resample drew only
+    zero-weight items).
+
+    Args:
+        values (`np.ndarray`): One value per item, `[n]`.
+        weights (`np.ndarray` or `None`): One weight per item, `[n]`; `None` weighs every item 1.
+        indices (`np.ndarray`): The resamples, `[n_resamples, n]` item indices (see [`bootstrap_indices`]).
+    """
     values = np.asarray(values, dtype=np.float64)[indices]
     if weights is None:
         return values.mean(axis=1)
@@ -113,7 +121,14 @@ def _resampled_means(values: np.ndarray, weights: np.ndarray | None, indices: np
         return np.where(totals > 0, (values * weights).sum(axis=1) / totals, np.nan)
 
 
-def _percentiles(samples: np.ndarray, confidence: float) -> list[float]:
+def percentile_interval(samples: np.ndarray, confidence: float) -> list[float]:
+    """`[low, high]`: the central `confidence` percentile interval of bootstrap `samples` (NaNs left out; both NaN when
+    nothing is left).
+
+    Args:
+        samples (`np.ndarray`): Bootstrap statistics, e.g. from [`resampled_means`].
+        confidence (`float`): Coverage of the interval, e.g. 0.95.
+    """
     samples = samples[~np.isnan(samples)]
     if samples.size == 0:
         return [math.nan, math.nan]
@@ -146,8 +161,8 @@ def bootstrap_ci(
     if values.size == 0:
         return [math.nan, math.nan]
     indices = bootstrap_indices(values.size, n_resamples, seed)
-    return _percentiles(
-        _resampled_means(values, None if weights is None else np.asarray(weights), indices), confidence
+    return percentile_interval(
+        resampled_means(values, None if weights is None else np.asarray(weights), indices), confidence
     )
 
 
@@ -180,8 +195,8 @@ def task_comparison(
     score_value, base_value = weighted_mean(scores, weights), weighted_mean(base, weights)
     delta = score_value - base_value
     indices = bootstrap_indices(len(scores), n_resamples, seed)
-    score_samples = _resampled_means(scores, weights, indices)
-    base_samples = _resampled_means(base, weights, indices)
+    score_samples = resampled_means(scores, weights, indices)
+    base_samples = resampled_means(base, weights, indices)
     sign = 1.0 if higher_is_better else -1.0
     relative = _relative(delta, base_value)
     return {
@@ -193,10 +208,10 @@ def task_comparison(
         "gain": _clean(sign * delta),
         "relative_gain": None if relative is None else sign * relative,
         "higher_is_better": higher_is_better,
-        "score_ci": [_clean(v) for v in _percentiles(score_samples, confidence)],
-        "base_ci": [_clean(v) for v in _percentiles(base_samples, confidence)],
-        "delta_ci": [_clean(v) for v in _percentiles(score_samples - base_samples, confidence)],
-        "gain_ci": [_clean(v) for v in _percentiles(sign * (score_samples - base_samples), confidence)],
+        "score_ci": [_clean(v) for v in percentile_interval(score_samples, confidence)],
+        "base_ci": [_clean(v) for v in percentile_interval(base_samples, confidence)],
+        "delta_ci": [_clean(v) for v in percentile_interval(score_samples - base_samples, confidence)],
+        "gain_ci": [_clean(v) for v in percentile_interval(sign * (score_samples - base_samples), confidence)],
     }
 
 

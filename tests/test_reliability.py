@@ -298,3 +298,59 @@ def test_second_writer_into_one_output_is_refused_before_any_work(
     assert f"PID {os.getpid()}" in err and str(out) in err and "another process" in err, err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging, work or checkpoint folder beside it either
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Nothing lost: hand edits of a card
+# --------------------------------------------------------------------------------------------------------------------
+def test_build_keeps_hand_written_card_text_and_refuses_to_replace_edits_of_the_generated_part(
+    tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys
+):
+    from huggingface_hub import DatasetCard
+
+    from trl_pplmask.hub.card import CARD_END
+
+    out = tmp_path / "gsm8k-pplmasked"
+    readme = out / "README.md"
+
+    def build(config: str, *extra: str) -> int:
+        argv = ["build", "--dataset", "gsm8k", "--limit", "2", "--models", str(tiny_model_dir), "--no-cache"]
+        return cli_main([*argv, "--config-names", config, "--output-dir", str(out), *extra])
+
+    def configs() -> list[str]:
+        return [c["config_name"] for c in DatasetCard.load(readme).data.to_dict()["configs"]]
+
+    assert build("a") == 0
+    own = "\n## Our notes\n\nHand-written: reviewed by the data team.\n"
+    readme.write_text(readme.read_text() + own)  # below the end marker, as the card says
+    assert build("b") == 0
+    text = readme.read_text()
+    assert text.endswith(CARD_END + "\n" + own) and configs() == ["a", "b"]
+
+    # An edit inside the generated part: refused before any model loads, the folder untouched
+    edited = text.replace("# gsm8k", "# GSM8K, edited in the generated part", 1)
+    assert edited != text
+    readme.write_text(edited)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the edited card was reported")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+        assert build("c") == 2
+    err = capsys.readouterr().err
+    assert str(readme) in err and "generated part" in err and "--overwrite" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # --overwrite replaces the generated part; the text outside the markers is still kept
+    assert build("c", "--overwrite") == 0
+    text = readme.read_text()
+    assert "edited in the generated part" not in text and text.endswith(own) and configs() == ["a", "b", "c"]
+
+    # A card without markers (written by hand) is not replaced either
+    readme.write_text("# Our own card\n")
+    assert build("c") == 2
+    assert "no trl-pplmask card markers" in capsys.readouterr().err
+    assert readme.read_text() == "# Our own card\n"

@@ -73,7 +73,10 @@ class BuildArguments:
     )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Discard an unfinished earlier build with other settings or model instead of refusing it."},
+        metadata={
+            "help": "Discard an unfinished earlier build with other settings or model, and replace a card edited by "
+            "hand inside its generated part, instead of refusing (text outside the card's markers is always kept)."
+        },
     )
     dtype: str = field(default="auto", metadata={"help": "Scoring dtype: auto, float32, bfloat16 or float16."})
     max_tokens_per_batch: int | None = field(default=None, metadata={"help": "Scoring token budget per batch."})

@@ -121,6 +121,13 @@ class SelfOutputArguments:
         default=None,
         metadata={"help": "Jinja template of the card (default: cards/self_output.md.jinja)."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a card edited by hand inside its generated part instead of refusing (text outside the "
+            "card's markers is always kept)."
+        },
+    )
 
 
 def build_config(arguments: SelfOutputArguments, prog: str = PROG) -> SelfOutputBuildConfig:
@@ -149,6 +156,7 @@ def build_config(arguments: SelfOutputArguments, prog: str = PROG) -> SelfOutput
         generation=generation,
         ppl_threshold=arguments.ppl_threshold,
         checkpoint_dir=arguments.checkpoint_dir,
+        overwrite=arguments.overwrite,
     )
 
 

@@ -20,7 +20,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from ..constants import PAPER_ARXIV_ID
 from ..models import load_model, model_slug
 from ..utils import OutputLock, atomic_write_text, make_staging_dir, raise_if_termination_requested, swap_in
-from .card import card_configs, card_template_path, default_config_name, size_category
+from .card import card_configs, card_template_path, check_card_edits, default_config_name, size_category, write_card
 from .folder import (
     ASSETS_DIR,
     BUILD_INFO_FILE,
@@ -161,6 +161,7 @@ class FolderBuilder:
     def _build(self) -> Path:
         self.source = self.describe_source()
         check_existing_folder(self.output, self.source, self.kind, self.description)
+        check_card_edits(self.output, getattr(self.config, "overwrite", False))  # hand edits a render would replace
         self.prepare()
         template_path = card_template_path(self.config.template_path, self.card_template)
         names = self.config.resolved_config_names()
@@ -228,9 +229,11 @@ class FolderBuilder:
     ) -> DatasetCard:
         """Render `README.md` of a built folder from the build info of all its configs, and save it.
 
-        Folder-wide fields (repo id, title, license, source) come from the most recent build. One config is marked as
-        the default (see [`~trl_pplmask.hub.card.default_config_name`]), so that `load_dataset(repo)` works without a
-        config name.
+        Folder-wide fields (repo id, title, license, source) come from the most recent build. The YAML header and the
+        text between the card's markers are replaced; text the user wrote outside the markers is kept (see
+        [`~trl_pplmask.hub.card.write_card`]; builds refuse a card edited inside them before any work, unless
+        `overwrite`). One config is marked as the default (see [`~trl_pplmask.hub.card.default_config_name`]), so
+        that `load_dataset(repo)` works without a config name.
         """
         folder = Path(folder)
         infos = read_build_infos(folder)
@@ -267,5 +270,5 @@ class FolderBuilder:
             arxiv_id=PAPER_ARXIV_ID,
             **cls.card_variables(infos, latest, default),
         )
-        atomic_write_text(folder / "README.md", str(card))
+        write_card(folder, str(card))  # the text written around the generated part is kept
         return card

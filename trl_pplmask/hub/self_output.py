@@ -92,6 +92,9 @@ class SelfOutputBuildConfig(FolderSettings):
             Jinja card template; defaults to `cards/self_output.md.jinja`.
         command (`str`, *optional*):
             Command line that ran the build, recorded in the card.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace the generated part of a card that was edited by hand (the YAML header or the text between the
+            card's markers) instead of refusing to build; text outside the markers is kept either way.
     """
 
     dataset: str
@@ -113,6 +116,7 @@ class SelfOutputBuildConfig(FolderSettings):
     language: list[str] = field(default_factory=lambda: ["en"])
     template_path: str | None = None
     command: str | None = None
+    overwrite: bool = False
 
     folder_suffix = "self-output"
 

@@ -297,6 +297,11 @@ BAD_INPUTS = {
         ["sft", "--pplmask_strategy", "none", "--pplmask_anchor", "true"],
         ["pplmask_anchor=true", "pplmask_strategy=none"],
     ),
+    "sft-masked-lm-reference": (
+        ["sft", "--pplmask_reference", "{w}/bert"],
+        ["pplmask_reference", "BertForMaskedLM", "not a causal language model"],
+    ),
+    "sft-missing-reference": (["sft", "--pplmask_reference", "./noref"], ["pplmask_reference folder ./noref"]),
     # study: the YAML is checked whole before any stage runs
     "study-unknown-arm": (["study", "--config", "{w}/study-arm.yaml"], ["unknown arm 'stn'", "did you mean 'stm'"]),
     "study-unknown-eval-task": (["study", "--config", "{w}/study-task.yaml"], ["eval: Unknown task 'gsm9k'"]),

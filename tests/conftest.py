@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,13 +115,30 @@ def tiny_scaled(kind):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    """`tiny_llama()` saved with the embedded tokenizer, for commands that take a model path: its perplexities are
-    high (random weights), so most tokens mask at the paper's threshold."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_model_factory(tmp_path_factory) -> Callable[..., Path]:
+    """`make(**overrides)`: `tiny_llama(**overrides)` saved with the embedded tokenizer to a folder, for commands that
+    take a model path; one folder per distinct `overrides` in a test module (a module may edit its copies)."""
+    made: dict[tuple, Path] = {}
+
+    def make(**overrides) -> Path:
+        key = tuple(sorted(overrides.items()))
+        if key not in made:
+            from trl_pplmask.models import load_tokenizer
+
+            path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+            tiny_llama(**overrides).save_pretrained(path)
+            load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_model_factory) -> Path:
+    """`tiny_llama()` saved with the embedded tokenizer: its perplexities are high (random weights), so most tokens
+    mask at the paper's threshold."""
+    return tiny_model_factory()
 
 
 @pytest.fixture

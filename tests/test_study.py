@@ -284,22 +284,18 @@ def test_eta_from_finished_stages(tmp_path):
 # Micro study end to end (tiny random model, every arm, 1 step) and resume after a kill
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with the embedded tokenizer, saved to a folder, and a perplexity threshold at the median
-    token perplexity it gives GSM8K answers (a random model's perplexities all lie near the vocabulary size, so the
-    paper's 2.5 would mask everything)."""
+def micro_model(tiny_model_factory) -> tuple[Path, float]:
+    """A tiny random Llama with the embedded tokenizer, and a perplexity threshold at the median token perplexity it
+    gives GSM8K answers (a random model's perplexities all lie near the vocabulary size, so the paper's 2.5 would mask
+    everything)."""
     import numpy as np
     import torch
-    from conftest import tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_pplmask.data import load_task
-    from trl_pplmask.models import load_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    model = tiny_llama(vocab_size=len(tokenizer), tie_word_embeddings=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = tiny_model_factory(tie_word_embeddings=True)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     ids = torch.tensor([tokenizer(load_task("gsm8k", "train", 1)[0]["answer"])["input_ids"]])
     with torch.no_grad():
         nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
@@ -340,17 +336,12 @@ def micro_config(tmp_path, tiny: tuple[Path, float], arms: list) -> dict:
     }
 
 
-def _sft_available() -> bool:
-    return (REPO / "trl_pplmask" / "sft.py").is_file()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _sft_available(), reason="trl-pplmask sft (trl_pplmask/sft.py) is not there yet")
-def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, capsys):
+def test_micro_study_every_arm_and_resume(tmp_path, micro_model, data_dir, capsys):
     from trl_pplmask.study import run_study
 
     # 1. A study "killed" after its first arm: only gt ran
-    first = config_from_dict(micro_config(tmp_path, tiny_model_dir, ["base", "gt"]))
+    first = config_from_dict(micro_config(tmp_path, micro_model, ["base", "gt"]))
     run_study(first)
     adapter = tmp_path / "study" / "arms" / "gt" / "adapter_model.safetensors"
 
@@ -359,7 +350,7 @@ def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, ca
 
     # 2. The whole study: gt is not retrained, every other arm trains, everything is evaluated and reported
     arms = ["base", "gt", "stm", "random", "lowest", "dft", "stm_entropy", "stm_anchor", "self_output"]
-    config = config_from_dict(micro_config(tmp_path, tiny_model_dir, arms))
+    config = config_from_dict(micro_config(tmp_path, micro_model, arms))
     study = run_study(config, "test")
     assert adapter.stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
@@ -381,7 +372,7 @@ def test_micro_study_every_arm_and_resume(tmp_path, tiny_model_dir, data_dir, ca
     assert json.loads((root / "study.json").read_text())["status"] == "complete"
 
     # 3. Changed settings for a finished arm: refused, nothing retrained
-    changed = micro_config(tmp_path, tiny_model_dir, ["base", "gt"])
+    changed = micro_config(tmp_path, micro_model, ["base", "gt"])
     changed["training"]["learning_rate"] = 5e-4
     with pytest.raises(ValueError, match="Arm 'gt' .* finished with other settings"):
         run_study(config_from_dict(changed))

@@ -533,7 +533,8 @@ def with_unmasked_eval(trainer_cls: type) -> type:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
-    UnmaskedEvalTrainer.__name__ = UnmaskedEvalTrainer.__qualname__ = f"UnmaskedEval{trainer_cls.__name__}"
+    # Training is `trainer_cls`'s own: it keeps its name (logs, reprs, checks of which loss a trainer computes)
+    UnmaskedEvalTrainer.__name__ = UnmaskedEvalTrainer.__qualname__ = trainer_cls.__name__
     return UnmaskedEvalTrainer
 
 

@@ -685,8 +685,12 @@ def test_cli_registers_self_output():
     from trl_pplmask.commands import self_output as self_output_cli
 
     args = build_parser().parse_args(["self-output", "--dataset", "mbpp", "--mode", "rephrase", "--backend", "vllm"])
-    # Registered without importing torch; the command runs `commands.self_output.cmd_self_output`
-    assert args.func is self_output_cli.cmd_self_output and args.mode == "rephrase" and args.num_samples == 4
+    # Registered without importing torch; the command runs `commands.self_output.run`
+    assert args.spec is self_output_cli.COMMAND and args.spec.run is self_output_cli.run
+    assert args.func.func == self_output_cli.COMMAND.execute and args.func.keywords == {
+        "prog": "trl-pplmask self-output"
+    }
+    assert args.mode == "rephrase" and args.num_samples == 4
     config = self_output_cli.build_config_from_args(args)
     assert config.generation.backend == "vllm" and config.resolved_output_dir() == Path("mbpp-self-output")
     assert "--mode rephrase" in config.command

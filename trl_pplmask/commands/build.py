@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,8 @@ from ..hub.pplmasked import build_pplmasked
 from ..hub.pplmasked_config import BuildConfig
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..hub.source import FORMATS
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._run import command_main
+from ._args import from_namespace
+from ._command import Command
 
 
 HELP = "Build a Hub-layout <task>-pplmasked dataset folder (parquet per model config, card, figures)."
@@ -191,26 +190,8 @@ def run(arguments: BuildArguments, prog: str = PROG) -> int:
     return 0
 
 
-def cmd_build(args: argparse.Namespace, prog: str = PROG) -> int:
-    return run(from_namespace(BuildArguments, args), prog)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, BuildArguments)
-
-
-def make_parser(prog: str = PROG) -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=HELP))
-
-
-def register_cli(subparsers) -> None:
-    """Add `build` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_arguments(subparsers.add_parser("build", help=HELP)).set_defaults(func=cmd_build)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
-    """Entry point of `hub_scripts/build_pplmasked.py` (`prog`: the name in messages and the recorded command)."""
-    return command_main(make_parser(prog), lambda args: cmd_build(args, prog), argv)
+COMMAND = Command(name="build", help=HELP, config_class=BuildArguments, run=run, pass_prog=True)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

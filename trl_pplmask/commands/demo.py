@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._run import command_main
+from ._command import Command
 
 
 HELP = "Score, mask and fine-tune the embedded model on GSM8K, on CPU."
@@ -41,25 +38,8 @@ def run(config: DemoConfig) -> int:
     return run_demo(output_dir=config.output, num_examples=config.num_examples, max_steps=config.max_steps)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    return run(from_namespace(DemoConfig, args))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, DemoConfig)
-
-
-def make_parser(prog: str = "trl-pplmask demo") -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=DESCRIPTION))
-
-
-def register_cli(subparsers) -> None:
-    """Add `demo` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_arguments(subparsers.add_parser("demo", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_demo)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask demo") -> int:
-    return command_main(make_parser(prog), cmd_demo, argv)
+COMMAND = Command(name="demo", help=HELP, description=DESCRIPTION, config_class=DemoConfig, run=run)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

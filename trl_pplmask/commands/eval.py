@@ -21,8 +21,7 @@ from ..evaluation.config import BACKENDS, EvalConfig, build_model_specs
 from ..evaluation.harness import LmEvalError, check_lm_eval_backend
 from ..evaluation.tasks import DEFAULT_TASKS, available_tasks
 from ..utils import OutputLock
-from ._args import ArgumentParser
-from ._run import command_main
+from ._command import Command
 
 
 HELP = "Forgetting report: target and non-target tasks, base against fine-tuned models."
@@ -150,17 +149,9 @@ DESCRIPTION = (
 )
 
 
-def make_parser(prog: str = "trl-pplmask eval") -> ArgumentParser:
-    return add_eval_args(ArgumentParser(prog=prog, description=DESCRIPTION))
-
-
-def register_cli(subparsers) -> None:
-    """Add `eval` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_eval_args(subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_eval)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask eval") -> int:
-    return command_main(make_parser(prog), cmd_eval, argv)
+# The options are written by hand (`add_eval_args`): `cmd_eval` receives the parsed namespace itself
+COMMAND = Command(name="eval", help=HELP, description=DESCRIPTION, run=cmd_eval, add_arguments=add_eval_args)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

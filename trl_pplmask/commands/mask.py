@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..masking import STRATEGIES, TRAINABLE_COLUMN, PplMaskConfig
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
+from ._command import Command
 from ._io import check_aligned, check_output_folder, load_input, no_cache_beside_input, output_lock, save_atomically
-from ._run import command_main
 
 
 HELP = "Mask the labels of a scored dataset and add mask statistics."
@@ -122,25 +119,8 @@ def run(config: MaskConfig) -> int:
     return 0
 
 
-def cmd_mask(args: argparse.Namespace) -> int:
-    return run(from_namespace(MaskConfig, args))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, MaskConfig)
-
-
-def make_parser(prog: str = "trl-pplmask mask") -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=DESCRIPTION))
-
-
-def register_cli(subparsers) -> None:
-    """Add `mask` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_arguments(subparsers.add_parser("mask", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_mask)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask mask") -> int:
-    return command_main(make_parser(prog), cmd_mask, argv)
+COMMAND = Command(name="mask", help=HELP, description=DESCRIPTION, config_class=MaskConfig, run=run)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

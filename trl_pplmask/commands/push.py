@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..hub.publish import PushError, push_folder
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._run import command_main
+from ._command import Command
 
 
 HELP = "Upload a built folder to a Hub dataset repo (or --dry-run)."
@@ -55,26 +52,8 @@ def run(config: PushConfig, prog: str = PROG) -> int:
     return 0
 
 
-def cmd_push(args: argparse.Namespace, prog: str = PROG) -> int:
-    return run(from_namespace(PushConfig, args), prog)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, PushConfig)
-
-
-def make_parser(prog: str = PROG) -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=HELP))
-
-
-def register_cli(subparsers) -> None:
-    """Add `push` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_arguments(subparsers.add_parser("push", help=HELP)).set_defaults(func=cmd_push)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
-    """Entry point of `hub_scripts/push.py` (`prog`: the name in messages)."""
-    return command_main(make_parser(prog), lambda args: cmd_push(args, prog), argv)
+COMMAND = Command(name="push", help=HELP, config_class=PushConfig, run=run, pass_prog=True)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..constants import DEFAULT_THRESHOLD, EMBEDDED_MODEL_ALIAS
 from ..generation.config import BACKENDS, FALLBACKS, MODES, SELECTIONS, SelfOutputConfig
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._run import command_main
+from ._args import from_namespace
+from ._command import Command
 from .build import folder_settings
 
 
@@ -186,27 +185,10 @@ def run(arguments: SelfOutputArguments, prog: str = PROG) -> int:
     return 0
 
 
-def cmd_self_output(args: argparse.Namespace, prog: str = PROG) -> int:
-    return run(from_namespace(SelfOutputArguments, args), prog)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, SelfOutputArguments)
-
-
-def make_parser(prog: str = PROG) -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=DESCRIPTION))
-
-
-def register_cli(subparsers) -> None:
-    """Add `self-output` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    parser = subparsers.add_parser("self-output", help=HELP, description=DESCRIPTION)
-    add_arguments(parser).set_defaults(func=cmd_self_output)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
-    """Entry point of `hub_scripts/build_self_output.py` (`prog`: the name in messages and the recorded command)."""
-    return command_main(make_parser(prog), lambda args: cmd_self_output(args, prog), argv)
+COMMAND = Command(
+    name="self-output", help=HELP, description=DESCRIPTION, config_class=SelfOutputArguments, run=run, pass_prog=True
+)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

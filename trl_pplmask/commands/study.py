@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..study.config import load_study_config
 from ..study.main import arm_status, run_study
 from ..study.runner import missing_features, render_plan
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
-from ._run import command_main
+from ._command import Command
 
 
 HELP = "Forgetting study: train GT, STM and alternative arms with shared settings and compare them."
@@ -57,26 +54,10 @@ def run(arguments: StudyArguments) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    """`trl-pplmask study`: run or plan a forgetting study from its YAML."""
-    return run(from_namespace(StudyArguments, args))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, StudyArguments, config_option=False)
-
-
-def make_parser(prog: str = "trl-pplmask study") -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=DESCRIPTION))
-
-
-def register_cli(subparsers) -> None:
-    """Add `study` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_arguments(subparsers.add_parser("study", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_study)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask study") -> int:
-    return command_main(make_parser(prog), cmd_study, argv)
+COMMAND = Command(
+    name="study", help=HELP, description=DESCRIPTION, config_class=StudyArguments, run=run, config_option=False
+)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

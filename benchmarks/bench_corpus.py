@@ -7,7 +7,9 @@ Model: a 2-layer random Llama (hidden 64, the embedded tokenizer's 49,152-token 
 (`--layout shards`, `--shard-rows` rows per shard).
 
 1. Scale: `score` and `build` at each of `--sizes` rows; peak RSS (the process tree's resident set, sampled every
-   0.1 s) and wall time, with tokens per second and the RSS ratio to the smallest size above 1,000 rows.
+   0.1 s; also split into its anonymous part, what the process allocated, and its file-backed part, shared libraries
+   and memory-mapped files such as the Arrow copy of the input; and the kernel's exact high-water mark of the largest
+   process) and wall time, with tokens per second and the RSS ratios to the smallest size above 1,000 rows.
 2. Kill and rerun (`--kill-size` rows, score): an uninterrupted run, then a run into a fresh folder killed with SIGKILL
    at `--kill-at` (0.9) of the uninterrupted run's time, then its rerun: the rerun's time against the full run's, and
    whether every output file is byte-identical to the uninterrupted run's.
@@ -80,20 +82,29 @@ def make_rows(work: Path, n: int) -> Path:
 
 
 def run(argv: list[str], cwd: Path, kill_after: float | None = None) -> dict:
-    """Run `argv`; peak RSS of its process tree (sampled every 0.1 s), wall time, exit status."""
+    """Run `argv`: wall time, exit status and peak memory.
+
+    Peak memory: the resident set of the process tree sampled every 0.1 s, in total and split into anonymous memory
+    (heap, tensors: what the process allocated) and file-backed pages (shared libraries and memory-mapped files, such
+    as the Arrow copy of the input, which the kernel can drop and read again), plus the kernel's exact high-water mark
+    of the largest process (`ru_maxrss` of `wait4`: VmHWM, file-backed pages included).
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["TRL_PPLMASK_CACHE"] = str(cwd / "cache")
     start = time.perf_counter()
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     root = psutil.Process(process.pid)
-    peak = peak_single = 0
+    peak = peak_single = peak_anon = peak_file = 0
     output = []
     os.set_blocking(process.stdout.fileno(), False)
-    while process.poll() is None:
+    waited = (0, 0, None)
+    while waited[0] == 0:
         try:
-            tree = [root, *root.children(recursive=True)]
-            rss = [p.memory_info().rss for p in tree]
+            tree = [p.memory_info() for p in [root, *root.children(recursive=True)]]
+            rss = [m.rss for m in tree]
+            shared = sum(m.shared for m in tree)  # resident file-backed and shared pages
             peak, peak_single = max(peak, sum(rss)), max(peak_single, max(rss))
+            peak_anon, peak_file = max(peak_anon, sum(rss) - shared), max(peak_file, shared)
         except psutil.Error:
             pass
         chunk = process.stdout.read()
@@ -105,9 +116,11 @@ def run(argv: list[str], cwd: Path, kill_after: float | None = None) -> dict:
                     p.send_signal(signal.SIGKILL)
                 except psutil.Error:
                     pass
-            process.wait()
+            waited = os.wait4(process.pid, 0)
             break
         time.sleep(0.1)
+        waited = os.wait4(process.pid, os.WNOHANG)  # reaped here, for its rusage (Popen.poll would discard it)
+    process.returncode = os.waitstatus_to_exitcode(waited[1])
     rest = process.stdout.read()
     if rest:
         output.append(rest)
@@ -118,7 +131,10 @@ def run(argv: list[str], cwd: Path, kill_after: float | None = None) -> dict:
     return {
         "seconds": round(took, 1),
         "peak_rss_mib": round(peak / 2**20),
+        "peak_rss_anon_mib": round(peak_anon / 2**20),
+        "peak_rss_file_mib": round(peak_file / 2**20),
         "peak_rss_largest_process_mib": round(peak_single / 2**20),
+        "max_rss_kernel_largest_process_mib": round(waited[2].ru_maxrss / 2**10),
         "returncode": process.returncode,
     }
 
@@ -208,9 +224,9 @@ def main() -> None:
         entries = [e for e in results["scale"] if e["command"] == name and e["rows"] >= 4000]
         if len(entries) > 1:
             base = entries[0]
-            results[f"{name}_rss_ratio_to_{base['rows']}_rows"] = {
-                e["rows"]: round(e["peak_rss_mib"] / base["peak_rss_mib"], 3) for e in entries
-            }
+            for figure in ("peak_rss_mib", "peak_rss_anon_mib", "max_rss_kernel_largest_process_mib"):
+                key = f"{name}_{figure.removesuffix('_mib').removeprefix('peak_')}_ratio_to_{base['rows']}_rows"
+                results[key] = {e["rows"]: round(e[figure] / base[figure], 3) for e in entries}
     save()
 
     if not args.skip_kill:

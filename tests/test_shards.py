@@ -76,9 +76,12 @@ def test_shard_plan_is_fixed_by_the_row_count():
             parse_worker(bad)
 
 
-def test_sharded_output_loads_and_equals_the_in_memory_score(tmp_path, tiny_model_dir, rows_file, reference):
+def test_sharded_output_loads_and_equals_the_in_memory_score(tmp_path, tiny_model_dir, rows_file, reference, capsys):
     import numpy as np
     from datasets import load_dataset, load_from_disk
+
+    from trl_pplmask.commands.score import _print_shard_summary, _print_summary, _shard_perplexities
+    from trl_pplmask.masking import PplMaskConfig
 
     assert sorted(reference) == [".trl-pplmask-shards.json"] + [
         f"train-0000{i}-of-00006.parquet" for i in range(ROWS // SHARD_ROWS)
@@ -96,6 +99,77 @@ def test_sharded_output_loads_and_equals_the_in_memory_score(tmp_path, tiny_mode
     assert sharded["input_ids"] == whole["input_ids"] and sharded["labels"] == whole["labels"]
     for a, b in zip(sharded["token_nll"], whole["token_nll"]):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    # The summary of a sharded run, read a shard at a time, is the one of all its perplexities at once
+    plan, config = ShardPlan(ROWS, SHARD_ROWS, "train"), PplMaskConfig(threshold=2.5)
+    capsys.readouterr()
+    _print_shard_summary(folder, plan, "token_nll", config)
+    streamed = capsys.readouterr().out
+    _print_summary(np.concatenate([_shard_perplexities(folder / name, "token_nll") for name in plan.names()]), config)
+    assert streamed == capsys.readouterr().out and "median perplexity" in streamed
+
+
+def test_streamed_quantiles_are_numpys_to_the_bit():
+    """Median and percentiles of values read chunk by chunk (a radix selection) equal numpy's on all values."""
+    import numpy as np
+
+    from trl_pplmask.hub.shards import streamed_quantiles
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        size = int(rng.integers(1, 600))
+        values = [
+            rng.normal(size=size),
+            rng.integers(0, 4, size=size),  # ties
+            10.8 + 1e-4 * rng.normal(size=size),  # all in one bucket of the first pass
+        ][trial % 3].astype(np.float32)
+        chunks = np.array_split(values, int(rng.integers(1, 6)))
+        median, percentiles = streamed_quantiles(lambda c=chunks: iter(c), [90, 50, 0, 100, 33.3], transform=np.exp)
+        ppl = np.exp(values.astype(np.float64))
+        assert median == np.median(ppl)
+        assert percentiles == [np.percentile(ppl, q) for q in (90, 50, 0, 100, 33.3)]
+        assert streamed_quantiles(lambda c=chunks: iter(c), dtype=np.float32)[0] == np.median(values)
+    assert np.isnan(streamed_quantiles(lambda: iter([np.zeros(0, np.float32)]), [90])[1][0])
+
+
+def _resident_kib(path: Path) -> int:
+    """This process's resident KiB of its mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and not fields[0].endswith(":"):
+            inside = len(fields) > 5 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise: Linux")
+def test_a_shard_keeps_only_its_own_input_pages_resident(tmp_path):
+    """Reading a memory-mapped input makes its pages resident: after each shard they are released, so that the
+    resident input stays about one shard whatever the number of rows (before, it grew to the whole file)."""
+    from datasets import Dataset, load_from_disk
+
+    from trl_pplmask.hub.shards import ShardFolder, Workers, process_shards
+
+    rows = 2048
+    Dataset.from_dict({"text": [f"{i:06d} " + "x" * 4000 for i in range(rows)]}).save_to_disk(tmp_path / "in")
+    source = load_from_disk(str(tmp_path / "in"))  # memory-mapped, about 8 MB
+    mapped = Path(os.path.realpath(source.cache_files[0]["filename"]))
+    plan = ShardPlan(rows, 256, "train")
+    folder = ShardFolder(tmp_path / "out", [plan], {"command": "test"}, "manifest.json")
+    folder.start()
+    resident = []
+
+    def work(shard):
+        resident.append(_resident_kib(mapped))  # what earlier shards left resident (this shard's rows not read yet)
+        return shard.map(lambda row: {"length": len(row["text"])}), {"rows": len(shard), "tokens": 0}
+
+    process_shards(folder, plan, source, Workers(0, 1, explicit=True), work, show_progress=False)
+    assert len(resident) == plan.num_shards and len(folder.missing(plan)) == 0
+    # A shard is 1,000 KiB of the 8,000 KiB file; the kernel's read-ahead maps up to a few shards' worth around it
+    shard_kib = 256 * 4000 // 1024
+    assert max(resident) < 4 * shard_kib, f"input resident (KiB) before each shard: {resident}"
+    assert Dataset.from_parquet(str(tmp_path / "out" / plan.name(7)))["length"] == [4007] * 256  # data intact
 
 
 @pytest.mark.slow
@@ -249,6 +323,12 @@ def test_build_refuses_to_resume_with_other_settings(tmp_path, tiny_model_dir, r
     assert _debug(main, [*argv, "--threshold", "3", "--overwrite"]) == 0
     info = json.loads((out / config / "build_info.json").read_text())
     assert info["settings"]["threshold"] == 3 and len(info["splits"]["train"]["files"]) == ROWS // SHARD_ROWS
+    # The statistics, read back a shard at a time (quantiles streamed), are those of the whole split at once
+    from datasets import load_dataset
+
+    from trl_pplmask.hub import split_statistics
+
+    assert info["splits"]["train"]["stats"] == split_statistics(load_dataset(str(out), config, split="train"))
     assert not work.exists()
 
 

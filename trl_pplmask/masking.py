@@ -397,6 +397,11 @@ def completion_ppl(dataset, nll_column: str = NLL_COLUMN) -> np.ndarray:
 def text_histogram(ppl: np.ndarray, threshold: float, width: int = 40) -> str:
     """A small text histogram of token perplexities, bins marked above the threshold."""
     counts, _ = np.histogram(ppl, bins=np.array(PPL_BINS))
+    return histogram_text(counts, threshold, width)
+
+
+def histogram_text(counts: np.ndarray, threshold: float, width: int = 40) -> str:
+    """[`text_histogram`] from the token counts of its bins (`PPL_BINS`), e.g. summed over the shards of a run."""
     total = max(int(counts.sum()), 1)
     lines = []
     for lo, hi, n in zip(PPL_BINS[:-1], PPL_BINS[1:], counts):

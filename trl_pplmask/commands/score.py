@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..masking import IGNORE_INDEX, TRAINABLE_COLUMN, PplMaskConfig, completion_ppl, text_histogram
-from ._command import Command
+from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
 from ._io import (
     check_aligned,
     check_output_folder,
@@ -21,6 +23,7 @@ from ._io import (
     output_lock,
     save_atomically,
 )
+from ._run import command_main
 
 
 DEFAULT_MODEL = EMBEDDED_MODEL_ALIAS
@@ -402,29 +405,62 @@ def _run_sharded(config: ScoreConfig, dataset) -> int:
         dropped = sum(i["rows"] for i in infos) - examples
         note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
         print(f"Scored {examples} examples{note} -> {config.output} ({plan.num_shards} parquet shards)")
-        _print_summary(_shard_perplexities(output, plan, config.output_column), PplMaskConfig(threshold=2.5))
+        _print_shard_summary(output, plan, config.output_column, PplMaskConfig(threshold=2.5))
     return 0
 
 
-def _shard_perplexities(folder: Path, plan, nll_column: str) -> np.ndarray:
-    """Perplexities of the completion tokens of every shard, read one shard at a time."""
+def _shard_perplexities(path: Path, nll_column: str) -> np.ndarray:
+    """Perplexities (float32) of the completion tokens of the shard at `path`."""
     import pyarrow.parquet as pq
     from datasets import Dataset
 
-    nlls = []
-    for name in plan.names():
-        columns = [
-            nll_column,
-            TRAINABLE_COLUMN if TRAINABLE_COLUMN in pq.read_schema(folder / name).names else "labels",
-        ]
-        shard = Dataset(pq.read_table(folder / name, columns=columns))
-        if len(shard):
-            nlls.append(completion_ppl(shard, nll_column).astype(np.float32))  # 4 bytes a completion token
-    return np.concatenate(nlls) if nlls else np.zeros(0)
+    columns = [nll_column, TRAINABLE_COLUMN if TRAINABLE_COLUMN in pq.read_schema(path).names else "labels"]
+    shard = Dataset(pq.read_table(path, columns=columns))
+    return completion_ppl(shard, nll_column).astype(np.float32) if len(shard) else np.zeros(0, np.float32)
 
 
-COMMAND = Command(name="score", help=HELP, description=DESCRIPTION, config_class=ScoreConfig, run=run)
-register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
+def _print_shard_summary(folder: Path, plan, nll_column: str, config: PplMaskConfig) -> None:
+    """[`_print_summary`] of the completion tokens of every shard, read one shard at a time (for the counts, then
+    twice for the exact median): memory does not grow with the number of rows."""
+    from ..hub.shards import streamed_quantiles
+    from ..masking import PPL_BINS, histogram_text
+
+    def chunks():
+        return (_shard_perplexities(folder / name, nll_column) for name in plan.names())
+
+    count = above = 0
+    counts = np.zeros(len(PPL_BINS) - 1, dtype=np.int64)
+    for ppl in chunks():
+        count, above = count + ppl.size, above + int(np.sum(ppl > config.threshold))
+        counts += np.histogram(ppl, bins=np.array(PPL_BINS))[0]
+    if count == 0:
+        print("No completion tokens.")
+        return
+    median, _ = streamed_quantiles(chunks, dtype=np.float32)
+    print(f"Completion tokens: {count}; median perplexity {median:.2f}; ")
+    print(f"above {config.threshold:g} (masked by STM): {100 * above / count:.1f}%")
+    print(histogram_text(counts, config.threshold))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    return run(from_namespace(ScoreConfig, args))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return add_dataclass_arguments(parser, ScoreConfig)
+
+
+def make_parser(prog: str = "trl-pplmask score") -> ArgumentParser:
+    return add_arguments(ArgumentParser(prog=prog, description=DESCRIPTION))
+
+
+def register_cli(subparsers) -> None:
+    """Add `score` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
+    add_arguments(subparsers.add_parser("score", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_score)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask score") -> int:
+    return command_main(make_parser(prog), cmd_score, argv)
 
 
 if __name__ == "__main__":

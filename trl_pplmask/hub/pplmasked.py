@@ -21,9 +21,9 @@ from .folder import BUILD_INFO_FILE, read_build_infos
 from .pplmasked_config import BuildConfig
 from .pplmasked_split import (
     build_split,
-    combine_statistics,
-    plot_ppl_histogram,
+    plot_ppl_histogram_of_chunks,
     raise_empty_split,
+    shard_statistics,
     table_statistics,
 )
 from .shards import ShardFolder, ShardPlan, count_tokens, current_workers, process_shards
@@ -194,13 +194,18 @@ class PplMaskedBuilder(FolderBuilder):
 
         config = self.config
         folder = self.shard_folders[config_name]
-        split_infos, histogram_nll, last = {}, [], []
+        columns = ["labels", NLL_COLUMN, TRAINABLE_COLUMN]
+
+        def tables(splits):  # the shards of `splits`, read one at a time (memory stays that of one shard)
+            return lambda: (
+                pq.read_table(directory / shard, columns=columns) for s in splits for shard in self.plans[s].names()
+            )
+
+        split_infos = {}
         for split, plan in self.plans.items():
             strategy = self._strategy(split)
             counts = folder.shard_infos(plan)
-            columns = ["labels", NLL_COLUMN, TRAINABLE_COLUMN]
-            parts = [table_statistics(pq.read_table(directory / shard, columns=columns)) for shard in plan.names()]
-            stats = combine_statistics(parts)
+            stats = shard_statistics(tables([split]))
             if stats["examples"] == 0:
                 try:
                     raise_empty_split(config)
@@ -224,13 +229,10 @@ class PplMaskedBuilder(FolderBuilder):
                     config.shard_rows,
                 )
             split_infos[split] = info
-            last = [p["nll"] for p in parts]
-            if strategy != "none":
-                histogram_nll += last
-        if not histogram_nll:  # only unmasked splits: still show where the threshold would fall
-            histogram_nll = last
-        plot_ppl_histogram(
-            np.exp(np.concatenate(histogram_nll).astype(np.float64)),
+        masked = [split for split in self.plans if self._strategy(split) != "none"]
+        shards = tables(masked or list(self.plans)[-1:])  # only unmasked splits: the last, to show the threshold
+        plot_ppl_histogram_of_chunks(
+            lambda: (np.exp(table_statistics(table)["nll"].astype(np.float64)) for table in shards()),
             config.threshold,
             figure,
             f"{source_short_name(self.source['dataset'])}: completion tokens scored by {config_name}",

@@ -3,7 +3,7 @@ statistics and the perplexity histogram of the card, computed from the stored co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,14 +62,31 @@ def combine_statistics(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """[`split_statistics`] of a split from the [`table_statistics`] of its shards."""
     nll = np.concatenate([p["nll"] for p in parts]) if parts else np.zeros(0, np.float32)
     ppl = np.exp(nll.astype(np.float64))
+    median = float(np.median(ppl)) if ppl.size else float("nan")
+    return _statistics(parts, median, float(np.percentile(ppl, 90)) if ppl.size else float("nan"))
+
+
+def shard_statistics(tables: Callable[[], Iterable[Any]]) -> dict[str, Any]:
+    """[`combine_statistics`] of the shards that `tables()` yields (arrow tables, read one at a time, three times:
+    memory does not grow with the number of shards); the same figures, the quantiles exact."""
+    from .shards import streamed_quantiles
+
+    parts = [{k: v for k, v in table_statistics(table).items() if k != "nll"} for table in tables()]
+    median, (p90,) = streamed_quantiles(
+        lambda: (table_statistics(table)["nll"] for table in tables()), [90], transform=np.exp
+    )
+    return _statistics(parts, median, p90)
+
+
+def _statistics(parts: Sequence[dict[str, Any]], median_ppl: float, p90_ppl: float) -> dict[str, Any]:
     n, k = sum(p["completion_tokens"] for p in parts), sum(p["masked_tokens"] for p in parts)
     return {
         "examples": sum(p["examples"] for p in parts),
         "completion_tokens": n,
         "masked_tokens": k,
         "masked_fraction": k / n if n else 0.0,
-        "median_ppl": float(np.median(ppl)) if ppl.size else float("nan"),
-        "p90_ppl": float(np.percentile(ppl, 90)) if ppl.size else float("nan"),
+        "median_ppl": median_ppl,
+        "p90_ppl": p90_ppl,
         "examples_without_trainable_token": sum(p["examples_without_trainable_token"] for p in parts),
     }
 
@@ -138,18 +155,35 @@ def raise_empty_split(config: BuildConfig) -> None:
 
 def plot_ppl_histogram(ppl: np.ndarray, threshold: float, path: Path, title: str) -> None:
     """Histogram of completion-token perplexities on a log axis, with the threshold and masked region marked."""
+    plot_ppl_histogram_of_chunks(lambda: [ppl], threshold, path, title)
+
+
+def plot_ppl_histogram_of_chunks(
+    chunks: Callable[[], Iterable[np.ndarray]], threshold: float, path: Path, title: str
+) -> None:
+    """[`plot_ppl_histogram`] of the perplexities that `chunks()` yields (one shard at a time, read twice: the
+    largest value decides the bins, then the counts add up)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    size = above = 0
+    largest = 1.0
+    for ppl in chunks():
+        if ppl.size:
+            largest = float(ppl.max()) if size == 0 else max(largest, float(ppl.max()))
+        size, above = size + ppl.size, above + int(np.sum(ppl > threshold))
+    top = max(largest, threshold) * 1.5
+    bins = np.geomspace(1.0, top, 60)
+    counts = np.zeros(len(bins) - 1, dtype=np.int64)
+    for ppl in chunks():
+        counts += np.histogram(np.clip(ppl, 1.0, None), bins=bins)[0]
     # Figure + Agg canvas directly: no pyplot global state, no display needed
     fig = Figure(figsize=(7.5, 3.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    top = max(float(ppl.max()) if ppl.size else 1.0, threshold) * 1.5
-    bins = np.geomspace(1.0, top, 60)
-    ax.hist(np.clip(ppl, 1.0, None), bins=bins, color="#4C72B0")
+    ax.hist(bins[:-1], bins=bins, weights=counts, color="#4C72B0")  # each bin's count at its left edge
     ax.set_xscale("log")
-    masked = 100 * float(np.mean(ppl > threshold)) if ppl.size else 0.0
+    masked = 100 * above / size if size else 0.0
     ax.axvspan(threshold, top, color="#C44E52", alpha=0.12)
     ax.axvline(threshold, color="#C44E52", linestyle="--", label=f"threshold {threshold:g}: {masked:.1f}% masked")
     ax.set_xlim(1.0, top)

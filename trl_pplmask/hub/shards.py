@@ -15,10 +15,17 @@ Every shard carries, in its parquet metadata, the key of its run (the model's fi
 plan) and a hash of the input rows it was made from. A folder's `manifest` file records the same. A resumed run
 refuses shards of another run (another model, configuration or setting), an input that changed under a finished
 shard, and files in the folder that no run of ours wrote; `overwrite` discards the previous run's shards instead.
+
+What a run reports over all its rows (a score summary, a build's split statistics and histogram) is computed from the
+written shards, read back one at a time: [`streamed_quantiles`] gives numpy's exact median and percentiles without
+holding every value. The memory-mapped input is read a shard at a time too, and this process's resident pages of it
+are released after each shard ([`release_mapped_pages`]), so that even the file-backed part of the resident set does
+not grow with the row count.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -26,10 +33,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..utils import atomic_write_text
 
@@ -166,6 +175,152 @@ def count_tokens(dataset: Dataset) -> int:
     if len(dataset) == 0:
         return 0
     return int(pc.sum(pc.list_value_length(dataset.flatten_indices().data.column("input_ids"))).as_py() or 0)
+
+
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def release_mapped_pages(dataset: Dataset) -> int:
+    """Drop this process's resident pages of the files that `dataset` memory-maps (its Arrow cache files); returns
+    the bytes of mappings released.
+
+    Reading a memory-mapped dataset makes every page read resident in this process (RssFile) until the kernel needs
+    the memory, so a run over all rows of a large input would show a resident set that grows with the input although
+    those pages are clean copies of the file. `madvise(MADV_DONTNEED)` on the read-only mappings of those files drops
+    them; a later read faults them in again from the page cache, with the same bytes. Linux only (elsewhere: 0).
+    """
+    files = {os.path.realpath(entry["filename"]) for entry in getattr(dataset, "cache_files", []) or []}
+    if not files or not sys.platform.startswith("linux"):
+        return 0
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                # Only read-only mappings: dropping the pages of a writable private one would lose its changes
+                if len(fields) == 6 and fields[5].strip() in files and "w" not in fields[1]:
+                    start, end = (int(address, 16) for address in fields[0].split("-"))
+                    ranges.append((start, end - start))
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    released = 0
+    for start, length in ranges:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) == 0:
+            released += length
+    return released
+
+
+def release_free_memory() -> None:
+    """Return the memory that the allocators hold free to the system: pyarrow's pool (`release_unused`) and, on
+    glibc, the C heap (`malloc_trim`).
+
+    Nothing in use is touched. Converting an input to Arrow (`load_dataset` of a JSON file) leaves tens of MB free but
+    held, more for a larger file; given back, the resident set of a run no longer depends on the size of its input.
+    """
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):  # pyarrow older than 9
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl)
+            pass
+
+
+def _sortable_keys(values: np.ndarray) -> np.ndarray:
+    """32-bit unsigned keys of float32 `values` that sort as the values do (NaNs at either end)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+
+
+def _value_of_key(key: int) -> np.float32:
+    bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def _order_statistics(chunks: Callable[[], Iterable[np.ndarray]], ranks: Sequence[int]) -> dict[int, np.float32]:
+    """The values at 0-based `ranks` of all float32 values that `chunks()` yields, in ascending order, reading the
+    chunks twice: a radix selection on 32-bit sort keys, the high 16 bits in the first pass, the low in the second."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for chunk in chunks():
+        counts += np.bincount(_sortable_keys(chunk) >> 16, minlength=1 << 16)
+    ends = np.cumsum(counts)
+    high = {rank: int(np.searchsorted(ends, rank, side="right")) for rank in ranks}
+    low_counts = {bucket: np.zeros(1 << 16, dtype=np.int64) for bucket in set(high.values())}
+    for chunk in chunks():
+        keys = _sortable_keys(chunk)
+        for bucket, bucket_counts in low_counts.items():
+            bucket_counts += np.bincount(keys[keys >> 16 == bucket] & 0xFFFF, minlength=1 << 16)
+    values = {}
+    for rank, bucket in high.items():
+        within = rank - (int(ends[bucket]) - int(counts[bucket]))
+        low = int(np.searchsorted(np.cumsum(low_counts[bucket]), within, side="right"))
+        values[rank] = _value_of_key(bucket << 16 | low)
+    return values
+
+
+def streamed_quantiles(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    percentiles: Sequence[float] = (),
+    dtype: type = np.float64,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[float, list[float]]:
+    """`np.median(v)` and `np.percentile(v, q)` (linear) of `v = transform(np.concatenate(list(chunks())).astype(
+    dtype))`, exactly, but holding one chunk at a time: `chunks()` is called three times (a count, then the two
+    passes of a radix selection) and must yield the same float32 values each time.
+
+    Args:
+        chunks (`Callable`): Returns an iterable of float32 arrays (for example, one per shard, read from disk).
+        percentiles (`Sequence[float]`, *optional*): Percentiles (0-100) besides the median.
+        dtype (`type`, *optional*, defaults to `np.float64`): The dtype the values are computed in.
+        transform (`Callable`, *optional*): A non-decreasing function applied to the values in `dtype` (`np.exp`
+            for perplexities from NLLs): it keeps their order, so only the selected values need it.
+
+    Returns:
+        `(median, [percentile, ...])`: NaN for no values, or when a value is NaN (as numpy).
+    """
+    count = nans = 0
+    for chunk in chunks():
+        count += len(chunk)
+        nans += int(np.isnan(chunk).sum())
+    if count == 0 or nans:
+        return float("nan"), [float("nan")] * len(percentiles)
+    middle = [(count - 1) // 2, count // 2]
+    # numpy's linear method (`np.percentile`): the virtual index, its neighbours (bounded to the first and last
+    # value) and the weight, computed as there, so that the results are the same to the bit
+    neighbours = []
+    for q in percentiles:
+        quantile = np.float64(q) / 100
+        virtual = (count - 1) * quantile
+        below = float(np.floor(virtual))
+        if virtual >= count - 1:
+            below = -1.0
+            ranks_of = (count - 1, count - 1)
+        elif virtual < 0:
+            below = 0.0
+            ranks_of = (0, 0)
+        else:
+            ranks_of = (int(below), int(below) + 1)
+        neighbours.append((*ranks_of, virtual - below))
+    ranks = set(middle) | {rank for below, above, _ in neighbours for rank in (below, above)}
+    selected = _order_statistics(chunks, sorted(ranks))
+
+    def value(rank: int) -> np.ndarray:
+        converted = np.asarray(selected[rank], dtype=dtype)
+        return np.asarray(transform(converted), dtype=dtype) if transform is not None else converted
+
+    median = np.mean(np.array([value(rank) for rank in middle[: 2 - count % 2]], dtype=dtype))
+    results = []
+    for below, above, gamma in neighbours:
+        a, b = value(below), value(above)
+        gamma = np.asarray(gamma, dtype=np.float64)
+        difference = b - a
+        results.append(float(b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma))
+    return float(median), results
 
 
 def dataset_table(dataset: Dataset) -> pa.Table:
@@ -447,6 +602,8 @@ def process_shards(
     import datasets
 
     mine = plan.assigned(workers.index, workers.count)
+    release_mapped_pages(source)  # what the checks of every row read before
+    release_free_memory()  # what loading (converting) the input left free but held
     progress = Progress(folder, plan, mine, workers.name(), enabled=show_progress)
     made = []
     bars = datasets.is_progress_bar_enabled()
@@ -472,6 +629,9 @@ def _process_shard(folder: ShardFolder, plan: ShardPlan, index: int, source: Dat
     output, info = work(rows)
     raise_if_termination_requested()
     folder.write(plan, index, dataset_table(output), rows_hash, info)
+    del rows, output
+    release_mapped_pages(source)  # the pages of this shard's rows: resident memory stays that of one shard
+    release_free_memory()
     progress.update(info.get("tokens", 0))
     return [index]
 

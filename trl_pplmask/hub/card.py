@@ -104,6 +104,9 @@ _BEGIN_TEMPLATE = (
 )
 _BEGIN = re.compile(r"<!-- trl-pplmask card ([0-9a-f]{64}):[^\n]*?-->\n?")
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.DOTALL)
+# Build times (`built_at`, UTC to the second) do not count in the digest: two builds of the same data give the same
+# card up to their times, digest included (a rerun after a kill equals an uninterrupted run)
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
 
 @dataclass
@@ -131,7 +134,7 @@ class CardParts:
 
 
 def _digest(header: str, block: str) -> str:
-    normalised = [part.replace("\r\n", "\n").strip() for part in (header, block)]
+    normalised = [_TIMESTAMP.sub("<time>", part.replace("\r\n", "\n").strip()) for part in (header, block)]
     return hashlib.sha256("\0".join(normalised).encode("utf-8")).hexdigest()
 
 

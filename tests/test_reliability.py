@@ -354,3 +354,17 @@ def test_build_keeps_hand_written_card_text_and_refuses_to_replace_edits_of_the_
     assert build("c") == 2
     assert "no trl-pplmask card markers" in capsys.readouterr().err
     assert readme.read_text() == "# Our own card\n"
+
+
+def test_self_output_refuses_to_replace_an_edited_card_unless_overwrite(tmp_path, tiny_model_dir, data_dir, capsys):
+    out = tmp_path / "gsm8k-self-output"
+    argv = ["self-output", "--dataset", "gsm8k", "--limit", "1", "--models", str(tiny_model_dir), "--output-dir"]
+    argv += [str(out), "--num-samples", "1", "--max-new-tokens", "4"]
+    assert cli_main(argv) == 0
+    readme = out / "README.md"
+    readme.write_text(readme.read_text().replace("\n# ", "\n# Edited: ", 1))
+    edited = readme.read_text()
+    assert cli_main(argv) == 2
+    assert str(readme) in capsys.readouterr().err and readme.read_text() == edited
+    assert cli_main([*argv, "--overwrite"]) == 0  # the rerun reads the checkpoint: no generation
+    assert "# Edited: " not in readme.read_text()

@@ -627,18 +627,25 @@ _PATH_SETTINGS = {"output_dir", "logging_dir", "resume_from_checkpoint", "hub_mo
 
 def check_trained_something(totals: dict[str, Any], pplmask_args: PplMaskArguments, recorder) -> None:
     """Refuse a run whose mask dropped every completion token it saw (the pre-scored path refuses it before training):
-    it trained nothing, so its model is not saved and no `pplmask_config.json` is written."""
+    it trained nothing, so its model is not saved and no `pplmask_config.json` is written.
+
+    Args:
+        totals (`dict`): The collator's cumulative statistics, summed over processes.
+        pplmask_args ([`PplMaskArguments`]): The run's mask settings, for the message.
+        recorder: The run's [`PplMaskRecorder`] (whether it stopped the training early).
+    """
     n = totals["completion_tokens"]
     if not n or totals["masked_tokens"] != n:
         return
+    strategy = pplmask_args.pplmask_strategy
+    setting = f", pplmask_threshold={pplmask_args.pplmask_threshold:g}" if strategy == "threshold" else ""
     stopped = recorder.stopped_at_step
     when = f"training stopped after the first epoch (step {stopped})" if stopped is not None else "training ended"
     raise ValueError(
-        f"pplmask_strategy={pplmask_args.pplmask_strategy} masked every one of the {n} completion tokens of all "
-        f"{totals['examples']} training rows it saw (threshold {pplmask_args.pplmask_threshold:g}): nothing was "
-        f"trained, so {when} without saving the model or writing {CONFIG_FILE}. Raise pplmask_threshold, or check "
-        "that the reference model is the one the data was meant for; pplmask_prescore=true reports this before "
-        "training."
+        f"pplmask_strategy={strategy}{setting} masked every one of the {n} completion tokens of all "
+        f"{totals['examples']} training rows it saw: nothing was trained, so {when} without saving the model or "
+        f"writing {CONFIG_FILE}. Mask less (raise pplmask_threshold, or another strategy), or check that the "
+        "reference model is the one the data was meant for; pplmask_prescore=true reports this before training."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from trl_pplmask.masking import (
     apply_mask,
     compute_mask,
     mask_dataset,
+    mask_field,
     overall_stats,
     resolve_fraction_threshold,
 )
@@ -515,3 +517,60 @@ def test_bad_dpf_nll(dpf):
     ds = Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2], "token_nll": [0.0, 1.0], "token_nll_dpf": dpf}])
     with pytest.raises(ValueError, match="`token_nll_dpf`"):
         mask_dataset(ds, cfg("dpf"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One definition of the mask settings: every settings class that carries them takes default and help from PplMaskConfig
+# --------------------------------------------------------------------------------------------------------------------
+def _mask_fields(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    own = {f.name: f for f in dataclasses.fields(cls)}
+    return {f.name: own[prefix + f.name] for f in dataclasses.fields(PplMaskConfig) if prefix + f.name in own}
+
+
+def _derived_settings_classes():
+    from trl_pplmask.commands.mask import MaskConfig
+    from trl_pplmask.sft import PplMaskArguments
+    from trl_pplmask.study.config import MaskSettings
+
+    # A study leaves entropy_threshold unset unless its YAML sets it: each arm then gets the trainer's default
+    return [(MaskConfig, "", {}), (PplMaskArguments, "pplmask_", {}), (MaskSettings, "", {"entropy_threshold": None})]
+
+
+@pytest.mark.parametrize(
+    "cls, prefix, different", _derived_settings_classes(), ids=lambda v: getattr(v, "__name__", "")
+)
+def test_mask_settings_are_defined_once(cls, prefix, different):
+    """Each mask setting of the `mask` command, of `trl-pplmask sft` and of a study has PplMaskConfig's default (or a
+    listed, deliberate other one) and its help, and converts back to the same PplMaskConfig."""
+    source = {f.name: f for f in dataclasses.fields(PplMaskConfig)}
+    fields = _mask_fields(cls, prefix)
+    assert "threshold" in fields
+    for name, f in fields.items():
+        assert f.default == different.get(name, source[name].default), name
+        assert f.metadata["help"] == source[name].metadata["help"], name
+
+
+def test_from_settings_reads_prefixed_names_and_mask_field_changes():
+    class Settings:
+        pplmask_threshold = 7.0
+        pplmask_strategy = "lowest"
+        unrelated = 1
+
+    config = PplMaskConfig.from_settings(Settings(), "pplmask_")
+    assert (config.strategy, config.threshold, config.seed) == ("lowest", 7.0, 0)
+    changed = mask_field("threshold", default=3.0, metavar="PPL")
+    assert changed.default == 3.0 and changed.metadata["metavar"] == "PPL"
+    assert changed.metadata["help"] == mask_field("threshold").metadata["help"]
+
+
+def test_collator_keywords_default_to_pplmask_config_and_never_silently_lose_one():
+    """The collator's convenience keywords take PplMaskConfig's defaults, and giving them beside a `config` is refused
+    (it used to ignore them without a word)."""
+    from trl_pplmask import PplMaskCollator
+    from trl_pplmask.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    assert PplMaskCollator(tokenizer).config == PplMaskConfig()
+    assert PplMaskCollator(tokenizer, threshold=4.0, seed=3).config == PplMaskConfig(threshold=4.0, seed=3)
+    with pytest.raises(ValueError, match="both `config` and seed, threshold"):
+        PplMaskCollator(tokenizer, config=PplMaskConfig(), threshold=4.0, seed=1)

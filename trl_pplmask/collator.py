@@ -16,7 +16,6 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from . import _compat
-from .constants import DEFAULT_THRESHOLD
 from .masking import (
     IGNORE_INDEX,
     TRAINABLE_COLUMN,
@@ -35,6 +34,19 @@ from .scoring import adapter_context, batch_token_nll
 WEIGHT_KEY = "pplmask_weight"
 
 
+def _mask_config(config: PplMaskConfig | None, **settings) -> PplMaskConfig:
+    """`config`, or the [`PplMaskConfig`] of the settings given (the others at its defaults, written there once)."""
+    given = {name: value for name, value in settings.items() if value is not None}
+    if config is None:
+        return PplMaskConfig(**given)
+    if given:
+        raise ValueError(
+            f"PplMaskCollator got both `config` and {', '.join(sorted(given))}; give the mask settings in one place "
+            "(e.g. PplMaskConfig(strategy=..., threshold=...) as `config`)."
+        )
+    return config
+
+
 class PplMaskCollator:
     """Pads like TRL's `DataCollatorForLanguageModeling` and drops high-perplexity tokens from the labels.
 
@@ -48,12 +60,13 @@ class PplMaskCollator:
     Args:
         tokenizer (`PreTrainedTokenizerBase`):
             Tokenizer of the model being trained; supplies the pad token (its EOS token when it has none).
-        threshold (`float`, *optional*, defaults to `2.5`):
-            Perplexity threshold (the paper's value). Ignored when `config` is given.
+        threshold (`float`, *optional*, defaults to [`PplMaskConfig`]'s `2.5`):
+            Perplexity threshold (the paper's value).
         strategy (`str`, *optional*, defaults to `"threshold"`):
             Mask strategy, see [`PplMaskConfig`]. With `"fraction"`, the threshold is resolved per batch.
         config (`PplMaskConfig`, *optional*):
-            Full mask configuration; overrides `threshold`, `strategy`, `fraction` and `seed`.
+            Full mask configuration, instead of `threshold`, `strategy`, `fraction` and `seed` (giving both is an
+            error: one would be ignored).
         reference_model (`torch.nn.Module`, *optional*):
             Model that scores batches lacking NLLs.
         fraction (`float`, *optional*):
@@ -78,18 +91,18 @@ class PplMaskCollator:
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        threshold: float = DEFAULT_THRESHOLD,
-        strategy: str = "threshold",
+        threshold: float | None = None,
+        strategy: str | None = None,
         config: PplMaskConfig | None = None,
         reference_model: torch.nn.Module | None = None,
         fraction: float | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         padding_free: bool = False,
         pad_to_multiple_of: int | None = None,
         return_dropped: bool = False,
         soft_width: float | None = None,
     ):
-        self.config = config or PplMaskConfig(strategy=strategy, threshold=threshold, fraction=fraction, seed=seed)
+        self.config = _mask_config(config, strategy=strategy, threshold=threshold, fraction=fraction, seed=seed)
         self.reference_model = reference_model
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_token_id is None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .constants import DEFAULT_THRESHOLD
 from .masking import IGNORE_INDEX, PplMaskConfig, completion_ppl, text_histogram
 
 
@@ -49,7 +50,7 @@ def run_demo(output_dir: str = "demo_output", num_examples: int = 64, max_steps:
 
     print("[2/4] Scoring every completion token with the model to be fine-tuned")
     scored = score_dataset(tokenized, model, tokenizer)
-    config = PplMaskConfig(strategy="threshold", threshold=2.5)
+    config = PplMaskConfig(strategy="threshold", threshold=DEFAULT_THRESHOLD)  # the paper's STM
     masked, stats = mask_dataset(scored, config)
     masked.save_to_disk(str(out / "gsm8k-pplmasked"))
     ppl = completion_ppl(masked)
@@ -63,7 +64,7 @@ def run_demo(output_dir: str = "demo_output", num_examples: int = 64, max_steps:
     print("      " + _show_masked_example(masked[0], tokenizer).replace("\n", "\n      "))
     print(f"      saved to {out / 'gsm8k-pplmasked'}")
 
-    print(f"[3/4] Training {max_steps} LoRA steps with SFTTrainer + PplMaskCollator(threshold=2.5)")
+    print(f"[3/4] Training {max_steps} LoRA steps with SFTTrainer + PplMaskCollator(threshold={config.threshold})")
     args = SFTConfig(
         output_dir=str(out / "lora"),
         max_steps=max_steps,
@@ -84,7 +85,7 @@ def run_demo(output_dir: str = "demo_output", num_examples: int = 64, max_steps:
         args=args,
         train_dataset=masked,
         processing_class=tokenizer,
-        data_collator=PplMaskCollator(tokenizer, threshold=2.5),
+        data_collator=PplMaskCollator(tokenizer, threshold=config.threshold),
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     add_pplmask_callback(trainer)

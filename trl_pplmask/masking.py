@@ -8,9 +8,10 @@ predictive distribution at the position that predicts the token. Only *trainable
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,15 +67,35 @@ class PplMaskConfig:
             (written by `trl-pplmask score` next to `token_nll`).
     """
 
-    strategy: str = "threshold"
-    threshold: float = DEFAULT_THRESHOLD
-    fraction: float | None = None
-    seed: int = 0
-    dpf_ratio: float = 1.0
-    nll_column: str = NLL_COLUMN
-    dpf_nll_column: str = DPF_NLL_COLUMN
-    entropy_threshold: float = 1.0
-    entropy_column: str = ENTROPY_COLUMN
+    # The help strings are the options' help wherever these settings appear under other names (see `mask_field`)
+    strategy: str = field(
+        default="threshold",
+        metadata={
+            "help": "How tokens are chosen for masking: threshold (the paper's STM: perplexity above the threshold), "
+            "fraction (that fraction of highest-perplexity tokens), and the baselines and variants listed "
+            "(default: threshold).",
+            "choices": STRATEGIES,
+        },
+    )
+    threshold: float = field(
+        default=DEFAULT_THRESHOLD,
+        metadata={"help": f"Perplexity threshold: mask a token when exp(nll) > it (paper: {DEFAULT_THRESHOLD})."},
+    )
+    fraction: float | None = field(
+        default=None, metadata={"help": "Fraction of trainable tokens to mask, in [0, 1] (strategy fraction)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of strategy random."})
+    dpf_ratio: float = field(default=1.0, metadata={"help": "Perplexity-increase factor of strategies dpf, stm_dpf."})
+    nll_column: str = field(default=NLL_COLUMN, metadata={"help": "Column of per-token NLLs (reference model)."})
+    dpf_nll_column: str = field(
+        default=DPF_NLL_COLUMN, metadata={"help": "Column of per-token NLLs under a first fine-tuned model (dpf)."}
+    )
+    entropy_threshold: float = field(
+        default=1.0, metadata={"help": "Entropy bound in nats of strategy stm_entropy (mask only below it)."}
+    )
+    entropy_column: str = field(
+        default=ENTROPY_COLUMN, metadata={"help": "Column of per-token predictive entropies (stm_entropy)."}
+    )
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -97,6 +118,13 @@ class PplMaskConfig:
                 f"entropy_threshold must be a positive, finite number of nats, got {self.entropy_threshold}."
             )
 
+    @classmethod
+    def from_settings(cls, settings: Any, prefix: str = "") -> PplMaskConfig:
+        """The mask settings that another settings object carries under its own names (`prefix` + field name), the
+        others at their defaults (e.g. `from_settings(sft_arguments, "pplmask_")`)."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(settings, prefix + f.name)]
+        return cls(**{name: getattr(settings, prefix + name) for name in names})
+
     @property
     def needs_dpf(self) -> bool:
         return self.strategy in ("dpf", "stm_dpf")
@@ -104,6 +132,20 @@ class PplMaskConfig:
     @property
     def needs_entropy(self) -> bool:
         return self.strategy == "stm_entropy"
+
+
+def mask_field(name: str, **changes: Any) -> Any:
+    """A dataclass field with the default and help of [`PplMaskConfig`]'s field `name`, for the settings classes that
+    carry mask settings under their own names (the `mask` command's options, `trl-pplmask sft`'s `pplmask_*`, a
+    study's `mask:` section): the default and the help are written once, here.
+
+    Args:
+        name (`str`): A field of [`PplMaskConfig`].
+        changes: `default=` to differ from it (say why where you do), or metadata entries to add or replace.
+    """
+    source = next(f for f in dataclasses.fields(PplMaskConfig) if f.name == name)
+    default = changes.pop("default", source.default)
+    return field(default=default, metadata={**source.metadata, **changes})
 
 
 def trainable_positions(labels: Sequence[int], trainable_mask: Sequence[int] | None = None) -> np.ndarray:

@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .constants import DEFAULT_THRESHOLD
-from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig
+from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig, mask_field
 from .utils import OutputLock, atomic_write_text, package_version, redact, redact_text
 
 
@@ -95,18 +94,11 @@ class PplMaskArguments:
             Width of soft STM's bell in perplexity units (the paper repository's 0.75).
     """
 
-    pplmask_strategy: str = field(
-        default="threshold",
-        metadata={"help": "Mask strategy.", "choices": list(STRATEGIES)},
-    )
-    pplmask_threshold: float = field(
-        default=DEFAULT_THRESHOLD, metadata={"help": "Perplexity threshold (paper: 2.5)."}
-    )
-    pplmask_fraction: float | None = field(default=None, metadata={"help": "Fraction to mask (strategy fraction)."})
-    pplmask_seed: int = field(default=0, metadata={"help": "Seed of strategy random."})
-    pplmask_entropy_threshold: float = field(
-        default=1.0, metadata={"help": "Entropy threshold in nats of strategy stm_entropy."}
-    )
+    pplmask_strategy: str = mask_field("strategy")
+    pplmask_threshold: float = mask_field("threshold")
+    pplmask_fraction: float | None = mask_field("fraction")
+    pplmask_seed: int = mask_field("seed")
+    pplmask_entropy_threshold: float = mask_field("entropy_threshold")
     pplmask_reference: str = field(
         default="base",
         metadata={"help": "`base` (the model before training) or a Hub id / path of a reference model."},
@@ -181,16 +173,8 @@ class PplMaskArguments:
 
     def mask_config(self) -> PplMaskConfig:
         """The [`PplMaskConfig`] these settings describe."""
-        values = {
-            "strategy": self.pplmask_strategy,
-            "threshold": self.pplmask_threshold,
-            "fraction": self.pplmask_fraction,
-            "seed": self.pplmask_seed,
-            "entropy_threshold": self.pplmask_entropy_threshold,
-        }
-        names = {f.name for f in dataclasses.fields(PplMaskConfig)}
         try:
-            return PplMaskConfig(**{k: v for k, v in values.items() if k in names})
+            return PplMaskConfig.from_settings(self, "pplmask_")
         except ValueError as err:
             raise ValueError(f"Invalid pplmask_* setting: {err}") from None
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..masking import STRATEGIES, TRAINABLE_COLUMN, PplMaskConfig
+from ..constants import DEFAULT_THRESHOLD
+from ..masking import TRAINABLE_COLUMN, PplMaskConfig, mask_field
 from ._command import Command
 from ._io import check_aligned, check_output_folder, load_input, no_cache_beside_input, output_lock, save_atomically
 
@@ -19,10 +20,6 @@ DESCRIPTION = (
     "Set the labels of high-perplexity tokens to -100 (Selective Token Masking) in a dataset scored by `trl-pplmask "
     "score`, add per-example statistics and print the overall ones. The input is never modified; the output folder "
     "is written atomically."
-)
-STRATEGY_HELP = (
-    "How tokens are chosen for masking: threshold (the paper's STM: perplexity above --threshold), fraction (the "
-    "--fraction highest-perplexity tokens), and the baselines and variants listed (default: threshold)."
 )
 
 
@@ -49,25 +46,16 @@ class MaskConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "Replace a non-empty --output (only once the new data is complete)."}
     )
-    strategy: str = field(default="threshold", metadata={"help": STRATEGY_HELP, "choices": STRATEGIES})
-    threshold: float = field(default=2.5, metadata={"help": "Perplexity threshold (paper: 2.5)."})
-    fraction: float | None = field(
-        default=None, metadata={"help": "Fraction of completion tokens to mask (strategy fraction)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of strategy random."})
-    dpf_nll_column: str = field(default="token_nll_dpf", metadata={"help": "NLLs under a first fine-tuned model."})
-    entropy_threshold: float = field(default=1.0, metadata={"help": "Entropy bound in nats of strategy stm_entropy."})
+    strategy: str = mask_field("strategy")
+    threshold: float = mask_field("threshold")
+    fraction: float | None = mask_field("fraction")
+    seed: int = mask_field("seed")
+    dpf_nll_column: str = mask_field("dpf_nll_column")
+    entropy_threshold: float = mask_field("entropy_threshold")
     drop_empty: bool = field(default=False, metadata={"help": "Drop examples left with no trainable token."})
 
     def mask_config(self) -> PplMaskConfig:
-        return PplMaskConfig(
-            strategy=self.strategy,
-            threshold=self.threshold,
-            fraction=self.fraction,
-            seed=self.seed,
-            dpf_nll_column=self.dpf_nll_column,
-            entropy_threshold=self.entropy_threshold,
-        )
+        return PplMaskConfig.from_settings(self)
 
 
 def _check_nll_values(dataset, column: str) -> None:
@@ -94,8 +82,8 @@ def run(config: MaskConfig) -> int:
 
     if not math.isfinite(config.threshold):
         raise ValueError(
-            f"--threshold must be a finite perplexity, got {config.threshold}. Use e.g. 2.5 (the paper's value); to "
-            "mask nothing, do not run `mask`."
+            f"--threshold must be a finite perplexity, got {config.threshold}. Use e.g. {DEFAULT_THRESHOLD} (the "
+            "paper's value); to mask nothing, do not run `mask`."
         )
     if config.fraction is not None and config.strategy != "fraction":
         raise ValueError(

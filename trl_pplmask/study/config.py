@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..constants import DEFAULT_THRESHOLD
+from ..masking import mask_field
 from ..tasks import TASKS
 from .arms import ARM_KINDS, TRAINER_OWNED_KEYS, ArmSpec, arm_spec
 
@@ -67,9 +67,9 @@ class MaskSettings:
             Which model scores the data (`pplmask_reference` of `trl-pplmask sft`).
     """
 
-    threshold: float = DEFAULT_THRESHOLD
-    seed: int = 0
-    entropy_threshold: float | None = None
+    threshold: float = mask_field("threshold")
+    seed: int = mask_field("seed")
+    entropy_threshold: float | None = mask_field("entropy_threshold", default=None)  # unset: the trainer's default
     anchor_weight: float = 1.0
     reference: str = "base"
 

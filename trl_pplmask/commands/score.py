@@ -324,7 +324,7 @@ def run(config: ScoreConfig) -> int:
         dropped = len(dataset) - len(scored)
         note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
         print(f"Scored {len(scored)} examples{note} -> {config.output}")
-        _print_summary(completion_ppl(scored, config.output_column), PplMaskConfig(threshold=2.5))
+        _print_summary(completion_ppl(scored, config.output_column), PplMaskConfig())
     return 0
 
 
@@ -405,7 +405,7 @@ def _run_sharded(config: ScoreConfig, dataset) -> int:
         dropped = sum(i["rows"] for i in infos) - examples
         note = f" ({dropped} of {len(dataset)} rows dropped by truncation)" if dropped else ""
         print(f"Scored {examples} examples{note} -> {config.output} ({plan.num_shards} parquet shards)")
-        _print_shard_summary(output, plan, config.output_column, PplMaskConfig(threshold=2.5))
+        _print_shard_summary(output, plan, config.output_column, PplMaskConfig())
     return 0
 
 

@@ -528,12 +528,18 @@ def _mask_fields(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
 
 
 def _derived_settings_classes():
+    from trl_pplmask.commands.build import BuildArguments
     from trl_pplmask.commands.mask import MaskConfig
     from trl_pplmask.sft import PplMaskArguments
     from trl_pplmask.study.config import MaskSettings
 
     # A study leaves entropy_threshold unset unless its YAML sets it: each arm then gets the trainer's default
-    return [(MaskConfig, "", {}), (PplMaskArguments, "pplmask_", {}), (MaskSettings, "", {"entropy_threshold": None})]
+    return [
+        (MaskConfig, "", {}),
+        (BuildArguments, "", {}),
+        (PplMaskArguments, "pplmask_", {}),
+        (MaskSettings, "", {"entropy_threshold": None}),
+    ]
 
 
 @pytest.mark.parametrize(

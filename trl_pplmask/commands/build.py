@@ -17,6 +17,7 @@ from ..hub.pplmasked import build_pplmasked
 from ..hub.pplmasked_config import BuildConfig
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..hub.source import FORMATS
+from ..masking import mask_field
 from ._args import from_namespace
 from ._command import Command
 
@@ -56,7 +57,7 @@ class BuildArguments:
     unmasked_splits: list[str] = field(
         default_factory=lambda: ["test"], metadata={"help": "Splits left unmasked (default: test).", "nargs": "*"}
     )
-    threshold: float = field(default=2.5, metadata={"help": "Perplexity threshold of the labels (paper: 2.5)."})
+    threshold: float = mask_field("threshold")
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows of each split."})
     max_length: int = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
     drop_empty: bool = field(default=False, metadata={"help": "Drop examples left with no trainable token."})

@@ -393,3 +393,20 @@ def test_calibration_configs_parse_and_plan(path):
     kinds = [stage.kind for stage in plan_stages(config)]
     assert kinds[0] == "prepare" and kinds[-1] == "report" and "train" in kinds
     assert {arm.kind for arm in config.arms} >= {"base", "gt"}
+
+
+def test_sft_flags_come_from_the_dataclass_not_a_subprocess(monkeypatch):
+    """The study learns the `pplmask_*` settings of `trl-pplmask sft` from PplMaskArguments itself (it used to start
+    `trl-pplmask sft --help` in a subprocess and parse the text)."""
+    import dataclasses
+    import subprocess
+
+    from trl_pplmask.sft import PplMaskArguments
+    from trl_pplmask.study.runner import sft_flags
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"started a subprocess: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert sft_flags() == {f.name for f in dataclasses.fields(PplMaskArguments)}
+    assert {"pplmask_strategy", "pplmask_loss", "pplmask_anchor_weight"} <= sft_flags()

@@ -133,28 +133,21 @@ def render_plan(config: StudyConfig, stages: list[Stage] | None = None) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Checks that need the installed trainer
 # --------------------------------------------------------------------------------------------------------------------
-_SFT_FLAGS: dict[str, set[str]] = {}
-
-
 def sft_command() -> list[str]:
     return [sys.executable, "-m", "trl_pplmask.cli", "sft"]
 
 
 def sft_flags() -> set[str]:
-    """The settings `trl-pplmask sft` accepts, read from its `--help` (cached per process)."""
-    key = sys.executable
-    if key not in _SFT_FLAGS:
-        try:
-            done = subprocess.run([*sft_command(), "--help"], capture_output=True, text=True, timeout=600)
-        except subprocess.TimeoutExpired as err:
-            raise RuntimeError("`trl-pplmask sft --help` did not answer within 10 minutes.") from err
-        if done.returncode != 0:
-            raise ValueError(
-                "`trl-pplmask sft` is not available in this installation (it trains every arm); `trl-pplmask sft "
-                f"--help` failed:\n{(done.stderr or done.stdout)[-2000:]}"
-            )
-        _SFT_FLAGS[key] = set(re.findall(r"--([A-Za-z_][\w]*)", done.stdout))
-    return _SFT_FLAGS[key]
+    """The `pplmask_*` settings `trl-pplmask sft` accepts: the fields of its [`~trl_pplmask.sft.PplMaskArguments`]
+    (the arms run that module, in this same installation)."""
+    try:
+        from ..sft import PplMaskArguments
+    except ImportError as err:
+        raise ValueError(
+            f"`trl-pplmask sft` is not available in this installation (it trains every arm): {err}. Install "
+            "trl-pplmask with its dependencies (`pip install trl-pplmask`)."
+        ) from None
+    return {f.name for f in dataclasses.fields(PplMaskArguments)}
 
 
 def missing_features(config: StudyConfig, flags: set[str] | None = None) -> list[str]:

@@ -21,6 +21,7 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--command", choices=["score", "build"], default="score")
     parser.add_argument("--tracemalloc", action="store_true", help="Trace Python allocations (slower).")
     parser.add_argument("--stop-after", type=int, default=None, help="Stop after this many shards.")
+    parser.add_argument("--no-datasets-cache", action="store_true", help="datasets.disable_caching() first.")
     parser.add_argument("--work", default="/tmp/diag_corpus_memory")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -70,6 +72,7 @@ def main() -> None:
     model, rows = make_model(work), make_rows(work, args.rows)
     out = work / f"{args.command}-{args.rows}"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(f".{out.name}-pplmask-work"), ignore_errors=True)  # a build's resumable work folder
     os.environ["TRL_PPLMASK_CACHE"] = str(work / "cache")
 
     import tracemalloc
@@ -77,17 +80,33 @@ def main() -> None:
     from trl_pplmask import cli
     from trl_pplmask.hub import shards
 
+    if args.no_datasets_cache:
+        import datasets
+
+        datasets.disable_caching()
     if args.tracemalloc:
         tracemalloc.start(8)
     samples, first_snapshot = [], []
     start = time.perf_counter()
     update = shards.Progress.update
     window: dict[str, int] = {}  # the largest of each figure since the last shard, sampled every 20 ms
+    peaks: list[dict] = []  # where the main thread was each time the resident set reached a new high (+16 MiB)
+    main_thread = threading.main_thread().ident
 
     def sample_window():
+        highest = 0
         while True:
-            for key, value in memory_status().items():
+            status = memory_status()
+            for key, value in status.items():
                 window[key] = max(window.get(key, 0), value)
+            if status["VmRSS"] > highest + 16 * 1024:
+                highest = status["VmRSS"]
+                frame = sys._current_frames().get(main_thread)
+                stack = [
+                    f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                    for f in traceback.extract_stack(frame)
+                ]
+                peaks.append({"seconds": round(time.perf_counter() - start, 1), **status, "stack": stack[-12:]})
             time.sleep(0.02)
 
     threading.Thread(target=sample_window, daemon=True).start()
@@ -128,6 +147,7 @@ def main() -> None:
         "shards": samples,
         "end": memory_status(),
         "peak_after_last_shard": end_window,
+        "new_highs": peaks,
         "mapped_files_kib": mapped_files(),
     }
     if samples:

@@ -606,14 +606,19 @@ def process_shards(
     release_free_memory()  # what loading (converting) the input left free but held
     progress = Progress(folder, plan, mine, workers.name(), enabled=show_progress)
     made = []
-    bars = datasets.is_progress_bar_enabled()
+    bars, caching = datasets.is_progress_bar_enabled(), datasets.is_caching_enabled()
     datasets.disable_progress_bars()  # one line per shard instead of every map's bar
+    # Each shard's maps into temporary files, not cache files kept beside the input: with caching on, the resident
+    # set grew by about 2 MB a shard (benchmarks/diag_corpus_memory.py --command build)
+    datasets.disable_caching()
     try:
         for index in mine:
             made += _process_shard(folder, plan, index, source, work, progress)
     finally:
         if bars:
             datasets.enable_progress_bars()
+        if caching:
+            datasets.enable_caching()
     return made
 
 

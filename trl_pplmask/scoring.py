@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from .lm_head import backbone_hidden, selected_log_probs, unwrap_causal_lm
 from .masking import ENTROPY_COLUMN, IGNORE_INDEX, NLL_COLUMN
 from .models import cache_dir
-from .utils import make_batches
+from .utils import atomic_write, make_batches
 
 
 # 2: entries also hold the entropies (`entropy_lengths`/`entropy_values`)
@@ -226,15 +225,7 @@ def _save_cache(path: Path, scores: tuple[list[np.ndarray], list[np.ndarray] | N
     arrays = {"lengths": lengths, "values": values}
     if entropies is not None:
         arrays["entropy_lengths"], arrays["entropy_values"] = _flatten(entropies)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # a crash never leaves a half-written cache entry
 
 
 def _load_cache(

@@ -16,10 +16,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import import_module
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that a reader (or a crash) never sees a half-written file.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through `write(binary_file)` so that a reader (or a crash) never sees a half-written one.
 
     The file is written under a fresh hidden name in the same folder and renamed over `path`. It is created as `open()`
     creates files (mode 0666 less the umask), not 0600 as `tempfile.mkstemp` would, so that every output file of one
@@ -28,20 +29,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     Args:
         path (`str` or `os.PathLike`):
             File to write.
-        text (`str`):
-            Its whole content (UTF-8, newlines written as given).
+        write (`Callable`):
+            Writes the whole content into the open binary file it is given (e.g. `lambda f: np.savez(f, **arrays)`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(redact_text(text))
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically ([`atomic_write`]), UTF-8, newlines as given, secrets redacted
+    ([`redact_text`]): the package writes its records and cards through here, some of which get published.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            File to write.
+        text (`str`):
+            Its whole content.
+    """
+    data = redact_text(text).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def is_stale(entry: Path, marker: str) -> bool:

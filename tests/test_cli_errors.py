@@ -223,9 +223,28 @@ def _bad_input_files(w: Path, tiny_model_dir: Path) -> None:
         text = "{not json" if info is None else json.dumps(info)
         (w / name / "cfg" / "build_info.json").write_text(text)
     good = {"kind": "pplmasked", "built_at": "2025-01-01T00:00:00Z", "source": {"dataset": "gsm8k"}}
-    (w / "built" / "cfg").mkdir(parents=True)
-    (w / "built" / "README.md").write_text("---\n---\n")
-    (w / "built" / "cfg" / "build_info.json").write_text(json.dumps({**good, "settings": {}, "splits": {}}))
+    header = "---\nconfigs:\n- config_name: cfg\n  data_files:\n  - split: train\n    path: cfg/train-*\n---\n"
+    shard = {"files": ["cfg/train-00000-of-00001.parquet"], "stats": {}}
+    for name, card, splits in (
+        ("built", header, {}),
+        ("built-missing-shard", header, {"train": shard}),  # the one shard its record lists is not there
+        ("built-broken-card", "---\nconfigs: [\n---\n", {}),
+        ("built-card-without-configs", "---\nlicense: mit\n---\n", {}),
+    ):
+        (w / name / "cfg").mkdir(parents=True)
+        (w / name / "README.md").write_text(card)
+        (w / name / "cfg" / "build_info.json").write_text(json.dumps({**good, "settings": {}, "splits": splits}))
+    # Misleading-error cases of issue 18 item 6
+    _jsonl(w / "qa.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    (w / "latin1.jsonl").write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"prompt": "caf\xe9?", "completion": "A"}\n')
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    _jsonl(w / "mixed.jsonl", [*ROWS[:2], chat])
+    (w / "no-tokenizer").mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (w / "no-tokenizer" / name).symlink_to(tiny_model_dir / name)
+    (w / "bad.yaml").write_text("model: tiny\narms: [base, gt\n")
+    (w / "tag.yaml").write_text('model: !!python/object/apply:os.system ["echo hi"]\narms: [base]\n')
+    (w / "latin1.yaml").write_bytes(b"model: caf\xe9\n")
     study = {
         "model": str(tiny_model_dir),
         "output_dir": "study-out",
@@ -239,6 +258,7 @@ def _bad_input_files(w: Path, tiny_model_dir: Path) -> None:
     (w / "study-arm.yaml").write_text(json.dumps({**study, "arms": ["base", "gt", "stn"]}))
     (w / "study-task.yaml").write_text(json.dumps({**study, "eval": {"tasks": ["gsm8k", "gsm9k"]}}))
     (w / "study-training.yaml").write_text(json.dumps({**study, "training": {"max_steps": 1, "learning_rat": 1e-4}}))
+    (w / "study-threshold.yaml").write_text(json.dumps({**study, "mask": {"threshold": "2.5x"}}))
 
 
 BAD_INPUTS = {
@@ -255,15 +275,51 @@ BAD_INPUTS = {
         ["score", "--dataset", "{w}/rows.jsonl", "--model", "{w}/bert"],
         ["BertForMaskedLM", "not a causal language model"],
     ),
+    "score-non-utf8-jsonl": (
+        ["score", "--dataset", "{w}/latin1.jsonl"],
+        ["latin1.jsonl is not UTF-8: line 2, column 16 (byte offset", "0xe9"],
+    ),
+    "score-messages-row-among-prompt-rows": (
+        ["score", "--dataset", "{w}/mixed.jsonl"],
+        ["Row 2 is in the 'messages' format", "row 0 is 'prompt_completion'"],
+    ),
+    "score-model-without-tokenizer-files": (
+        ["score", "--dataset", "{w}/rows.jsonl", "--model", "{w}/no-tokenizer"],
+        ["no-tokenizer has no tokenizer files", "tokenizer.json", "holds config.json"],
+    ),
+    "score-output-is-the-current-directory": (
+        ["score", "--dataset", "{w}/rows.jsonl", "--output", ".", "--overwrite"],
+        ["--output . is the current directory"],
+    ),
     # mask
     "mask-zero-rows": (["mask", "--input", "{w}/zero"], ["saved dataset with no rows"]),
     "mask-short-labels": (["mask", "--input", "{w}/short"], ["Row 0", "`labels` has 2 values", "4 tokens"]),
     "mask-config-of-a-file": (["mask", "--input", "{w}/short", "--dataset-config", "x"], ["--dataset-config", "x"]),
+    "mask-built-folder-missing-a-shard": (
+        ["mask", "--input", "{w}/built-missing-shard", "--dataset-config", "cfg"],
+        ["lacks 1 data file", "cfg/train-00000-of-00001.parquet"],
+    ),
     # build
     "build-truncated-jsonl": (["build", "--dataset", "{w}/trunc.jsonl"], ["line 2 is not valid JSON"]),
     "build-unknown-task": (["build", "--dataset", "gsm9k"], ["did you mean 'gsm8k'"]),
     "build-nan-threshold": (["build", "--dataset", "{w}/rows.jsonl", "--threshold", "nan"], ["finite"]),
     "build-missing-model": (["build", "--dataset", "{w}/rows.jsonl", "--models", "./nomodel"], ["model folder"]),
+    "build-config-name-glob": (
+        ["build", "--dataset", "{w}/rows.jsonl", "--config-names", "*"],
+        ["Invalid config name '*'", "[A-Za-z0-9][A-Za-z0-9._-]*"],
+    ),
+    "build-config-name-readme": (
+        ["build", "--dataset", "{w}/rows.jsonl", "--config-names", "README.md"],
+        ["Invalid config name 'README.md'", "the folder's own entries"],
+    ),
+    "build-bad-repo-id": (
+        ["build", "--dataset", "{w}/rows.jsonl", "--repo-id", "my org/data set"],
+        ["--repo-id 'my org/data set' is not a valid Hub repo id"],
+    ),
+    "build-config-file-invalid-yaml": (
+        ["build", "--dataset", "{w}/rows.jsonl", "--config", "{w}/bad.yaml"],
+        ["bad.yaml, line 3, column 1 is not valid YAML"],
+    ),
     # self-output
     "self-output-truncated-jsonl": (
         ["self-output", "--dataset", "{w}/trunc.jsonl", "--verifier", "gsm8k"],
@@ -279,6 +335,18 @@ BAD_INPUTS = {
     "push-empty-build-info": (["push", "{w}/empty-info", "--dry-run", "--repo-id", "o/n"], ["has no 'kind'"]),
     "push-build-info-not-json": (["push", "{w}/bad-json", "--dry-run", "--repo-id", "o/n"], ["not valid JSON"]),
     "push-dry-run-bad-repo-id": (["push", "{w}/built", "--dry-run", "--repo-id", "not a repo!"], ["--repo-id"]),
+    "push-dry-run-missing-shard": (
+        ["push", "{w}/built-missing-shard", "--dry-run", "--repo-id", "o/n"],
+        ["lacks 1 data file", "cfg/train-00000-of-00001.parquet"],
+    ),
+    "push-dry-run-broken-card-header": (
+        ["push", "{w}/built-broken-card", "--dry-run", "--repo-id", "o/n"],
+        ["README.md: its YAML header is not valid YAML"],
+    ),
+    "push-dry-run-card-without-the-config": (
+        ["push", "{w}/built-card-without-configs", "--dry-run", "--repo-id", "o/n"],
+        ["does not list the config(s) ['cfg']"],
+    ),
     # eval: every setting is checked before any model is loaded
     "eval-unknown-task": (["eval", "--tasks", "gsm8k,gsm9k"], ["Unknown task 'gsm9k'", "did you mean 'gsm8k'"]),
     "eval-confidence": (["eval", "--tasks", "gsm8k", "--confidence", "1.5"], ["--confidence", "1.5", "0.95"]),
@@ -297,6 +365,24 @@ BAD_INPUTS = {
         ["sft", "--pplmask_strategy", "none", "--pplmask_anchor", "true"],
         ["pplmask_anchor=true", "pplmask_strategy=none"],
     ),
+    "sft-question-answer-jsonl": (
+        ["sft", "--dataset_name", "{w}/qa.jsonl"],
+        ["qa.jsonl", "columns ['answer', 'question']", "`prompt`+`completion`", "`messages`", "`text`"],
+    ),
+    "sft-non-utf8-jsonl": (["sft", "--dataset_name", "{w}/latin1.jsonl"], ["latin1.jsonl is not UTF-8: line 2"]),
+    "sft-messages-row-among-prompt-rows": (
+        ["sft", "--dataset_name", "{w}/mixed.jsonl"],
+        ["Row 2 is in the 'messages'"],
+    ),
+    "sft-model-without-tokenizer-files": (
+        ["sft", "--model_name_or_path", "{w}/no-tokenizer"],
+        ["no-tokenizer has no tokenizer files"],
+    ),
+    "sft-built-folder-missing-a-shard": (
+        ["sft", "--dataset_name", "{w}/built-missing-shard", "--dataset_config", "cfg"],
+        ["lacks 1 data file", "cfg/train-00000-of-00001.parquet"],
+    ),
+    "sft-config-python-tag": (["sft", "--config", "{w}/tag.yaml"], ["line 1, column 8", "tags are not allowed"]),
     "sft-masked-lm-reference": (
         ["sft", "--pplmask_reference", "{w}/bert"],
         ["pplmask_reference", "BertForMaskedLM", "not a causal language model"],
@@ -306,6 +392,16 @@ BAD_INPUTS = {
     "study-unknown-arm": (["study", "--config", "{w}/study-arm.yaml"], ["unknown arm 'stn'", "did you mean 'stm'"]),
     "study-unknown-eval-task": (["study", "--config", "{w}/study-task.yaml"], ["eval: Unknown task 'gsm9k'"]),
     "study-unknown-training-key": (["study", "--config", "{w}/study-training.yaml"], ["learning_rat"]),
+    "study-invalid-yaml": (["study", "--config", "{w}/bad.yaml"], ["bad.yaml, line 3, column 1 is not valid YAML"]),
+    "study-python-tag": (
+        ["study", "--config", "{w}/tag.yaml"],
+        ["tag.yaml, line 1, column 8", "!!python/object/apply:os.system is not allowed", "nothing was run"],
+    ),
+    "study-non-utf8-yaml": (["study", "--config", "{w}/latin1.yaml"], ["latin1.yaml is not UTF-8: line 1, column 11"]),
+    "study-threshold-not-a-number": (
+        ["study", "--config", "{w}/study-threshold.yaml"],
+        ["mask.threshold: expected a number, got '2.5x'"],
+    ),
 }
 _OUTPUT_OPTION = {
     "score": "--output",
@@ -331,7 +427,8 @@ def test_bad_input_is_one_clear_message_before_any_work(case, tmp_path, tiny_mod
     if command in _OUTPUT_OPTION and _OUTPUT_OPTION[command] not in argv:
         argv += [_OUTPUT_OPTION[command], str(tmp_path / "out")]
     if command == "sft":
-        argv += ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(w / "rows.jsonl")]
+        for option, value in (("--model_name_or_path", tiny_model_dir), ("--dataset_name", w / "rows.jsonl")):
+            argv += [option, str(value)] if option not in argv else []
         argv += ["--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
     if command == "eval":
         argv += ["--base", str(tiny_model_dir), "--limit", "1"]
@@ -560,3 +657,148 @@ def test_eval_does_not_replace_a_report_without_overwrite(tmp_path, tiny_model_d
     argv = ["eval", "--tasks", "gsm8k", "--limit", "1", "--base", str(tiny_model_dir), "--output", str(out)]
     _fails(argv, capsys, "already holds a report", "--overwrite")
     assert (out / "report.json").read_text() == '{"kept": true}'
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 18 item 6: errors said before the work, and a build that commits its configs and card together
+# --------------------------------------------------------------------------------------------------------------------
+def _read_only(folder: Path, monkeypatch) -> Path:
+    """`folder`, made read-only: by its mode, and (root writes anyway) by refusing to create files in it."""
+    import os
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o555)
+    mkstemp = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == folder.resolve():
+            raise PermissionError(13, os.strerror(13), str(folder))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["output", "cache"])
+def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import transformers
+
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    read_only = _read_only(tmp_path / "read-only", monkeypatch)
+    out = read_only / "out" if where == "output" else tmp_path / "out"
+    if where == "cache":
+        monkeypatch.setenv("TRL_PPLMASK_CACHE", str(read_only))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the read-only folder was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    try:
+        expected = ["--output", "cannot be written"] if where == "output" else ["score cache", "--no-cache"]
+        _fails(_argv(data, tiny_model_dir, out), capsys, *expected, str(read_only))
+    finally:
+        read_only.chmod(0o755)
+    assert not out.exists() and list(read_only.iterdir()) == []
+
+
+def test_study_yaml_reads_yaml_1_2_numbers(tmp_path):
+    """`1.0e9` and `1e-4` are strings in YAML 1.1 (PyYAML): read as the numbers they are; a quoted number too."""
+    from trl_pplmask.study.config import load_study_config
+
+    _jsonl(tmp_path / "rows.jsonl", ROWS)
+    (tmp_path / "study.yaml").write_text(
+        "model: tiny\noutput_dir: out\ndata: {task: gsm8k, path: rows.jsonl}\narms: [base, gt, stm]\n"
+        "training: {learning_rate: 1e-4, use_peft: false}\nmask: {threshold: 1.0e9, anchor_weight: '0.5'}\n"
+        "eval: {tasks: [gsm8k]}\n"
+    )
+    config = load_study_config(tmp_path / "study.yaml")
+    assert config.mask.threshold == 1e9 and config.mask.anchor_weight == 0.5
+    assert config.training["learning_rate"] == 1e-4
+
+
+def test_study_plan_says_what_the_run_will_do_with_a_finished_arm(tmp_path, monkeypatch):
+    """`study --plan` calls an arm finished only where the run reuses it, and refused where the run refuses it."""
+    import dataclasses
+
+    from trl_pplmask.study.config import config_from_dict
+    from trl_pplmask.study.main import arm_status
+    from trl_pplmask.study.prepare import prepare_data
+    from trl_pplmask.study.runner import StudyPaths, _jsonable, arm_trainer_settings
+
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "model": "tiny",
+        "output_dir": "out",
+        "data": {"task": "gsm8k", "path": str(_jsonl(tmp_path / "rows.jsonl", ROWS))},
+        "arms": ["base", "gt"],
+        "training": {"use_peft": False},
+        "eval": {"tasks": ["gsm8k"]},
+    }
+    config, paths = config_from_dict(raw), StudyPaths("out")
+    info, _ = prepare_data(config, paths)
+    gt = config.training_arms[0]
+    identity = {"arm": "gt", "settings": _jsonable(arm_trainer_settings(config, gt)), "data": info["fingerprint"]}
+    paths.arm("gt").mkdir(parents=True)
+    (paths.arm("gt") / "arm.json").write_text(json.dumps(identity))
+    (paths.arm("gt") / "pplmask_config.json").write_text("{}")  # what a finished arm leaves
+    assert arm_status(config) == {"gt": "finished"}
+    # The YAML now names fewer rows: the run refuses the prepared data, so the plan may not call the arm finished
+    fewer = dataclasses.replace(config, data=dataclasses.replace(config.data, limit=2))
+    with pytest.raises(ValueError, match="prepared from other data") as refused:
+        prepare_data(fewer, paths)
+    assert arm_status(fewer) == {"gt": f"refused: {refused.value}"}
+    # The data folder deleted: the run prepares the same rows again and reuses the arm, as the plan says
+    shutil.rmtree(paths.data)
+    assert arm_status(config) == {"gt": "finished"}
+    assert not paths.data.exists()  # the plan wrote nothing
+
+
+def test_disk_full_while_adding_a_config_leaves_the_folder_as_it_was(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A build into an existing folder commits its configs and the card together: when the card cannot be written
+    (ENOSPC), the new config goes back out and the replaced one comes back; the rerun completes the folder."""
+    import errno
+    import os
+
+    from trl_pplmask.hub import card
+
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "built"
+    argv = ["build", "--dataset", str(data), "--output-dir", str(out), "--unmasked-splits", "--no-cache"]
+    assert cli_main([*argv, "--models", str(tiny_model_dir), "--config-names", "a"]) == 0
+    before = _snapshot(out)
+    write = card.atomic_write_text
+
+    def disk_full(path, text):
+        if Path(path).name == "README.md":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write(path, text)
+
+    monkeypatch.setattr(card, "atomic_write_text", disk_full)
+    two = [*argv, "--threshold", "3", "--models", str(tiny_model_dir), str(tiny_model_dir), "--config-names", "a", "b"]
+    _fails(two, capsys, "No space left on device")
+    assert _snapshot(out) == before  # config a as it was, no config b, the card as it was
+    assert not [p.name for p in tmp_path.iterdir() if "-replaced-" in p.name]
+    monkeypatch.setattr(card, "atomic_write_text", write)
+    assert cli_main(two) == 0
+    infos = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/build_info.json")}
+    assert sorted(infos) == ["a", "b"] and infos["a"]["settings"]["threshold"] == 3
+    assert "config_name: b" in (out / "README.md").read_text()
+
+
+def test_resumed_sft_says_its_statistics_count_only_the_steps_after_the_checkpoint(tmp_path, tiny_model_dir, capsys):
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS + ROWS[:1])
+    out = tmp_path / "out"
+    argv = ["sft", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "steps", "--save_steps", "1",
+            "--pplmask_strategy", "none", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+            "--disable_tqdm", "true"]  # fmt: skip
+    assert cli_main(argv) == 0
+    whole = json.loads((out / "pplmask_config.json").read_text())
+    assert whole["mask_stats_scope"] == "every training step (1-2)" and whole["mask_stats"]["examples"] == 4
+    capsys.readouterr()
+    assert cli_main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-1")]) == 0
+    resumed = json.loads((out / "pplmask_config.json").read_text())
+    assert resumed["mask_stats"]["examples"] == 2  # step 2's batch only
+    assert resumed["mask_stats_scope"].startswith("steps 2-2 only: the run resumed from")
+    assert "statistics of steps 1-1 are not counted" in capsys.readouterr().out

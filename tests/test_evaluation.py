@@ -259,12 +259,20 @@ def test_model_specs_and_adapter_mismatch(tmp_path):
     assert parse_model_arg("/x/y=z") == (None, "/x/y=z")
 
 
-def test_lm_eval_backend_falls_back_when_missing():
+def test_lm_eval_backend_per_task_and_no_fallback_when_missing(monkeypatch):
+    """`backend="lm-eval"`: lm-eval's tasks run there, the others run builtin with a note saying so, and a missing
+    lm-eval is an error (never a silent fallback to the builtin evaluator)."""
+    from trl_pplmask.evaluation import harness
+
     config = EvalConfig(tasks=["gsm8k", "gsm8k_nll"], backend="lm-eval")
-    backend, why = backend_for(resolve_task("gsm8k"), config)
-    if backend == "builtin":  # lm-eval is not installed here
-        assert "lm-eval is not installed" in why and "builtin" in why
-    assert backend_for(resolve_task("gsm8k_nll"), config)[0] == "builtin"
+    monkeypatch.setattr(harness, "lm_eval_available", lambda: True)
+    assert backend_for(resolve_task("gsm8k"), config) == ("lm-eval", None)
+    backend, note = backend_for(resolve_task("gsm8k_nll"), config)
+    assert backend == "builtin" and "lm-eval has no equivalent of gsm8k_nll" in note
+    assert backend_for(resolve_task("gsm8k"), EvalConfig(tasks=["gsm8k"])) == ("builtin", None)
+    monkeypatch.setattr(harness, "lm_eval_available", lambda: False)
+    with pytest.raises(ValueError, match="lm-evaluation-harness is not installed"):
+        backend_for(resolve_task("gsm8k"), config)
     with pytest.raises(ValueError, match="Unknown backend"):
         EvalConfig(tasks=["gsm8k"], backend="vllm")
 

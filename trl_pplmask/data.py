@@ -26,6 +26,7 @@ from trl.data_utils import is_conversational, is_conversational_from_value
 from ._compat import prepare_sft_dataset
 from .constants import ROW_ID_COLUMN
 from .tasks import TASKS, Task, get_task
+from .utils import check_utf8
 
 
 def data_dir() -> Path | None:
@@ -85,9 +86,27 @@ def load_task(name: str, split: str = "train", limit: int | None = None) -> Data
     return raw.map(convert, with_indices=True, desc=f"Formatting {name}/{split}")
 
 
+FORMAT_COLUMNS = {
+    "conversations": ["conversations"],
+    "prompt_completion_conversational": ["prompt", "completion"],
+    "prompt_completion": ["prompt", "completion"],
+    "messages": ["messages"],
+    "text": ["text"],
+}
+_FORMATS_ACCEPTED = (
+    "`prompt`+`completion` (strings or message lists), `messages` (list of {role, content}), `text`, or ShareGPT "
+    "`conversations` (list of {from, value})"
+)
+
+
 def detect_format(example: dict[str, Any]) -> str:
     """Name the TRL dataset format of an example: `messages`, `conversations`, `prompt_completion_conversational`,
-    `prompt_completion`, or `text`."""
+    `prompt_completion`, or `text`.
+
+    Columns whose value is `None` do not count: in a file that mixes formats, a row has `None` in the other formats'
+    columns.
+    """
+    example = {key: value for key, value in example.items() if value is not None}
     if is_conversational_from_value(example):
         return "conversations"
     if "prompt" in example and "completion" in example:
@@ -97,9 +116,8 @@ def detect_format(example: dict[str, Any]) -> str:
     if "text" in example and isinstance(example["text"], str):
         return "text"
     raise ValueError(
-        f"Cannot recognise the dataset format from columns {sorted(example)}. Expected one of TRL's formats: "
-        "`messages` (list of {role, content}), `prompt`+`completion` (strings or message lists), `text`, or "
-        "ShareGPT `conversations` (list of {from, value})."
+        f"Cannot recognise the dataset format from the columns {sorted(example)}. Expected one of TRL's formats: "
+        f"{_FORMATS_ACCEPTED}. Rename the columns to one of them (e.g. question -> prompt, answer -> completion)."
     )
 
 
@@ -107,18 +125,14 @@ def _validate_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> str:
     if len(dataset) == 0:
         raise ValueError("The dataset is empty; there is nothing to tokenize.")
     fmt = detect_format(dataset[0])
-    required = {
-        "conversations": ["conversations"],
-        "prompt_completion_conversational": ["prompt", "completion"],
-        "prompt_completion": ["prompt", "completion"],
-        "messages": ["messages"],
-        "text": ["text"],
-    }[fmt]
+    required = FORMAT_COLUMNS[fmt]
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Dataset format {fmt!r} needs columns {required}; missing {missing}.")
     for column in required:
         for i, value in enumerate(dataset[column]):
+            if value is None:
+                _raise_if_other_format(dataset[i], i, fmt)
             if value is None or (isinstance(value, (str, list)) and len(value) == 0):
                 raise ValueError(f"Row {i}: column {column!r} is empty; fix or drop that row.")
             problem = _value_problem(value, fmt)
@@ -131,6 +145,20 @@ def _validate_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase) -> str:
             "`text`/plain `prompt`+`completion`."
         )
     return fmt
+
+
+def _raise_if_other_format(row: dict[str, Any], index: int, fmt: str) -> None:
+    """Refuse row `index` when it follows another TRL format than row 0 (`fmt`): one dataset holds one format."""
+    try:
+        other = detect_format(row)
+    except ValueError:
+        return
+    if FORMAT_COLUMNS[other] != FORMAT_COLUMNS[fmt]:
+        raise ValueError(
+            f"Row {index} is in the {other!r} format (columns {FORMAT_COLUMNS[other]}) but row 0 is {fmt!r} "
+            f"(columns {FORMAT_COLUMNS[fmt]}): a dataset holds one format. Convert row {index} (and any like it) to "
+            f"{fmt!r}, or put each format in its own file."
+        )
 
 
 def _value_problem(value: Any, fmt: str) -> str | None:
@@ -152,6 +180,21 @@ def _value_problem(value: Any, fmt: str) -> str | None:
                 got = "has none" if message.get(key) is None else f"is a {type(message[key]).__name__}"
                 return f"message {j} needs a string `{key}` but {got} (keys: {sorted(k for k in message)})"
     return None
+
+
+def check_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, text_field: str = "text") -> str | None:
+    """Check every row of a dataset for SFT before any model is loaded; return its TRL format.
+
+    The checks of [`tokenize_dataset`]: one TRL format (from row 0) that every row follows, no empty or mistyped cell,
+    a chat template for conversational data. A tokenized dataset (`input_ids`) and a `text_field` other than `text`
+    (`SFTConfig.dataset_text_field`) are passed as they are (`None`).
+
+    Raises:
+        ValueError: naming the row and column, and how to fix it.
+    """
+    if "input_ids" in dataset.column_names or (text_field != "text" and text_field in dataset.column_names):
+        return None
+    return _validate_rows(dataset, tokenizer)
 
 
 class _PreparationHost:
@@ -266,6 +309,7 @@ def load_any_dataset(spec: str, split: str = "train", config: str | None = None,
     elif path.is_file():
         dataset = _load_file(path)
     elif path.is_dir():
+        check_data_files(path, config)
         dataset = load_dataset(spec, config, split=split)  # a Hub-layout folder (parquet files and a card)
     else:
         try:
@@ -278,6 +322,36 @@ def load_any_dataset(spec: str, split: str = "train", config: str | None = None,
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
+
+
+def missing_data_files(folder: Path, config: str | None = None) -> list[str]:
+    """The data files that the `build_info.json` records of a folder built by trl-pplmask list (`splits.<split>.files`,
+    paths in the folder) and the folder lacks: a deleted or never copied shard. Only `config`'s, when given; a folder
+    without such records lacks nothing."""
+    missing = []
+    for record in sorted(Path(folder).glob("*/build_info.json")):
+        if config is not None and record.parent.name != config:
+            continue
+        try:
+            splits = json.loads(record.read_text(encoding="utf-8")).get("splits") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable record: reported by whatever reads it
+        for split_info in splits.values() if isinstance(splits, dict) else []:
+            files = split_info.get("files") if isinstance(split_info, dict) else None
+            missing += [f for f in files or [] if isinstance(f, str) and not (Path(folder) / f).is_file()]
+    return missing
+
+
+def check_data_files(folder: Path, config: str | None = None) -> None:
+    """Refuse a built folder that lacks a data file its records list: `load_dataset` would fail on the card's row
+    counts (`NonMatchingSplitsSizesError`), or read a config with rows missing."""
+    missing = missing_data_files(folder, config)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{folder} lacks {len(missing)} data file(s) that its build_info.json records list: {shown}. Restore "
+            "them, or rebuild that config (trl-pplmask build / self-output into the same folder)."
+        )
 
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".arrow")
@@ -325,6 +399,8 @@ def _load_file(path: Path) -> Dataset:
         raise ValueError(f"Unsupported file type {path.suffix!r} for {path}; use .jsonl, .json, .parquet or .csv.")
     if path.stat().st_size == 0 or (kind == "json" and not _has_text(path)):
         raise ValueError(f"{path} is empty; there are no rows to load.")
+    if kind in ("json", "csv"):
+        check_utf8(path)
     try:
         return load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors (DatasetGenerationError, StopIteration, ArrowInvalid)

@@ -161,11 +161,41 @@ def _check_causal(path: Path, what: str) -> None:
         )
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a Hub id, local path or the embedded alias, with a pad token set."""
+# What a tokenizer is saved as: the fast `tokenizers` file, or a slow tokenizer's vocabulary (sentencepiece, BPE,
+# WordPiece, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+_TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+
+
+def tokenizer_from_pretrained(path: str, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(path, **kwargs)`; a local folder without tokenizer files is one clear error.
+
+    transformers reports such a folder as a missing `sentencepiece`/`tiktoken` install (it then tries to convert a
+    slow tokenizer that is not there either); this names the folder, what it holds, and how to add the files.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        folder = Path(path).expanduser()
+        if not folder.is_dir() or any(_is_tokenizer_file(p) for p in folder.iterdir()):
+            raise
+        held = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ValueError(
+            f"The model folder {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}, *.tiktoken); it "
+            f"holds {held}. Save the tokenizer there (`AutoTokenizer.from_pretrained(<the base model>)"
+            f".save_pretrained({str(path)!r})`) or copy the base model's tokenizer files into it."
+        ) from err
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    return path.name in TOKENIZER_FILES or path.suffix in _TOKENIZER_SUFFIXES
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a Hub id, local path or the embedded alias, with a pad token set."""
+    tokenizer = tokenizer_from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -108,11 +108,106 @@ def swap_in(source: Path, target: Path) -> None:
     """
     if target.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-{os.getpid()}-", dir=target.parent))
-        os.replace(target, trash / target.name)
-        os.replace(source, target)
+        try:
+            os.replace(target, trash / target.name)
+        except OSError:
+            shutil.rmtree(trash, ignore_errors=True)  # nothing moved: no empty `.<name>-old-*` folder left
+            raise
+        try:
+            os.replace(source, target)
+        except OSError:
+            os.replace(trash / target.name, target)  # the old one back (were this to fail, the trash keeps it)
+            shutil.rmtree(trash, ignore_errors=True)
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(source, target)
+
+
+def check_writable(folder: str | os.PathLike, what: str, fix: str = "Choose a writable folder") -> None:
+    """Refuse, before any work, a folder that this process cannot create files in: `folder` itself or, when it does
+    not exist yet, the nearest folder above it that does (where it would be created).
+
+    Tried by creating (and removing) a file, so that read-only mounts, ACLs and root all answer as a real write would.
+
+    Args:
+        folder (`str` or `os.PathLike`): The folder that will be written.
+        what (`str`): How the error names it (`--output out`, `the score cache ~/.cache/trl_pplmask`).
+        fix (`str`, *optional*): What to do instead, in the error.
+    """
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, not a folder; choose another path.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trl-pplmask-write-test-", dir=existing)
+    except OSError as err:
+        raise ValueError(
+            f"{what} cannot be written: creating a file in {existing} failed ({err.strerror or err}). {fix}, or "
+            "fix its permissions (nothing was done)."
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_utf8(path: str | os.PathLike) -> None:
+    """Refuse a text file that is not UTF-8, naming the line, column and byte offset of the first bad byte (loaders
+    that accept such bytes fail later, while tokenizing, without saying where)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(line[: err.start].decode("utf-8")) + 1
+                raise ValueError(
+                    f"{path} is not UTF-8: line {number}, column {column} (byte offset {offset + err.start}) holds "
+                    f"the byte 0x{line[err.start]:02x} ({err.reason}). Save the file as UTF-8 (e.g. `iconv -f latin1 "
+                    "-t utf-8`)."
+                ) from None
+            offset += len(line)
+
+
+# A YAML 1.2 float that YAML 1.1 (PyYAML) reads as a string: an exponent without a dot or without a sign (`1e-4`,
+# `1.0e9`); the 1.1 forms keep their own resolver
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+def read_yaml(path: str | os.PathLike, what: str | None = None):
+    """Parse a YAML file of settings: safely (no tag builds an object), `1e-4` and `1.0e9` as numbers (YAML 1.2), and
+    every problem one `ValueError` naming the file, line and column.
+
+    Args:
+        path (`str` or `os.PathLike`): The YAML file.
+        what (`str`, *optional*): How the error names the file (`--config recipe.yaml`); defaults to the path.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: not UTF-8, not valid YAML, or a tag such as `!!python/object` (tags are not allowed).
+    """
+    import yaml
+
+    class SettingsLoader(yaml.SafeLoader):
+        pass
+
+    SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    where = what or str(path)
+    check_utf8(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=SettingsLoader)  # noqa: S506 - a SafeLoader
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            if isinstance(err, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+                tag = problem.rpartition("tag ")[2].strip("'").replace("tag:yaml.org,2002:", "!!")
+                raise ValueError(
+                    f"{where}{at}: the tag {tag} is not allowed (YAML tags are not allowed in settings; nothing was "
+                    "run). Write a plain value (a string, number, list or mapping)."
+                ) from None
+            raise ValueError(f"{where}{at} is not valid YAML: {problem}. Fix the file there.") from None
 
 
 def package_version(name: str) -> str | None:
@@ -346,9 +441,15 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:  # a read-only or missing place: said before any work, not as a bare errno
+            raise PermissionError(
+                f"The {self.what} {self.output} cannot be written: creating its lock file {self.path} failed "
+                f"({err.strerror or err}). Choose a writable folder, or fix its permissions (nothing was done)."
+            ) from None
+        while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -365,6 +466,7 @@ class OutputLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -49,14 +49,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def _config_tokens(self, path: str) -> list[str]:
         """The options that the settings of the YAML file `path` stand for."""
-        import yaml
+        from ..utils import read_yaml
 
         try:
-            settings = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+            settings = read_yaml(Path(path).expanduser(), f"--config {path}")
         except OSError as err:
             self.error(f"--config {path}: {err.strerror or err}")
-        except yaml.YAMLError as err:
-            self.error(f"--config {path} is not valid YAML: {err}")
+        except ValueError as err:  # not UTF-8, not YAML, a tag: file, line and column
+            self.error(str(err))
         if settings is None:
             return []
         if not isinstance(settings, dict):

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..utils import OutputLock, make_staging_dir, raise_if_termination_requested, swap_in
+from ..utils import OutputLock, check_writable, make_staging_dir, raise_if_termination_requested, swap_in
 
 
 def check_positive(name: str, value) -> None:
@@ -21,6 +21,12 @@ def check_output_folder(output: str, overwrite: bool, source: str | None = None)
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output {output} is a file; give a folder path (new, or empty).")
+    cwd = Path.cwd().resolve()
+    if path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise ValueError(
+            f"--output {output} is the current directory or holds it; the output is swapped in whole, which cannot "
+            "replace the folder a command runs in. Give a new folder inside it, e.g. --output ./scored."
+        )
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(
             f"--output {output} is not empty. Choose a new or empty folder, or pass --overwrite to replace it (the "
@@ -33,6 +39,7 @@ def check_output_folder(output: str, overwrite: bool, source: str | None = None)
                 f"--output {output} overlaps the input {source}; writing there would change or delete the input. "
                 "Choose a folder outside it."
             )
+    check_writable(path.absolute().parent, f"--output {output}")  # staged beside it; said now, not after the work
     return path
 
 

@@ -301,6 +301,13 @@ def _check_options(config: ScoreConfig) -> None:
     check_model_path(config.model)
     if config.adapter:
         check_model_path(config.adapter, "adapter")
+    if not config.no_cache:  # the scores are cached after all the scoring: a read-only cache is said now
+        from ..models import cache_dir
+        from ..utils import check_writable
+
+        where = cache_dir() / "scores"
+        fix = "Set TRL_PPLMASK_CACHE to a writable folder, pass --no-cache"
+        check_writable(where, f"The score cache {where}", fix)
 
 
 def run(config: ScoreConfig) -> int:

@@ -159,6 +159,10 @@ class FolderBuilder:
             return self._build()
 
     def _build(self) -> Path:
+        if self.config.repo_id is not None:  # it goes into the card's snippets and is push's default
+            from .publish import check_repo_id
+
+            check_repo_id(self.config.repo_id)
         self.source = self.describe_source()
         check_existing_folder(self.output, self.source, self.kind, self.description)
         check_card_edits(self.output, getattr(self.config, "overwrite", False))  # hand edits a render would replace
@@ -188,12 +192,13 @@ class FolderBuilder:
 
         A new folder is assembled whole in the staging folder (under its final name, which the card quotes) and
         renamed into place in one step, so that a run killed at any point leaves either nothing or a complete folder.
-        Configs added to an existing folder replace their namesakes one by one and the card is rendered last: a kill
-        in between leaves the previous card, and the rerun completes the folder.
+        Configs added to an existing folder replace their namesakes one by one and the card is rendered last: an
+        error there (a full disk) moves them back out and the replaced ones back in, so configs and card are
+        committed together; a kill -9 in between leaves the previous card, and the rerun completes the folder.
         """
         if self.output.exists() and any(self.output.iterdir()):
-            commit_staging(staging, self.output, names)
-            self.render(self.output, template_path)
+            # The card is rendered with the configs in; if that fails (a full disk), they are moved back out
+            commit_staging(staging, self.output, names, then=lambda: self.render(self.output, template_path))
             return
         whole = staging / "folder" / self.output.name  # in a folder of its own: the name may be a config's
         whole.parent.mkdir()

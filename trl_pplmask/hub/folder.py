@@ -9,12 +9,15 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..constants import EMBEDDED_MODEL_ALIAS, EMBEDDED_MODEL_HUB_ID
-from ..utils import package_version, swap_in
+from ..utils import package_version
 
 
 if TYPE_CHECKING:
@@ -27,10 +30,41 @@ VERSIONED_PACKAGES = ("trl-pplmask", "trl", "transformers", "datasets", "torch")
 _REBUILD_HINT = "rebuild that config (trl-pplmask build / self-output into the same folder) or remove its folder."
 
 
+# A config is a folder of the repo and a `config_name` of its card, and the card's `data_files` pattern
+# `<config>/<split>-*` is a glob: letters, digits, `.`, `_`, `-`, starting with a letter or digit
+CONFIG_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]*"
+_RESERVED_NAMES = (ASSETS_DIR, "README.md")  # the folder's own entries
+
+
 def check_config_name(name: str) -> None:
-    """A config name is a folder of the repo: a slug, not `assets`, not hidden, no `/`."""
-    if not name or name in (ASSETS_DIR, ".", "..") or "/" in name or name.startswith("."):
-        raise ValueError(f"Invalid config name {name!r}: use a slug such as 'smollm2-135m-instruct'.")
+    """Refuse a config name that is not a valid Hub config name (see `CONFIG_NAME_PATTERN`) or names one of the
+    folder's own entries (`assets`, `README.md`): a build would write a folder nothing can load (`*` matches every
+    config's files) or fail after all the scoring."""
+    if not isinstance(name, str) or not re.fullmatch(CONFIG_NAME_PATTERN, name) or len(name) > 96:
+        raise ValueError(
+            f"Invalid config name {name!r}: a config name is a folder of the dataset repo and a glob in its card, so "
+            f"it must match {CONFIG_NAME_PATTERN} (letters, digits, '.', '_', '-'; at most 96 characters), e.g. "
+            "'smollm2-135m-instruct'. Pass another name with --config-names."
+        )
+    if name.lower() in (n.lower() for n in _RESERVED_NAMES):
+        raise ValueError(
+            f"Invalid config name {name!r}: {', '.join(_RESERVED_NAMES)} are the folder's own entries. Pass another "
+            "name with --config-names."
+        )
+
+
+def check_listed_files(folder: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """Refuse a built folder (its records checked by [`check_build_infos`]) that lacks a data file its records list
+    (a deleted or never copied shard): loading it would fail on the card's row counts, or a push would publish a
+    config with rows missing."""
+    listed = [f for info in infos.values() for split in info["splits"].values() for f in split.get("files") or []]
+    missing = [f for f in listed if not (Path(folder) / f).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{folder} lacks {len(missing)} data file(s) that its {BUILD_INFO_FILE} records list: {shown}. Restore "
+            f"them, or {_REBUILD_HINT}"
+        )
 
 
 def write_parquet_shards(dataset: Dataset, directory: Path, split: str, max_shard_size: int) -> list[str]:
@@ -115,14 +149,46 @@ def check_existing_folder(output: Path, source: dict[str, Any], kind: str, descr
             )
 
 
-def commit_staging(staging: Path, output: Path, config_names: Sequence[str]) -> None:
-    """Move the staged configs and figures into `output`, replacing same-name configs and leaving the others."""
+def commit_staging(
+    staging: Path, output: Path, config_names: Sequence[str], then: Callable[[], None] | None = None
+) -> None:
+    """Move the staged configs and figures into `output`, replacing same-name configs and leaving the others.
+
+    Args:
+        staging (`Path`): The staging folder (`<config>/` and `assets/<config>-ppl-hist.png` of each config).
+        output (`Path`): The folder they go into.
+        config_names (`Sequence[str]`): The configs to move.
+        then (`Callable`, *optional*): Called once they are in (the card's render). When it fails (a full disk, a
+            kill), the configs and figures go back into the staging folder and those they replaced come back: the
+            folder's configs and its card are committed together or not at all. Only renames are undone, so the
+            undo itself needs no disk space.
+    """
     output.mkdir(parents=True, exist_ok=True)
     (output / ASSETS_DIR).mkdir(exist_ok=True)
-    for name in config_names:
-        swap_in(staging / name, output / name)  # a config never mixes old and new shards
-        figure = f"{name}-ppl-hist.png"
-        os.replace(staging / ASSETS_DIR / figure, output / ASSETS_DIR / figure)
+    kept = Path(tempfile.mkdtemp(prefix=f".{output.name}-replaced-", dir=output.parent))
+    moved: list[tuple[Path, Path, Path | None]] = []  # (staged, committed, the replaced one)
+    try:
+        for name in config_names:
+            figure = f"{ASSETS_DIR}/{name}-ppl-hist.png"
+            for entry, replaced in ((name, kept / name), (figure, kept / f"{name}-ppl-hist.png")):
+                target = output / entry
+                if target.exists():
+                    os.replace(target, replaced)  # a config never mixes old and new shards
+                else:
+                    replaced = None
+                moved.append((staging / entry, target, replaced))
+                os.replace(staging / entry, target)
+        if then is not None:
+            then()
+    except BaseException:
+        for staged, target, replaced in reversed(moved):
+            if target.exists() and not staged.exists():
+                os.replace(target, staged)
+            if replaced is not None and replaced.exists():
+                os.replace(replaced, target)
+        shutil.rmtree(kept, ignore_errors=True)  # reached only when every move was undone: it is empty
+        raise
+    shutil.rmtree(kept, ignore_errors=True)
 
 
 def describe_model(name: str, model, tokenizer) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .folder import BUILD_INFO_FILE, check_build_infos, read_build_infos
+from .folder import BUILD_INFO_FILE, check_build_infos, check_listed_files, read_build_infos
 
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,36 @@ def _check_built_folder(folder: Path) -> None:
             "`trl-pplmask build` first."
         )
     check_build_infos(folder, infos)
+    check_listed_files(folder, infos)
+    _check_card_header(folder, infos)
+
+
+def _check_card_header(folder: Path, infos: dict[str, dict[str, Any]]) -> None:
+    """The card's YAML header parses and lists every built config (the Hub and `load_dataset` read the configs from
+    it); name what is wrong."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    card = folder / "README.md"
+    fix = (
+        "Restore the header, or rebuild a config into the folder (`trl-pplmask build --output-dir "
+        f"{folder} ...`), which renders the card again."
+    )
+    match = REGEX_YAML_BLOCK.search(card.read_text(encoding="utf-8", errors="replace"))
+    if match is None:
+        raise ValueError(f"{card} has no YAML header (a block between '---' lines at the top). {fix}")
+    try:
+        header = yaml.safe_load(match.group(2))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 2}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or err
+        raise ValueError(f"{card}: its YAML header is not valid YAML{where} ({problem}). {fix}") from None
+    configs = header.get("configs") if isinstance(header, dict) else None
+    listed = {c.get("config_name") for c in configs if isinstance(c, dict)} if isinstance(configs, list) else set()
+    unlisted = sorted(set(infos) - listed)
+    if unlisted:
+        raise ValueError(f"{card}: its YAML header does not list the config(s) {unlisted} under `configs:`. {fix}")
 
 
 def default_repo_id(folder: str | Path) -> str | None:

@@ -259,9 +259,34 @@ def _section(raw: dict[str, Any], name: str, cls, renamed: dict[str, str] | None
             )
         return cls(**{k: v for k, v in value.items() if k in known}, extra={k: value[k] for k in unknown})
     try:
-        return cls(**value)
+        return cls(**_numbers_checked(name, cls, value))
     except TypeError as err:
         raise ValueError(f"{name}: {err}") from err
+
+
+def _numbers_checked(name: str, cls, value: dict[str, Any]) -> dict[str, Any]:
+    """`value` with the settings that `cls` types as numbers checked: a string that reads as one (quoted, or a form
+    YAML 1.1 reads as a string) becomes that number; anything else is refused, naming the setting."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    checked = dict(value)
+    for key, setting in value.items():
+        hint = str(hints.get(key, ""))
+        wants = float if "float" in hint else int if "int" in hint else None
+        if wants is None or setting is None:
+            continue
+        if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+            continue
+        if isinstance(setting, str):
+            try:
+                checked[key] = wants(setting)
+                continue
+            except ValueError:
+                pass
+        example = "2.5 or 1.0e+9" if wants is float else "32"
+        raise ValueError(f"{name}.{key}: expected a number, got {setting!r} (write a number, e.g. {example}).")
+    return checked
 
 
 def parse_arms(value: Any) -> list[ArmConfig]:
@@ -338,17 +363,12 @@ def config_from_dict(raw: dict[str, Any], source: str | None = None) -> StudyCon
 
 def load_study_config(path: str | os.PathLike) -> StudyConfig:
     """Read and validate a study YAML."""
-    import yaml
+    from ..utils import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Study config {path} not found; pass a YAML file such as studies/<name>.yaml.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from err
-    return config_from_dict(raw, str(path))
+    return config_from_dict(read_yaml(path), str(path))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from typing import Any
 
 from ..utils import OutputLock, atomic_write_text, package_versions, redact
 from .config import StudyConfig
-from .prepare import prepare_data, run_self_output
+from .prepare import prepare_data, prepared_data_info, run_self_output, training_rows_fingerprint
 from .runner import (
+    FINISHED_FILE,
     StudyPaths,
     _fmt_seconds,
     _jsonable,
@@ -162,16 +163,27 @@ def _run_study(config: StudyConfig, paths: StudyPaths, command: str | None) -> d
 
 
 def arm_status(config: StudyConfig) -> dict[str, str]:
-    """`finished`, `not started` or `refused: ...` per training arm, without running anything (for --plan)."""
+    """`finished`, `to train` or `refused: ...` per training arm, without running anything (for --plan): the checks
+    that the run makes before training an arm (the prepared data's source, then each finished arm's settings and
+    training rows, compared with the rows the run would prepare), so that an arm the plan calls finished is reused."""
     from .runner import arm_trainer_settings
 
     paths = StudyPaths(config.output_dir)
-    data = (_read_json(paths.data_info) or {}).get("fingerprint")
+    arms = config.training_arms
+    try:  # the checks of the run: its data (prepared from the YAML's?), then each finished arm's settings and data
+        info = prepared_data_info(config, paths)
+        if info is None and any((paths.arm(arm.label) / FINISHED_FILE).is_file() for arm in arms):
+            data = training_rows_fingerprint(config, paths)  # the rows the run would prepare
+        else:
+            data = (info or {}).get("fingerprint")
+    except ValueError as err:
+        return {arm.label: f"refused: {err}" for arm in arms}
     status = {}
-    for arm in config.training_arms:
+    for arm in arms:
         identity = {"arm": arm.kind, "settings": _jsonable(arm_trainer_settings(config, arm)), "data": data}
         try:
-            status[arm.label] = "finished" if finished_arm(paths.arm(arm.label), identity, arm.label) else "to train"
+            finished = finished_arm(paths.arm(arm.label), identity, arm.label) is not None  # the run's test
+            status[arm.label] = "finished" if finished else "to train"
         except ValueError as err:
             status[arm.label] = f"refused: {str(err).splitlines()[1].strip()}"
     return status

@@ -28,22 +28,31 @@ def _rows_fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_data(config: StudyConfig, paths: StudyPaths) -> tuple[dict[str, Any], bool]:
-    """Load the training rows once into `data/train` (and `data/rows`); returns (info, reused)."""
-    from datasets import load_from_disk
+def prepared_data_info(config: StudyConfig, paths: StudyPaths) -> dict[str, Any] | None:
+    """The `data/info.json` of an `output_dir` whose data is prepared (`None` when it is not), refused when it was
+    prepared from other data than the YAML names: the check that [`prepare_data`] and `study --plan` share."""
+    source = _source_descriptor(config)
+    info = _read_json(paths.data_info)
+    if info is not None and info["source"] != source:
+        raise ValueError(
+            f"{paths.root} holds a study prepared from other data ({info['source']}, the YAML says {source}); "
+            "its arms were trained on that data. Use a new output_dir, or delete the old one."
+        )
+    return info
 
+
+def training_rows_fingerprint(config: StudyConfig, paths: StudyPaths) -> str:
+    """The fingerprint of the rows the arms train on: the prepared data's, or that of the rows [`prepare_data`] would
+    prepare (loaded, nothing written): what a finished arm's record is compared with."""
+    info = prepared_data_info(config, paths)
+    return info["fingerprint"] if info is not None else _rows_fingerprint(_load_rows(config)[1])
+
+
+def _load_rows(config: StudyConfig):
+    """`(every column, the training columns, the TRL format)` of the YAML's data, checked."""
     from ..data import ROW_ID_COLUMN, detect_format, load_any_dataset, load_task
 
     source = _source_descriptor(config)
-    info = _read_json(paths.data_info)
-    if info is not None:
-        if info["source"] != source:
-            raise ValueError(
-                f"{paths.root} holds a study prepared from other data ({info['source']}, the YAML says {source}); "
-                "its arms were trained on that data. Use a new output_dir, or delete the old one."
-            )
-        check_data_columns(config, load_from_disk(str(paths.rows)).column_names)
-        return info, True
     if config.data.task is not None and config.data.path is None:
         dataset = load_task(config.data.task, config.data.split, config.data.limit)
     else:
@@ -64,7 +73,19 @@ def prepare_data(config: StudyConfig, paths: StudyPaths) -> tuple[dict[str, Any]
     keep.append(ROW_ID_COLUMN)
     scored = ("token_nll", "token_entropy", DPF_NLL_COLUMN, "input_ids", "labels")
     keep += [c for c in scored if c in dataset.column_names]
-    train = dataset.select_columns(keep)
+    return dataset, dataset.select_columns(keep), kind
+
+
+def prepare_data(config: StudyConfig, paths: StudyPaths) -> tuple[dict[str, Any], bool]:
+    """Load the training rows once into `data/train` (and `data/rows`); returns (info, reused)."""
+    from datasets import load_from_disk
+
+    info = prepared_data_info(config, paths)
+    if info is not None:
+        check_data_columns(config, load_from_disk(str(paths.rows)).column_names)
+        return info, True
+    dataset, train, kind = _load_rows(config)
+    source = _source_descriptor(config)
     paths.data.mkdir(parents=True, exist_ok=True)
     for folder, ds in ((paths.rows, dataset), (paths.train, train)):
         shutil.rmtree(folder, ignore_errors=True)

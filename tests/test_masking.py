@@ -19,7 +19,9 @@ from trl_pplmask.masking import (
     compute_mask,
     mask_dataset,
     mask_field,
+    masked_fraction,
     overall_stats,
+    relabel,
     resolve_fraction_threshold,
 )
 
@@ -580,3 +582,12 @@ def test_collator_keywords_default_to_pplmask_config_and_never_silently_lose_one
     assert PplMaskCollator(tokenizer, threshold=4.0, seed=3).config == PplMaskConfig(threshold=4.0, seed=3)
     with pytest.raises(ValueError, match="both `config` and seed, threshold"):
         PplMaskCollator(tokenizer, config=PplMaskConfig(), threshold=4.0, seed=1)
+
+
+def test_relabel_restores_earlier_masks_then_applies_the_new_one():
+    """A token an earlier pass masked (-100 but trainable) gets its label back from input_ids unless the new mask
+    drops it; prompt tokens stay -100; the fraction helper reports 0 for no tokens."""
+    trainable = np.array([False, True, True, True])
+    got = relabel([-100, 5, -100, 7], [1, 5, 6, 7], trainable, np.array([False, False, False, True]))
+    assert got == [-100, 5, 6, -100]
+    assert masked_fraction(0, 0) == 0.0 and masked_fraction(1, 4) == 0.25

@@ -20,9 +20,10 @@ from .masking import (
     IGNORE_INDEX,
     TRAINABLE_COLUMN,
     PplMaskConfig,
-    apply_mask,
     check_nll,
     compute_mask,
+    masked_fraction,
+    relabel,
     resolve_fraction_threshold,
     soft_token_weights,
     trainable_positions,
@@ -212,7 +213,7 @@ class PplMaskCollator:
         """Totals over every batch collated so far (not reset by logging), with the masked fraction."""
         totals = {**{key: self._popped[key] + self.stats[key] for key in self._popped}, **self.totals}
         n = totals["completion_tokens"]
-        totals["masked_fraction"] = totals["masked_tokens"] / n if n else 0.0
+        totals["masked_fraction"] = masked_fraction(totals["masked_tokens"], n)
         return totals
 
     def _mask_example(
@@ -232,12 +233,10 @@ class PplMaskCollator:
             nll, labels, self.config, trainable_mask=trainable.astype(np.int8), dpf_nll=dpf_nll,
             token_entropy=entropy, row_id=int(example.get("row_id", i)), threshold=threshold,
         )  # fmt: skip
-        # Tokens masked in a pre-masked dataset carry -100: restore them from input_ids, then mask anew
-        restored = np.where(trainable, np.where(labels != IGNORE_INDEX, labels, input_ids), IGNORE_INDEX)
         self.stats["completion_tokens"] += int(trainable.sum())
         self.stats["masked_tokens"] += int(mask.sum())
         self.stats["completion_nll_sum"] += float(nll[trainable].sum())
-        feature = {"input_ids": example["input_ids"], "labels": apply_mask(restored, mask)}
+        feature = {"input_ids": example["input_ids"], "labels": relabel(labels, input_ids, trainable, mask)}
         if "seq_lengths" in example:
             feature["seq_lengths"] = example["seq_lengths"]
         return feature

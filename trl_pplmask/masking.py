@@ -327,11 +327,32 @@ def apply_mask(labels: Sequence[int], mask: np.ndarray) -> list[int]:
     return out.tolist()
 
 
+def masked_fraction(masked: int, total: int) -> float:
+    """`masked / total`, 0.0 for no tokens: the masked fraction every statistic reports."""
+    return masked / total if total else 0.0
+
+
+def relabel(labels: Sequence[int], input_ids: Sequence[int], trainable: np.ndarray, mask: np.ndarray) -> list[int]:
+    """The labels of an example after `mask`: every trainable token's label restored from `input_ids` first (a
+    pre-masked dataset carries -100 on the tokens an earlier pass masked, which a new mask may keep), the others -100,
+    then every masked position -100.
+
+    Args:
+        labels (`Sequence[int]`): The example's labels (-100 where not trained on or masked earlier).
+        input_ids (`Sequence[int]`): Its token ids.
+        trainable (`np.ndarray`): Boolean, the tokens SFT trains on before any masking ([`trainable_positions`]).
+        mask (`np.ndarray`): Boolean, the tokens to drop from the loss now.
+    """
+    labels = np.asarray(labels)
+    restored = np.where(trainable, np.where(labels != IGNORE_INDEX, labels, np.asarray(input_ids)), IGNORE_INDEX)
+    return apply_mask(restored, mask)
+
+
 def example_stats(trainable: np.ndarray, mask: np.ndarray) -> dict[str, float | int]:
     """Per-example statistics over trainable (completion) tokens."""
     n = int(trainable.sum())
     k = int((mask & trainable).sum())
-    return {"num_completion_tokens": n, "num_masked": k, "masked_fraction": (k / n) if n else 0.0}
+    return {"num_completion_tokens": n, "num_masked": k, "masked_fraction": masked_fraction(k, n)}
 
 
 def overall_stats(num_completion_tokens: Sequence[int], num_masked: Sequence[int]) -> dict[str, float | int]:
@@ -343,7 +364,7 @@ def overall_stats(num_completion_tokens: Sequence[int], num_masked: Sequence[int
         "examples": len(num_completion_tokens),
         "completion_tokens": n,
         "masked_tokens": k,
-        "masked_fraction": k / n if n else 0.0,
+        "masked_fraction": masked_fraction(k, n),
         "examples_without_trainable_token": left_empty,
     }
 
@@ -402,11 +423,8 @@ def mask_dataset(dataset, config: PplMaskConfig, *, drop_empty: bool = False, nu
             row_id=example["row_id"] if has_row_id else idx,
             threshold=threshold,
         )
-        # Tokens masked by an earlier pass have label -100: restore them from input_ids before re-masking
-        labels = np.asarray(example["labels"])
-        labels = np.where(trainable, np.where(labels != IGNORE_INDEX, labels, example["input_ids"]), IGNORE_INDEX)
         return {
-            "labels": apply_mask(labels, mask),
+            "labels": relabel(example["labels"], example["input_ids"], trainable, mask),
             TRAINABLE_COLUMN: trainable.astype(np.int8).tolist(),
             **example_stats(trainable, mask),
         }

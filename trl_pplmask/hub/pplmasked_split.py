@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import IGNORE_INDEX, NLL_COLUMN, ROW_ID_COLUMN, TRAINABLE_COLUMN
-from ..masking import PplMaskConfig, mask_dataset
+from ..masking import PplMaskConfig, mask_dataset, masked_fraction
 
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _statistics(parts: Sequence[dict[str, Any]], median_ppl: float, p90_ppl: flo
         "examples": sum(p["examples"] for p in parts),
         "completion_tokens": n,
         "masked_tokens": k,
-        "masked_fraction": k / n if n else 0.0,
+        "masked_fraction": masked_fraction(k, n),
         "median_ppl": median_ppl,
         "p90_ppl": p90_ppl,
         "examples_without_trainable_token": sum(p["examples_without_trainable_token"] for p in parts),

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig, mask_field, masked_fraction
-from .utils import OutputLock, atomic_write_text, package_version, redact, redact_text
+from .utils import OutputLock, atomic_write_text, package_version, read_yaml, redact, redact_text
 
 
 CONFIG_FILE = "pplmask_config.json"
@@ -262,6 +262,10 @@ def load_datasets(script_args, dataset_args):
         from .data import _load_file  # the CLI's own file loader: same formats, same errors for malformed files
 
         return DatasetDict({script_args.dataset_train_split: _load_file(path)})
+    if path.is_dir():  # a Hub-layout folder: a shard its records list may be missing
+        from .data import check_data_files
+
+        check_data_files(path, script_args.dataset_config)
     return load_dataset(
         script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
     )
@@ -290,6 +294,27 @@ def maps_outside(script_args):
             datasets.enable_caching()
 
 
+def check_dataset_rows(dataset, script_args, training_args, tokenizer) -> None:
+    """Every row of the training (and evaluation) split follows one TRL format, checked before any model loads: TRL
+    would fail inside the trainer, e.g. `KeyError: 'text'` for question/answer rows (see
+    [`~trl_pplmask.data.check_rows`])."""
+    from datasets import Dataset
+
+    from .data import check_rows
+
+    splits = [script_args.dataset_train_split]
+    if training_args.eval_strategy != "no" and script_args.dataset_test_split in dataset:
+        splits.append(script_args.dataset_test_split)
+    for split in splits:
+        if not isinstance(dataset[split], Dataset):  # streamed: its rows are not at hand
+            continue
+        try:
+            check_rows(dataset[split], tokenizer, training_args.dataset_text_field)
+        except ValueError as err:
+            name = script_args.dataset_name or "datasets"
+            raise ValueError(f"dataset_name {name} (split {split!r}): {err}") from None
+
+
 def _model_init_kwargs(training_args, model_args) -> dict[str, Any]:
     kwargs = dict(
         revision=model_args.model_revision,
@@ -304,13 +329,11 @@ def _model_init_kwargs(training_args, model_args) -> dict[str, Any]:
 
 def load_reference(name_or_path: str, tokenizer, init_kwargs: dict[str, Any]):
     """A frozen reference model; refuses one whose vocabulary differs from the trained model's tokenizer."""
-    from transformers import AutoTokenizer
-
     from ._compat import create_model_from_path
-    from .models import resolve_model_path
+    from .models import resolve_model_path, tokenizer_from_pretrained
 
     path = resolve_model_path(name_or_path)
-    ref_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=init_kwargs.get("trust_remote_code", False))
+    ref_tokenizer = tokenizer_from_pretrained(path, trust_remote_code=init_kwargs.get("trust_remote_code", False))
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"The reference model {name_or_path!r} has another tokenizer/vocabulary than the model being trained "
@@ -386,12 +409,11 @@ def build_trainer(script_args, training_args, model_args, dataset_args, pplmask_
 
 
 def _build_trainer(script_args, training_args, model_args, dataset_args, pplmask_args: PplMaskArguments):
-    from transformers import AutoTokenizer
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from .anchor import TokenWeightedSFTTrainer, objective_uses_base
     from .collator import PplMaskCollator, add_pplmask_callback
-    from .models import check_model_path, resolve_model_path
+    from .models import check_model_path, resolve_model_path, tokenizer_from_pretrained
     from .sharding import check_sharded_training, detect_sharding
 
     check_settings(training_args, model_args, pplmask_args)
@@ -399,7 +421,7 @@ def _build_trainer(script_args, training_args, model_args, dataset_args, pplmask
     if pplmask_args.needs_scores and pplmask_args.pplmask_reference != "base":
         check_model_path(pplmask_args.pplmask_reference, "pplmask_reference")  # a missing or non-causal one
     init_kwargs = _model_init_kwargs(training_args, model_args)
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = tokenizer_from_pretrained(
         model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
     reference = None
@@ -412,6 +434,7 @@ def _build_trainer(script_args, training_args, model_args, dataset_args, pplmask
             f"The dataset has no split {script_args.dataset_train_split!r} (dataset_train_split); it has "
             f"{sorted(dataset)}."
         )
+    check_dataset_rows(dataset, script_args, training_args, tokenizer)
     check_sharded_training(
         detect_sharding(training_args), pplmask_args, bool(model_args.use_peft),
         dataset[script_args.dataset_train_split].column_names,
@@ -675,6 +698,9 @@ def _train(
         # The logs (loss, pplmask/* statistics) next to the model even when no checkpoint was saved
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     _print(trainer, f"Model saved to {training_args.output_dir}.")
+    scope = mask_stats_scope(training_args, trainer.state.global_step)
+    if training_args.resume_from_checkpoint:
+        _print(trainer, f"Note: {scope}")
     n = totals["completion_tokens"]
     totals["masked_fraction"] = masked_fraction(totals["masked_tokens"], n)
     record = {
@@ -699,6 +725,7 @@ def _train(
         "peft": bool(model_args.use_peft),
         "num_processes": trainer.accelerator.num_processes,
         "mask_stats": totals,
+        "mask_stats_scope": scope,
         "mask_stats_per_epoch": recorder.epochs,
         "prescore_stats": prescore_stats,
         "train_runtime": result.metrics.get("train_runtime"),
@@ -724,14 +751,37 @@ def _train(
     return record
 
 
+def mask_stats_scope(training_args, last_step: int) -> str:
+    """Which training steps the mask statistics count: the collator counts the batches this run collated, so a run
+    resumed from a checkpoint counts only the steps after it (said in `pplmask_config.json` and the log)."""
+    checkpoint = training_args.resume_from_checkpoint
+    if not checkpoint:
+        return f"every training step (1-{last_step})"
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+    try:
+        first = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] + 1
+    except (OSError, TypeError, ValueError, KeyError):
+        return f"only the steps trained after resuming from {checkpoint}; the steps before it are not counted"
+    return (
+        f"steps {first}-{last_step} only: the run resumed from {checkpoint} (step {first - 1}), and the statistics "
+        f"of steps 1-{first - 1} are not counted"
+    )
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def parse_args(argv: Sequence[str] | None = None):
     """Parse `trl sft` arguments plus [`PplMaskArguments`] (YAML `--config` and flags), like `trl sft`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:  # where TRL's parser looks for it; it would raise yaml's own errors
+        read_yaml(argv[argv.index("--config") + 1], f"--config {argv[argv.index('--config') + 1]}")
     parser = make_parser()
-    args = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    args = parser.parse_args_and_config(args=argv)
     return args[:5]
 
 

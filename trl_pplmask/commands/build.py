@@ -174,10 +174,26 @@ def build_config_from_args(args: argparse.Namespace, prog: str = PROG) -> BuildC
     return build_config(from_namespace(BuildArguments, args), prog)
 
 
+def check_score_cache(config: BuildConfig) -> None:
+    """The score cache is written after each shard is scored: one that cannot be written is said before any work."""
+    if not config.use_cache:
+        return
+    from pathlib import Path
+
+    from ..models import cache_dir
+    from ..utils import check_writable
+
+    root = Path(config.cache_dir).expanduser() if config.cache_dir else cache_dir() / "scores"
+    fix = "Pass --cache-dir with a writable folder (or set TRL_PPLMASK_CACHE), pass --no-cache"
+    check_writable(root, f"The score cache {root}", fix)
+
+
 def run(arguments: BuildArguments, prog: str = PROG) -> int:
     """Run a build and print a summary."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    output = build_pplmasked(build_config(arguments, prog))
+    config = build_config(arguments, prog)
+    check_score_cache(config)
+    output = build_pplmasked(config)
     for name, info in read_build_infos(output).items():
         for split, split_info in info["splits"].items():
             stats = split_info["stats"]

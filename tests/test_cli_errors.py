@@ -680,18 +680,15 @@ def _read_only(folder: Path, monkeypatch) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("where", ["output", "cache", "build-cache"])
+@pytest.mark.parametrize("where", ["output", "cache"])
 def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, tiny_model_dir, monkeypatch, capsys):
     import transformers
 
     data = _jsonl(tmp_path / "rows.jsonl", ROWS)
     read_only = _read_only(tmp_path / "read-only", monkeypatch)
     out = read_only / "out" if where == "output" else tmp_path / "out"
-    if where != "output":
+    if where == "cache":
         monkeypatch.setenv("TRL_PPLMASK_CACHE", str(read_only))
-    argv = _argv(data, tiny_model_dir, out)
-    if where == "build-cache":
-        argv = ["build", "--dataset", str(data), "--models", str(tiny_model_dir), "--output-dir", str(out)]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the read-only folder was reported")
@@ -699,7 +696,7 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     try:
         expected = ["--output", "cannot be written"] if where == "output" else ["score cache", "--no-cache"]
-        _fails(argv, capsys, *expected, str(read_only))
+        _fails(_argv(data, tiny_model_dir, out), capsys, *expected, str(read_only))
     finally:
         read_only.chmod(0o755)
     assert not out.exists() and list(read_only.iterdir()) == []
@@ -725,9 +722,10 @@ def test_study_plan_says_what_the_run_will_do_with_a_finished_arm(tmp_path, monk
     import dataclasses
 
     from trl_pplmask.study.config import config_from_dict
+    from trl_pplmask.study.layout import StudyPaths, jsonable
     from trl_pplmask.study.main import arm_status
+    from trl_pplmask.study.plan import arm_trainer_settings
     from trl_pplmask.study.prepare import prepare_data
-    from trl_pplmask.study.runner import StudyPaths, _jsonable, arm_trainer_settings
 
     monkeypatch.chdir(tmp_path)
     raw = {
@@ -741,7 +739,7 @@ def test_study_plan_says_what_the_run_will_do_with_a_finished_arm(tmp_path, monk
     config, paths = config_from_dict(raw), StudyPaths("out")
     info, _ = prepare_data(config, paths)
     gt = config.training_arms[0]
-    identity = {"arm": "gt", "settings": _jsonable(arm_trainer_settings(config, gt)), "data": info["fingerprint"]}
+    identity = {"arm": "gt", "settings": jsonable(arm_trainer_settings(config, gt)), "data": info["fingerprint"]}
     paths.arm("gt").mkdir(parents=True)
     (paths.arm("gt") / "arm.json").write_text(json.dumps(identity))
     (paths.arm("gt") / "pplmask_config.json").write_text("{}")  # what a finished arm leaves

@@ -19,8 +19,9 @@ from trl_pplmask.study import (
     plan_stages,
     render_plan,
 )
+from trl_pplmask.study.plan import estimate_remaining
 from trl_pplmask.study.prepare import prepare_data
-from trl_pplmask.study.runner import estimate_remaining, finished_arm, missing_features
+from trl_pplmask.study.train import finished_arm, missing_features
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -402,7 +403,7 @@ def test_sft_flags_come_from_the_dataclass_not_a_subprocess(monkeypatch):
     import subprocess
 
     from trl_pplmask.sft import PplMaskArguments
-    from trl_pplmask.study.runner import sft_flags
+    from trl_pplmask.study.train import sft_flags
 
     def no_subprocess(*args, **kwargs):
         raise AssertionError(f"started a subprocess: {args}")

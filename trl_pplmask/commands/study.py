@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from ..study.config import load_study_config
 from ..study.main import arm_status, run_study
-from ..study.runner import missing_features, render_plan
+from ..study.plan import render_plan
+from ..study.train import missing_features
 from ._command import Command
 
 

@@ -32,8 +32,9 @@ from .config import (
     config_from_dict,
     load_study_config,
 )
+from .layout import StudyPaths
 from .main import run_study
-from .runner import Stage, StudyPaths, arm_trainer_settings, plan_stages, render_plan
+from .plan import Stage, arm_trainer_settings, plan_stages, render_plan
 
 
 __all__ = [

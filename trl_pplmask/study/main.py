@@ -9,25 +9,11 @@ from typing import Any
 
 from ..utils import OutputLock, atomic_write_text, package_versions, redact
 from .config import StudyConfig
+from .layout import FINISHED_FILE, StudyPaths, jsonable, read_json
+from .plan import fmt_seconds, plan_stages, print_progress
 from .prepare import prepare_data, prepared_data_info, run_self_output, training_rows_fingerprint
-from .runner import (
-    FINISHED_FILE,
-    StudyPaths,
-    _fmt_seconds,
-    _jsonable,
-    _progress,
-    _read_json,
-    evaluate_model,
-    finished_arm,
-    machine,
-    missing_features,
-    model_specs,
-    plan_stages,
-    relative_to_gt,
-    sft_flags,
-    train_arm,
-    write_study_report,
-)
+from .report import evaluate_model, machine, model_specs, relative_to_gt, write_study_report
+from .train import finished_arm, missing_features, sft_flags, train_arm
 
 
 def check_before_work(config: StudyConfig, flags: set[str] | None = None) -> None:
@@ -64,7 +50,7 @@ def build_study_json(
     planned = [stage.name for stage in plan_stages(config)]
     stages = {name: state["stages"][name] for name in planned if name in state.get("stages", {})}
     has_self_output = any(arm.kind == "self_output" for arm in config.arms)
-    return _jsonable(
+    return jsonable(
         {
             "format_version": 1,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -102,7 +88,7 @@ def run_study(config: StudyConfig, command: str | None = None) -> dict[str, Any]
 def _run_study(config: StudyConfig, paths: StudyPaths, command: str | None) -> dict[str, Any]:
     """[`run_study`] once its `output_dir` is locked (one study at a time trains into one folder)."""
     stages = plan_stages(config)
-    state = _read_json(paths.state) or {}
+    state = read_json(paths.state) or {}
     state.setdefault("stages", {})
     started = time.time()
     arms: dict[str, Any] = {arm.label: {"kind": arm.kind, "description": arm.spec.description} for arm in config.arms}
@@ -113,13 +99,13 @@ def _run_study(config: StudyConfig, paths: StudyPaths, command: str | None) -> d
     report = None
 
     def save_state() -> None:
-        atomic_write_text(paths.state, json.dumps(_jsonable(state), indent=1))
+        atomic_write_text(paths.state, json.dumps(jsonable(state), indent=1))
         atomic_write_text(
             paths.study, json.dumps(build_study_json(config, paths, state, arms, command, report), indent=1)
         )
 
     for index, stage in enumerate(stages):
-        _progress(stages, index, state, started)
+        print_progress(stages, index, state, started)
         t0 = time.time()
         reused = False
         if stage.kind == "prepare":
@@ -155,7 +141,7 @@ def _run_study(config: StudyConfig, paths: StudyPaths, command: str | None) -> d
             state["stages"][stage.name] = {**previous, "reused": True}
         else:
             state["stages"][stage.name] = {"status": "done", "seconds": round(seconds, 2), "reused": reused}
-        print(f"[study] {stage.name} done in {_fmt_seconds(seconds)}{' (reused)' if reused else ''}", flush=True)
+        print(f"[study] {stage.name} done in {fmt_seconds(seconds)}{' (reused)' if reused else ''}", flush=True)
         save_state()
     study = build_study_json(config, paths, state, arms, command, report)
     print(f"[study] finished: {paths.root / 'report.md'}, {paths.study}", flush=True)
@@ -166,7 +152,7 @@ def arm_status(config: StudyConfig) -> dict[str, str]:
     """`finished`, `to train` or `refused: ...` per training arm, without running anything (for --plan): the checks
     that the run makes before training an arm (the prepared data's source, then each finished arm's settings and
     training rows, compared with the rows the run would prepare), so that an arm the plan calls finished is reused."""
-    from .runner import arm_trainer_settings
+    from .plan import arm_trainer_settings
 
     paths = StudyPaths(config.output_dir)
     arms = config.training_arms
@@ -180,7 +166,7 @@ def arm_status(config: StudyConfig) -> dict[str, str]:
         return {arm.label: f"refused: {err}" for arm in arms}
     status = {}
     for arm in arms:
-        identity = {"arm": arm.kind, "settings": _jsonable(arm_trainer_settings(config, arm)), "data": data}
+        identity = {"arm": arm.kind, "settings": jsonable(arm_trainer_settings(config, arm)), "data": data}
         try:
             finished = finished_arm(paths.arm(arm.label), identity, arm.label) is not None  # the run's test
             status[arm.label] = "finished" if finished else "to train"

@@ -11,7 +11,8 @@ from typing import Any
 from ..constants import DPF_NLL_COLUMN
 from ..utils import atomic_write_text
 from .config import StudyConfig
-from .runner import StudyPaths, _jsonable, _read_json, check_data_columns
+from .layout import StudyPaths, jsonable, read_json
+from .train import check_data_columns
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def prepared_data_info(config: StudyConfig, paths: StudyPaths) -> dict[str, Any]
     """The `data/info.json` of an `output_dir` whose data is prepared (`None` when it is not), refused when it was
     prepared from other data than the YAML names: the check that [`prepare_data`] and `study --plan` share."""
     source = _source_descriptor(config)
-    info = _read_json(paths.data_info)
+    info = read_json(paths.data_info)
     if info is not None and info["source"] != source:
         raise ValueError(
             f"{paths.root} holds a study prepared from other data ({info['source']}, the YAML says {source}); "
@@ -124,9 +125,9 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
 
     so = config.self_output
     settings = {**dataclasses.asdict(so), "model": config.model, "data": data_info["fingerprint"]}
-    info = _read_json(paths.self_output_info)
+    info = read_json(paths.self_output_info)
     if info is not None:
-        if info["settings"] != _jsonable(settings):
+        if info["settings"] != jsonable(settings):
             raise ValueError(
                 f"{paths.self_output_info} was made with other settings ({info['settings']}); the YAML now says "
                 f"{settings}. Delete {paths.self_output_dir} and {paths.self_output_data} to redo it, or use a new "
@@ -163,6 +164,6 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
         full.select_columns(["prompt", "completion", "row_id"]).save_to_disk(str(paths.self_output_data))
     del model
     release_accelerator_memory()  # the next stages train and evaluate in this machine's memory
-    info = _jsonable(info)
+    info = jsonable(info)
     atomic_write_text(paths.self_output_info, json.dumps(info, indent=1))
     return info, False

@@ -42,7 +42,7 @@ def share_loss(argv: list[str]) -> tuple[float, object]:
 
 
 def main(out_dir: str, model_dir: str, data_dir: str) -> None:
-    from test_sft import TINY_THRESHOLD, sft_args
+    from testing_utils import TINY_THRESHOLD, sft_args
 
     out = Path(out_dir)
     argv = sft_args(out, Path(model_dir), Path(data_dir), "--pplmask_threshold", str(TINY_THRESHOLD))

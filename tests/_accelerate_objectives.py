@@ -26,7 +26,7 @@ OBJECTIVES = {
 
 def main(out_dir: str, model_dir: str, data_dir: str) -> None:
     from _accelerate_anchor import share_loss
-    from test_sft import sft_args
+    from testing_utils import sft_args
 
     out = Path(out_dir)
     result = {}

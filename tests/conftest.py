@@ -141,6 +141,22 @@ def tiny_model_dir(tiny_model_factory) -> Path:
     return tiny_model_factory()
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_factory) -> Path:
+    """The tiny random Llama of the sft tests (`initializer_range=0.2`) with the embedded tokenizer, saved."""
+    return tiny_model_factory(initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory, data_dir) -> Path:
+    """The first 6 GSM8K training rows, saved with `save_to_disk` (a `--dataset_name` folder)."""
+    from trl_pplmask.data import load_task
+
+    path = tmp_path_factory.mktemp("data") / "gsm8k6"
+    load_task("gsm8k", "train", limit=6).save_to_disk(str(path))
+    return path
+
+
 @pytest.fixture
 def score_cache(tmp_path) -> str:
     """An isolated `ScoringConfig.cache_dir` (the embedded model's conversion cache stays shared)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from test_sft import TINY_THRESHOLD, sft_args, tiny_dir, train_dir  # noqa: F401 - fixtures
+from testing_utils import TINY_THRESHOLD, sft_args
 
 from trl_pplmask.anchor import DROPPED_KEY, chunked_kl
 from trl_pplmask.sft import build_trainer, parse_args
@@ -26,7 +26,7 @@ def test_chunked_kl_matches_full_softmax():
     assert chunked_kl(model, hidden, hidden, base_lm=model).item() == pytest.approx(0.0, abs=1e-5)
 
 
-def _loss_and_grads(tmp_path, tiny_dir, train_dir, *extra, perturb: bool = False):  # noqa: F811
+def _loss_and_grads(tmp_path, tiny_dir, train_dir, *extra, perturb: bool = False):
     argv = sft_args(tmp_path, tiny_dir, train_dir, "--pplmask_threshold", str(TINY_THRESHOLD), *extra)
     trainer, collator, _, _ = build_trainer(*parse_args(argv))
     model = trainer.model
@@ -45,7 +45,7 @@ def _loss_and_grads(tmp_path, tiny_dir, train_dir, *extra, perturb: bool = False
     return batch, loss.detach(), {n: p.grad.detach().clone() for n, p in params.items()}
 
 
-def test_zero_weight_is_exactly_stm(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_zero_weight_is_exactly_stm(tmp_path, tiny_dir, train_dir):
     batch, loss_anchor, grads_anchor = _loss_and_grads(
         tmp_path / "a", tiny_dir, train_dir, "--pplmask_anchor", "--pplmask_anchor_weight", "0"
     )
@@ -56,7 +56,7 @@ def test_zero_weight_is_exactly_stm(tmp_path, tiny_dir, train_dir):  # noqa: F81
         assert torch.equal(grads_anchor[name], grads_stm[name]), name
 
 
-def test_anchor_is_zero_at_step_zero_of_a_lora_run(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_anchor_is_zero_at_step_zero_of_a_lora_run(tmp_path, tiny_dir, train_dir):
     # A fresh LoRA adapter leaves the model equal to the base: KL 0, and a KL at its minimum has zero gradient
     _, loss_anchor, grads_anchor = _loss_and_grads(tmp_path / "a", tiny_dir, train_dir, "--pplmask_anchor")
     _, loss_stm, grads_stm = _loss_and_grads(tmp_path / "b", tiny_dir, train_dir)
@@ -65,7 +65,7 @@ def test_anchor_is_zero_at_step_zero_of_a_lora_run(tmp_path, tiny_dir, train_dir
         torch.testing.assert_close(grads_anchor[name], grads_stm[name], atol=1e-6, rtol=0)
 
 
-def test_masked_positions_receive_gradient(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_masked_positions_receive_gradient(tmp_path, tiny_dir, train_dir):
     _, loss_anchor, grads_anchor = _loss_and_grads(
         tmp_path / "a", tiny_dir, train_dir, "--pplmask_anchor", "--pplmask_anchor_weight", "2", perturb=True
     )
@@ -75,7 +75,7 @@ def test_masked_positions_receive_gradient(tmp_path, tiny_dir, train_dir):  # no
     assert differs, "the anchor term sent no gradient to the adapter"
 
 
-def test_anchor_trains_and_logs_its_kl(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_anchor_trains_and_logs_its_kl(tmp_path, tiny_dir, train_dir):
     argv = sft_args(tmp_path, tiny_dir, train_dir, "--pplmask_threshold", str(TINY_THRESHOLD), "--pplmask_anchor")
     trainer, _, _, _ = build_trainer(*parse_args(argv + ["--max_steps", "2"]))
     trainer.train()
@@ -83,7 +83,7 @@ def test_anchor_trains_and_logs_its_kl(tmp_path, tiny_dir, train_dir):  # noqa: 
     assert len(logged) == 2 and logged[0] == pytest.approx(0.0, abs=1e-6)  # step 0: the model is the base
 
 
-def test_anchor_without_a_base_is_refused(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_anchor_without_a_base_is_refused(tmp_path, tiny_dir, train_dir):
     from trl_pplmask.anchor import AnchoredSFTTrainer
 
     with pytest.raises(ValueError, match="needs the base model's predictions"):

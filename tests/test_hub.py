@@ -25,6 +25,7 @@ import torch
 from conftest import REPO, tiny_llama
 from datasets import load_dataset
 from huggingface_hub import DatasetCard
+from testing_utils import CONFIG, LIMIT, build_gsm8k_folder
 
 from trl_pplmask import hub
 from trl_pplmask.cli import main as cli_main
@@ -32,8 +33,6 @@ from trl_pplmask.masking import IGNORE_INDEX
 from trl_pplmask.utils import make_staging_dir
 
 
-CONFIG = "smollm2-135m-instruct"
-LIMIT = 4
 COLUMNS = {
     "prompt",
     "completion",
@@ -46,16 +45,6 @@ COLUMNS = {
     "num_masked",
     "masked_fraction",
 }
-
-
-def build_gsm8k_folder(tmp_path_factory, name: str = "gsm8k-pplmasked") -> Path:
-    """Build gsm8k-pplmasked (train, first LIMIT rows, embedded model) through `trl-pplmask build`."""
-    folder = tmp_path_factory.mktemp("hub") / name
-    scores = tmp_path_factory.getbasetemp() / "pplmask-scores"  # shared by the test modules of the session
-    argv = ["build", "--dataset", "gsm8k", "--limit", str(LIMIT), "--output-dir", str(folder)]
-    argv += ["--repo-id", "trl-pplmask/gsm8k-pplmasked", "--cache-dir", str(scores)]
-    assert cli_main(argv) == 0
-    return folder
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_sft import launch, sft_args, tiny_dir, train_dir  # noqa: F401 - fixtures
+from testing_utils import launch, sft_args
 
 from trl_pplmask import anchor
 from trl_pplmask.collator import WEIGHT_KEY
@@ -105,7 +105,7 @@ def _assert_close(got, expected, tol: float = 1e-5):
     ],
     ids=["eaft", "eaft_k7_alpha0.5", "eaft_exact", "asft", "soft_stm"],
 )
-def test_objective_matches_full_softmax(tmp_path, tiny_dir, train_dir, objective, extra, params):  # noqa: F811
+def test_objective_matches_full_softmax(tmp_path, tiny_dir, train_dir, objective, extra, params):
     trainer, collator = _trainer(tmp_path, tiny_dir, train_dir, "--pplmask_loss", objective, *extra)
     batch = collator([trainer.train_dataset[i] for i in range(ROWS)])
     if objective == "soft_stm":
@@ -127,7 +127,7 @@ def test_chunked_topk_entropy_matches_full_softmax():
     torch.testing.assert_close(anchor.topk_entropy(model, hidden, 20, logits_chunk_bytes=4 * 4 * 512), expected)
 
 
-def _plain(tmp_path, tiny_dir, train_dir, *extra):  # noqa: F811
+def _plain(tmp_path, tiny_dir, train_dir, *extra):
     trainer, collator = _trainer(tmp_path, tiny_dir, train_dir, *extra)
     return trainer, collator([trainer.train_dataset[i] for i in range(ROWS)])
 
@@ -141,7 +141,7 @@ def _plain(tmp_path, tiny_dir, train_dir, *extra):  # noqa: F811
     ],
     ids=["eaft_alpha0_is_nll", "soft_stm_wide_is_nll", "asft_alpha0_is_dft"],
 )
-def test_limits_are_the_stock_losses(tmp_path, tiny_dir, train_dir, extra, baseline):  # noqa: F811
+def test_limits_are_the_stock_losses(tmp_path, tiny_dir, train_dir, extra, baseline):
     trainer, batch = _plain(tmp_path / "a", tiny_dir, train_dir, *extra)
     stock, stock_batch = _plain(tmp_path / "b", tiny_dir, train_dir, *baseline)
     assert type(stock).__name__ == "SFTTrainer"  # TRL's own loss
@@ -149,7 +149,7 @@ def test_limits_are_the_stock_losses(tmp_path, tiny_dir, train_dir, extra, basel
     _assert_close(_loss_and_grads(trainer, batch, num_items), _loss_and_grads(stock, stock_batch, num_items), 1e-6)
 
 
-def test_objectives_train_from_the_cli(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_objectives_train_from_the_cli(tmp_path, tiny_dir, train_dir):
     from trl_pplmask.cli import main as cli_main
 
     for objective, extra in (("eaft", []), ("asft", []), ("soft_stm", ["--pplmask_soft_width", SOFT_WIDTH])):
@@ -181,13 +181,13 @@ def test_objectives_train_from_the_cli(tmp_path, tiny_dir, train_dir):  # noqa: 
         (["--pplmask_loss", "asft", "--pplmask_reference", "some/other-model"], "needs pplmask_reference=base"),
     ],
 )
-def test_bad_objective_settings_fail_before_training(tmp_path, tiny_dir, train_dir, extra, message):  # noqa: F811
+def test_bad_objective_settings_fail_before_training(tmp_path, tiny_dir, train_dir, extra, message):
     with pytest.raises(ValueError, match=message):
         build_trainer(*parse_args(sft_args(tmp_path, tiny_dir, train_dir, "--pplmask_strategy", "none", *extra)))
     assert not (tmp_path / "out" / CONFIG_FILE).exists()
 
 
-def test_unknown_objective_is_a_usage_error(tmp_path, tiny_dir, train_dir, capsys):  # noqa: F811
+def test_unknown_objective_is_a_usage_error(tmp_path, tiny_dir, train_dir, capsys):
     from trl_pplmask.cli import main as cli_main
 
     with pytest.raises(SystemExit) as exit_info:
@@ -196,7 +196,7 @@ def test_unknown_objective_is_a_usage_error(tmp_path, tiny_dir, train_dir, capsy
     assert "focal" in capsys.readouterr().err
 
 
-def test_trainer_refuses_bad_weights_and_missing_base(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_trainer_refuses_bad_weights_and_missing_base(tmp_path, tiny_dir, train_dir):
     for kwargs, message in (
         ({"objective": "focal"}, "Unknown objective"),
         ({"objective": "eaft", "eaft_k": 0}, "eaft_k must be an integer >= 1"),
@@ -225,7 +225,7 @@ def test_settings_agree_with_the_trainer():
     )
 
 
-def test_two_processes_give_the_objectives_of_one(tmp_path, tiny_dir, train_dir):  # noqa: F811
+def test_two_processes_give_the_objectives_of_one(tmp_path, tiny_dir, train_dir):
     """Each objective's loss of one batch split over 2 processes, averaged as DDP averages gradients, equals 1."""
     helper = Path(__file__).with_name("_accelerate_objectives.py")
     single = tmp_path / "single"

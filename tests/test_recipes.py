@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import REPO, tiny_llama
 from datasets import load_dataset
-from test_hub import CONFIG, LIMIT, build_gsm8k_folder
+from testing_utils import CONFIG, LIMIT, build_gsm8k_folder
 
 from trl_pplmask.masking import IGNORE_INDEX
 from trl_pplmask.models import embedded_model_path, model_slug

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,46 +17,11 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, tiny_llama
+from testing_utils import TINY_THRESHOLD, launch, sft_args
 
 from trl_pplmask.masking import IGNORE_INDEX, PplMaskConfig, compute_mask
 from trl_pplmask.scoring import batch_token_nll
 from trl_pplmask.sft import CONFIG_FILE, build_trainer, main, parse_args
-
-
-# exp(mean NLL) of the tiny model is about the vocabulary size; this splits its tokens roughly in half
-TINY_THRESHOLD = 49152.0
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer
-
-    from trl_pplmask.models import embedded_model_path
-
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(initializer_range=0.2).save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def train_dir(tmp_path_factory, data_dir) -> Path:
-    from trl_pplmask.data import load_task
-
-    path = tmp_path_factory.mktemp("data") / "gsm8k6"
-    load_task("gsm8k", "train", limit=6).save_to_disk(str(path))
-    return path
-
-
-def sft_args(tmp_path: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
-        "--max_length", "256", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
-        "--lora_target_modules", "all-linear",
-        "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "--bf16", "false",
-        "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
-        *extra,
-    ]  # fmt: skip
 
 
 def reference_labels(model, rows: list[dict], config: PplMaskConfig, threshold: float | None = None) -> list[list]:
@@ -80,36 +44,6 @@ def reference_labels(model, rows: list[dict], config: PplMaskConfig, threshold: 
 def collated_rows(batch: dict, n: int) -> list[list[int]]:
     lengths = batch["attention_mask"].sum(1).tolist()
     return [batch["labels"][i, : lengths[i]].tolist() for i in range(n)]
-
-
-def launch(command: list[str], env: dict, workdir: Path, timeout: float) -> tuple[int, str]:
-    """Run a multi-process launch with its output in a file; on a timeout, end every process it started.
-
-    torchrun starts each worker in a session of its own, so neither the launcher's process group nor a pipe (which a
-    stray worker would hold open) is enough: the workers are found by the test's own folder on their command line.
-    """
-    log = workdir / "launch.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:
-            for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if str(workdir).encode() in cmdline and pid != os.getpid():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-    output = log.read_text()
-    if returncode is None:
-        pytest.fail(f"the multi-process run did not finish in {timeout:.0f} s\n{output[-3000:]}")
-    return returncode, output
 
 
 STRATEGY_FLAGS = {

@@ -680,15 +680,18 @@ def _read_only(folder: Path, monkeypatch) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("where", ["output", "cache"])
+@pytest.mark.parametrize("where", ["output", "cache", "build-cache"])
 def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, tiny_model_dir, monkeypatch, capsys):
     import transformers
 
     data = _jsonl(tmp_path / "rows.jsonl", ROWS)
     read_only = _read_only(tmp_path / "read-only", monkeypatch)
     out = read_only / "out" if where == "output" else tmp_path / "out"
-    if where == "cache":
+    if where != "output":
         monkeypatch.setenv("TRL_PPLMASK_CACHE", str(read_only))
+    argv = _argv(data, tiny_model_dir, out)
+    if where == "build-cache":
+        argv = ["build", "--dataset", str(data), "--models", str(tiny_model_dir), "--output-dir", str(out)]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the read-only folder was reported")
@@ -696,7 +699,7 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     try:
         expected = ["--output", "cannot be written"] if where == "output" else ["score cache", "--no-cache"]
-        _fails(_argv(data, tiny_model_dir, out), capsys, *expected, str(read_only))
+        _fails(argv, capsys, *expected, str(read_only))
     finally:
         read_only.chmod(0o755)
     assert not out.exists() and list(read_only.iterdir()) == []

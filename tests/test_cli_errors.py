@@ -726,9 +726,9 @@ def test_study_plan_says_what_the_run_will_do_with_a_finished_arm(tmp_path, monk
 
     from trl_pplmask.study.config import config_from_dict
     from trl_pplmask.study.layout import StudyPaths, jsonable
-    from trl_pplmask.study.main import arm_status
     from trl_pplmask.study.plan import arm_trainer_settings
     from trl_pplmask.study.prepare import prepare_data
+    from trl_pplmask.study.runner import arm_status
 
     monkeypatch.chdir(tmp_path)
     raw = {

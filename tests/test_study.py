@@ -171,7 +171,7 @@ def test_missing_strategy_is_reported(tmp_path, monkeypatch):
     assert any("'stm_entropy' needs mask strategy 'stm_entropy'" in p for p in problems)
     assert any("needs the setting 'pplmask_reference'" in p for p in problems)
 
-    from trl_pplmask.study.main import check_before_work
+    from trl_pplmask.study.runner import check_before_work
 
     with pytest.raises(ValueError, match="cannot run with this installation"):
         check_before_work(config, flags=set())

@@ -6,8 +6,8 @@ import sys
 from dataclasses import dataclass, field
 
 from ..study.config import load_study_config
-from ..study.main import arm_status, run_study
 from ..study.plan import render_plan
+from ..study.runner import arm_status, run_study
 from ..study.train import missing_features
 from ._command import Command
 

@@ -33,8 +33,8 @@ from .config import (
     load_study_config,
 )
 from .layout import StudyPaths
-from .main import run_study
 from .plan import Stage, arm_trainer_settings, plan_stages, render_plan
+from .runner import run_study
 
 
 __all__ = [

@@ -1,4 +1,7 @@
-"""`run_study`: every stage in order, resumable, with progress and ETA; `study.json` (command: `commands/study`)."""
+"""`run_study`: every stage of a study in order, resumable, with progress and ETA, then `study.json`.
+
+The stages themselves live by job in `plan`, `prepare`, `train` and `report`; the command is `commands/study`.
+"""
 
 from __future__ import annotations
 

@@ -725,10 +725,11 @@ def test_study_plan_says_what_the_run_will_do_with_a_finished_arm(tmp_path, monk
     import dataclasses
 
     from trl_pplmask.study.config import config_from_dict
-    from trl_pplmask.study.layout import StudyPaths, jsonable
+    from trl_pplmask.study.layout import StudyPaths
     from trl_pplmask.study.plan import arm_trainer_settings
     from trl_pplmask.study.prepare import prepare_data
     from trl_pplmask.study.runner import arm_status
+    from trl_pplmask.utils import json_safe
 
     monkeypatch.chdir(tmp_path)
     raw = {
@@ -742,7 +743,7 @@ def test_study_plan_says_what_the_run_will_do_with_a_finished_arm(tmp_path, monk
     config, paths = config_from_dict(raw), StudyPaths("out")
     info, _ = prepare_data(config, paths)
     gt = config.training_arms[0]
-    identity = {"arm": "gt", "settings": jsonable(arm_trainer_settings(config, gt)), "data": info["fingerprint"]}
+    identity = {"arm": "gt", "settings": json_safe(arm_trainer_settings(config, gt)), "data": info["fingerprint"]}
     paths.arm("gt").mkdir(parents=True)
     (paths.arm("gt") / "arm.json").write_text(json.dumps(identity))
     (paths.arm("gt") / "pplmask_config.json").write_text("{}")  # what a finished arm leaves

@@ -368,3 +368,18 @@ def test_self_output_refuses_to_replace_an_edited_card_unless_overwrite(tmp_path
     assert str(readme) in capsys.readouterr().err and readme.read_text() == edited
     assert cli_main([*argv, "--overwrite"]) == 0  # the rerun reads the checkpoint: no generation
     assert "# Edited: " not in readme.read_text()
+
+
+def test_json_safe_gives_strict_json_for_every_record():
+    """The one sanitiser of the records the package writes (pplmask_config.json, study files): NaN and infinities
+    become null, tuples lists, keys strings, other objects their str; strict JSON accepts the result."""
+    import json
+    import math
+    from pathlib import Path
+
+    from trl_pplmask.utils import json_safe
+
+    record = {"a": math.nan, "b": (1, -math.inf), 3: {"c": Path("x/y"), "d": [True, None, 0.5]}}
+    safe = json_safe(record)
+    assert safe == {"a": None, "b": [1, None], "3": {"c": "x/y", "d": [True, None, 0.5]}}
+    assert json.loads(json.dumps(safe, allow_nan=False)) == safe

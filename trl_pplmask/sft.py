@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig, mask_field, masked_fraction
-from .utils import OutputLock, atomic_write_text, package_version, read_yaml, redact, redact_text
+from .utils import OutputLock, atomic_write_text, json_safe, package_version, read_yaml, redact, redact_text
 
 
 CONFIG_FILE = "pplmask_config.json"
@@ -595,22 +595,10 @@ def _sum_over_processes(values: dict[str, float]) -> dict[str, float]:
     return {k: (int(v) if isinstance(values[k], int) else float(v)) for k, v in zip(keys, tensor.tolist())}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def write_pplmask_config(path: Path, record: dict[str, Any]) -> None:
     """Write `pplmask_config.json` atomically (a finished run is one whose file exists), secrets redacted: it sits
     next to the model that `push_to_hub` uploads."""
-    atomic_write_text(path, json.dumps(redact(_json_safe(record)), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(redact(json_safe(record)), indent=2, allow_nan=False) + "\n")
 
 
 def keep_token_out_of_files(training_args) -> None:

@@ -6,6 +6,7 @@ Standard library only, so that any layer may use it without import cost.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import re
@@ -16,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import import_module
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
@@ -57,6 +58,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """
     data = redact_text(text).encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as strict JSON can hold it, for the records the package writes: NaN and infinities become `None`
+    (JSON has no such numbers), tuples become lists, mapping keys strings, and anything else JSON lacks its `str`.
+
+    Args:
+        value (`Any`): Settings, statistics or a record made of them.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def is_stale(entry: Path, marker: str) -> bool:

@@ -40,8 +40,3 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-
-
-def jsonable(value: Any) -> Any:
-    """`value` as JSON reads it back (tuples as lists, anything else JSON lacks as its `str`)."""
-    return json.loads(json.dumps(value, default=str))

@@ -9,9 +9,9 @@ import shutil
 from typing import Any
 
 from ..constants import DPF_NLL_COLUMN
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, json_safe
 from .config import StudyConfig
-from .layout import StudyPaths, jsonable, read_json
+from .layout import StudyPaths, read_json
 from .train import check_data_columns
 
 
@@ -127,7 +127,7 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
     settings = {**dataclasses.asdict(so), "model": config.model, "data": data_info["fingerprint"]}
     info = read_json(paths.self_output_info)
     if info is not None:
-        if info["settings"] != jsonable(settings):
+        if info["settings"] != json_safe(settings):
             raise ValueError(
                 f"{paths.self_output_info} was made with other settings ({info['settings']}); the YAML now says "
                 f"{settings}. Delete {paths.self_output_dir} and {paths.self_output_data} to redo it, or use a new "
@@ -164,6 +164,6 @@ def run_self_output(config: StudyConfig, paths: StudyPaths, data_info: dict[str,
         full.select_columns(["prompt", "completion", "row_id"]).save_to_disk(str(paths.self_output_data))
     del model
     release_accelerator_memory()  # the next stages train and evaluate in this machine's memory
-    info = jsonable(info)
+    info = json_safe(info)
     atomic_write_text(paths.self_output_info, json.dumps(info, indent=1))
     return info, False

@@ -10,9 +10,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ..utils import OutputLock, atomic_write_text, package_versions, redact
+from ..utils import OutputLock, atomic_write_text, json_safe, package_versions, redact
 from .config import StudyConfig
-from .layout import FINISHED_FILE, StudyPaths, jsonable, read_json
+from .layout import FINISHED_FILE, StudyPaths, read_json
 from .plan import fmt_seconds, plan_stages, print_progress
 from .prepare import prepare_data, prepared_data_info, run_self_output, training_rows_fingerprint
 from .report import evaluate_model, machine, model_specs, relative_to_gt, write_study_report
@@ -53,7 +53,7 @@ def build_study_json(
     planned = [stage.name for stage in plan_stages(config)]
     stages = {name: state["stages"][name] for name in planned if name in state.get("stages", {})}
     has_self_output = any(arm.kind == "self_output" for arm in config.arms)
-    return jsonable(
+    return json_safe(
         {
             "format_version": 1,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -102,7 +102,7 @@ def _run_study(config: StudyConfig, paths: StudyPaths, command: str | None) -> d
     report = None
 
     def save_state() -> None:
-        atomic_write_text(paths.state, json.dumps(jsonable(state), indent=1))
+        atomic_write_text(paths.state, json.dumps(json_safe(state), indent=1))
         atomic_write_text(
             paths.study, json.dumps(build_study_json(config, paths, state, arms, command, report), indent=1)
         )
@@ -169,7 +169,7 @@ def arm_status(config: StudyConfig) -> dict[str, str]:
         return {arm.label: f"refused: {err}" for arm in arms}
     status = {}
     for arm in arms:
-        identity = {"arm": arm.kind, "settings": jsonable(arm_trainer_settings(config, arm)), "data": data}
+        identity = {"arm": arm.kind, "settings": json_safe(arm_trainer_settings(config, arm)), "data": data}
         try:
             finished = finished_arm(paths.arm(arm.label), identity, arm.label) is not None  # the run's test
             status[arm.label] = "finished" if finished else "to train"

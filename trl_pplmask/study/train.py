@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import DPF_NLL_COLUMN
-from ..utils import REDACTED, atomic_write_text, is_secret_name, redact, redact_text
+from ..utils import REDACTED, atomic_write_text, is_secret_name, json_safe, redact, redact_text
 from .arms import arm_settings
 from .config import ArmConfig, StudyConfig
-from .layout import ARM_FILE, FINISHED_FILE, StudyPaths, jsonable, read_json
+from .layout import ARM_FILE, FINISHED_FILE, StudyPaths, read_json
 from .plan import arm_trainer_settings
 
 
@@ -155,7 +155,7 @@ def train_arm(config: StudyConfig, arm: ArmConfig, paths: StudyPaths, data_finge
     import yaml
 
     arm_dir = paths.arm(arm.label)
-    settings = jsonable(arm_trainer_settings(config, arm))
+    settings = json_safe(arm_trainer_settings(config, arm))
     identity = {"arm": arm.kind, "settings": settings, "data": data_fingerprint}
     record = finished_arm(arm_dir, identity, arm.label)
     if record is not None:

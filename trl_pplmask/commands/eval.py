@@ -20,7 +20,7 @@ from ..constants import EMBEDDED_MODEL_ALIAS
 from ..evaluation.config import BACKENDS, EvalConfig, build_model_specs
 from ..evaluation.harness import LmEvalError, check_lm_eval_backend
 from ..evaluation.tasks import DEFAULT_TASKS, available_tasks
-from ..utils import OutputLock
+from ..utils import OutputLock, check_writable
 from ._command import Command
 
 
@@ -94,6 +94,7 @@ def _split_overrides(values: Sequence[str]) -> dict[str, str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`trl-pplmask eval`: evaluate the base and fine-tuned models, write the report, print the table."""
     # The work imports torch and the data libraries: imported here, so that `eval --help` stays light
+    from ..evaluation.cache import eval_cache_root
     from ..evaluation.markdown import render_markdown
     from ..evaluation.output import REPORT_FILES, check_output_dir
     from ..evaluation.runner import run_evaluation
@@ -125,6 +126,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = build_model_specs(args.base, args.adapter or [], args.model or [], args.base_label)
     command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
     check_output_dir(args.output)  # a file in the way is named as such before the lock tries to create beside it
+    if config.use_cache:  # results are cached after each task: a cache that cannot be written is said now
+        root = eval_cache_root(config)
+        fix = "Pass --cache-dir with a writable folder (or set TRL_PPLMASK_CACHE), or pass --no-cache"
+        check_writable(root, f"The eval cache {root}", fix)
     if (Path(args.output) / "report.json").exists() and not args.overwrite:
         raise ValueError(
             f"--output {args.output} already holds a report (report.json). Pass --overwrite to replace it, or another "

@@ -307,7 +307,7 @@ def load_any_dataset(spec: str, split: str = "train", config: str | None = None,
             raise ValueError(f"{spec} has no split {split!r}; it has {sorted(splits)}. Pass one with --split.")
         dataset = splits[split]
     elif path.is_file():
-        dataset = _load_file(path)
+        dataset = load_data_file(path)
     elif path.is_dir():
         check_data_files(path, config)
         dataset = load_dataset(spec, config, split=split)  # a Hub-layout folder (parquet files and a card)
@@ -392,7 +392,7 @@ def check_dataset_spec(spec: str) -> None:
         )
 
 
-def _load_file(path: Path) -> Dataset:
+def load_data_file(path: Path) -> Dataset:
     """A .jsonl/.json/.parquet/.csv file as a Dataset; a malformed or empty file is a clear `ValueError`."""
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
     if kind is None:

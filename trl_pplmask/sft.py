@@ -260,9 +260,9 @@ def load_datasets(script_args, dataset_args):
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({script_args.dataset_train_split: loaded})
     if path.is_file():
-        from .data import _load_file  # the CLI's own file loader: same formats, same errors for malformed files
+        from .data import load_data_file  # the CLI's own file loader: same formats, same errors for malformed files
 
-        return DatasetDict({script_args.dataset_train_split: _load_file(path)})
+        return DatasetDict({script_args.dataset_train_split: load_data_file(path)})
     if path.is_dir():  # a Hub-layout folder: a shard its records list may be missing
         from .data import check_data_files
 

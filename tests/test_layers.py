@@ -138,3 +138,30 @@ def test_lazy_exports_and_type_checking_imports_agree(path):
     assert typed == exports, "the TYPE_CHECKING block and _EXPORTS differ (add or remove the name in both)"
     package = importlib.import_module(_module_name(path))
     assert package.__all__ == sorted(exports)
+
+
+# Modules whose whole point is private borrowing, imported by name: `_compat` holds every private name of other
+# packages in one place (see its docstring)
+PRIVATE_MODULES_ALLOWED = {"_compat"}
+
+
+def _private_imports(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every `_name` a project import in `source` takes from another module."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("trl_pplmask")):
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            found += [(node.lineno, name) for name in private if name not in PRIVATE_MODULES_ALLOWED]
+    return found
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    """`from .x import _name` in another module means `_name` is not private: make it public (documented) or move it.
+    The package's own `_`-prefixed modules (`_compat`, `commands._args`, ...) are package-internal and allowed."""
+    assert _private_imports("from .scoring import _x, y\nfrom . import _compat\n") == [(1, "_x")]
+    crossing = [
+        f"{path.relative_to(PACKAGE)}:{line}: {name}"
+        for path in MODULES
+        for line, name in _private_imports(path.read_text())
+    ]
+    assert not crossing, "private names imported from another module:\n" + "\n".join(crossing)

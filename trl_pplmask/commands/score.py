@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..masking import IGNORE_INDEX, TRAINABLE_COLUMN, PplMaskConfig, completion_ppl, text_histogram
-from ._args import ArgumentParser, add_dataclass_arguments, from_namespace
+from ._command import Command
 from ._io import (
     check_aligned,
     check_output_folder,
@@ -23,7 +21,6 @@ from ._io import (
     output_lock,
     save_atomically,
 )
-from ._run import command_main
 
 
 DEFAULT_MODEL = EMBEDDED_MODEL_ALIAS
@@ -449,25 +446,8 @@ def _print_shard_summary(folder: Path, plan, nll_column: str, config: PplMaskCon
     print(histogram_text(counts, config.threshold))
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    return run(from_namespace(ScoreConfig, args))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    return add_dataclass_arguments(parser, ScoreConfig)
-
-
-def make_parser(prog: str = "trl-pplmask score") -> ArgumentParser:
-    return add_arguments(ArgumentParser(prog=prog, description=DESCRIPTION))
-
-
-def register_cli(subparsers) -> None:
-    """Add `score` to the `trl-pplmask` command (called by `trl_pplmask.cli`)."""
-    add_arguments(subparsers.add_parser("score", help=HELP, description=DESCRIPTION)).set_defaults(func=cmd_score)
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "trl-pplmask score") -> int:
-    return command_main(make_parser(prog), cmd_score, argv)
+COMMAND = Command(name="score", help=HELP, description=DESCRIPTION, config_class=ScoreConfig, run=run)
+register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def _score(data, model, out, *extra) -> int:
     return cli_main(["score", "--dataset", str(data), "--model", str(model), "--output", str(out), *extra])
 
 
-# Item 1: re-scoring a masked dataset must not destroy its mask
+# re-scoring a masked dataset must not destroy its mask
 def test_rescoring_a_masked_dataset_keeps_its_mask(scored, tiny_model_dir, tmp_path, capsys):
     masked = tmp_path / "masked"
     assert cli_main(["mask", "--input", str(scored), "--output", str(masked)]) == 0
@@ -83,7 +83,7 @@ def test_rescoring_a_masked_dataset_keeps_its_mask(scored, tiny_model_dir, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-# Item 2: the NLLs never overwrite training columns
+# the NLLs never overwrite training columns
 @pytest.mark.parametrize("column", ["labels", "input_ids", "trainable_mask", "prompt"])
 def test_output_column_cannot_overwrite_a_data_column(column, tmp_path, tiny_model_dir, capsys):
     data = _jsonl(tmp_path / "rows.jsonl", ROWS)
@@ -95,7 +95,7 @@ def _argv(data, model, out) -> list[str]:
     return ["score", "--dataset", str(data), "--model", str(model), "--output", str(out)]
 
 
-# Item 3: a non-positive --max-length is refused like `build` refuses it
+# a non-positive --max-length is refused like `build` refuses it
 @pytest.mark.parametrize("value", ["-5", "0"])
 def test_max_length_must_be_positive(value, tmp_path, tiny_model_dir, capsys):
     data = _jsonl(tmp_path / "rows.jsonl", ROWS)
@@ -103,7 +103,7 @@ def test_max_length_must_be_positive(value, tmp_path, tiny_model_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
-# Item 4: outputs are never written over in place, and nothing is written beside the input
+# outputs are never written over in place, and nothing is written beside the input
 def test_non_empty_output_is_refused_without_overwrite(scored, tmp_path, tiny_model_dir, capsys):
     data = _jsonl(tmp_path / "rows.jsonl", ROWS)
     out = tmp_path / "out"
@@ -157,7 +157,7 @@ def test_interrupted_save_keeps_the_previous_output(scored, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-# Item 5: inputs that used to be accepted silently
+# inputs that used to be accepted silently
 def test_negative_nlls_are_refused(scored, tmp_path, capsys):
     dataset = load_from_disk(str(scored))
     nll = [list(row) for row in dataset["token_nll"]]
@@ -475,7 +475,7 @@ def test_adapter_of_another_shape_is_refused(tmp_path, tiny_model_dir, capsys):
 
 
 def test_mask_selects_a_config_of_a_multi_config_folder(tmp_path, capsys):
-    """`mask --dataset-config` picks one scoring model's config of a Hub-layout folder (item 12)."""
+    """`mask --dataset-config` picks one scoring model's config of a Hub-layout folder."""
     folder = tmp_path / "gsm8k-pplmasked"
     for name, rows in (("a", 1), ("b", 2)):
         (folder / name).mkdir(parents=True)

@@ -245,7 +245,7 @@ def test_add_second_config_keeps_first_and_unmasked_test_split(built, tiny_model
     info = json.loads((folder / "tiny-llama" / "build_info.json").read_text())
     assert info["revision"] == "local" and info["splits"]["test"]["strategy"] == "none"
 
-    # Item 13: a config name is optional; the first built stays the default when configs are added, the card says so
+    # A config name is optional; the first built stays the default when configs are added, the card says so
     assert [c.get("default", False) for c in card.data.to_dict()["configs"]] == [True, False]
     assert load_dataset(str(folder), split="train").num_rows == LIMIT
     assert f"loads the default config,\n`{CONFIG}`" in card.text

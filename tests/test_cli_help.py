@@ -124,3 +124,44 @@ def test_sft_help_is_made_once_then_answered_without_torch(tmp_path):
     assert heavy == [] and second == first
     wider, _ = _help("sft", env={**env, "COLUMNS": "160"})  # argparse wraps to the terminal: another text, made anew
     assert wider != first and max(map(len, wider.splitlines())) > 100
+
+
+# Every option each command had when its options were first generated from one definition (issue 20): a refactoring
+# may add options or spellings, never drop one. `sft` is TRL's parser (test_sft_help_is_trls_parser).
+OPTIONS = {
+    "score": "--model --adapter --dtype --dataset --dataset-config --split --limit --output --overwrite --no-cache "
+    "--max-length --max-tokens-per-batch --score-all-tokens --disable-adapter --output-column --layout --shard-rows "
+    "--worker --config",
+    "mask": "--input --dataset-config --split --output --overwrite --strategy --threshold --fraction --seed "
+    "--dpf-nll-column --entropy-threshold --drop-empty --config",
+    "demo": "--output --num-examples --max-steps --config",
+    "build": "--dataset --dataset-config --format --models --config-names --default-config --splits --unmasked-splits "
+    "--threshold --limit --max-length --drop-empty --shard-rows --max-shard-size --overwrite --dtype "
+    "--max-tokens-per-batch --no-cache --cache-dir --output-dir --repo-id --pretty-name --license --language "
+    "--card-template --config",
+    "push": "folder --repo-id --private --revision --create-pr --token --commit-message --dry-run --config",
+    "self-output": "--dataset --dataset-config --split --limit --verifier --models --config-names --mode --num-samples "
+    "--temperature --top-p --max-new-tokens --selection --fallback --select-truncated --backend --tensor-parallel-size "
+    "--seed --batch-size --max-tokens-per-batch --dtype --ppl-threshold --output-dir --checkpoint-dir --max-shard-size "
+    "--repo-id --pretty-name --license --language --card-template --overwrite --config",
+    "eval": "--base --base-label --adapter --model --tasks --target --limit --split --output --overwrite "
+    "--max-new-tokens --instruction-max-new-tokens --drift-max-new-tokens --max-tokens-per-batch --max-batch-size "
+    "--dtype --device --nll-max-length --code-timeout --bootstrap --confidence --seed --reference --backend "
+    "--cache-dir --no-cache",
+    "study": "--config --output-dir --plan --dry-run",
+}
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    parser = build_parser([command])
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+@pytest.mark.parametrize("command", list(OPTIONS))
+def test_every_option_is_still_accepted(command):
+    """Each command still has every option (and positional argument) listed in OPTIONS."""
+    names = set()
+    for action in _command_parser(command)._actions:
+        names.update(action.option_strings or [action.dest])
+    missing = sorted(set(OPTIONS[command].split()) - names)
+    assert not missing, f"trl-pplmask {command} lost {missing}"

@@ -530,15 +530,15 @@ def _mask_fields(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
 
 
 def _derived_settings_classes():
-    from trl_pplmask.commands.build import BuildArguments
     from trl_pplmask.commands.mask import MaskConfig
+    from trl_pplmask.hub import BuildConfig
     from trl_pplmask.sft import PplMaskArguments
     from trl_pplmask.study.config import MaskSettings
 
     # A study leaves entropy_threshold unset unless its YAML sets it: each arm then gets the trainer's default
     return [
         (MaskConfig, "", {}),
-        (BuildArguments, "", {}),
+        (BuildConfig, "", {}),  # the `build` command's options
         (PplMaskArguments, "pplmask_", {}),
         (MaskSettings, "", {"entropy_threshold": None}),
     ]

@@ -4,9 +4,12 @@ A command describes its settings as a dataclass in TRL's style, one field per op
 `threshold: float = field(default=2.5, metadata={"help": "..."})`. [`add_dataclass_arguments`] makes each field an
 argparse option: `--` and the field name with dashes (`output_column` -> `--output-column`, read back as
 `args.output_column`); `int`, `float` or `str` from the annotation (`| None` allowed); `bool` -> a flag
-(`store_true`, the field's default as the default); `list[...]` -> several values (`nargs`, `+` unless the metadata
-says otherwise); no default -> required. The metadata may also give `choices`, `metavar`, `nargs`, `aliases` (more
-option strings) and `positional: True`.
+(`store_true`; a field that defaults to `True` is turned off by a flag named in `option`, e.g. `--no-cache` for
+`use_cache`); `list[...]` -> several values (`nargs`, `+` unless the metadata says otherwise); no default -> required.
+The metadata may also give `choices`, `metavar`, `nargs`, `type` (a function of the one value given, e.g. a
+comma-separated list), `option` (the option's name when it is not the field's, or `None`: the field is no option, it
+keeps its default or is set by the command), `aliases` (more option strings), `deprecated` (old spellings, still
+accepted with a warning) and `positional: True`. YAML `--config` settings are named like a field or like its option.
 
 transformers' `HfArgumentParser` (which TRL's parser extends) is not used: importing it imports transformers and
 torch, which `--help` must not, and it spells every option with underscores too and makes a `bool` field an option
@@ -61,10 +64,15 @@ class ArgumentParser(argparse.ArgumentParser):
             return []
         if not isinstance(settings, dict):
             self.error(f"--config {path} must map settings to values (e.g. `max_length: 512`).")
-        options = {a.dest: a for a in self._actions if a.option_strings and a.dest not in ("help", "config")}
+        actions = [a for a in self._actions if a.option_strings and a.dest not in ("help", "config")]
+        options = {setting_name(a): a for a in actions}  # named like the option (`no_cache`) or its field
+        fields = {a.dest: a for a in actions if a.dest not in options}
         tokens = []
         for key, value in settings.items():
-            action = options.get(str(key).replace("-", "_"))
+            name = str(key).replace("-", "_")
+            action = options.get(name)
+            if action is None and name in fields:  # the field's name: `use_cache: false` is `--no-cache`
+                action, value = fields[name], _field_value(fields[name], value)
             if action is None:
                 if any(a.dest == key and not a.option_strings for a in self._actions):
                     self.error(f"--config {path}: {key!r} is given on the command line, not in the file.")
@@ -89,21 +97,56 @@ def _config_path(args: list[str]) -> str | None:
     return path
 
 
+def setting_name(action: argparse.Action) -> str:
+    """The name of `action`'s setting in a YAML `--config` file: its option with underscores (`no_cache`)."""
+    return next(s for s in action.option_strings if s.startswith("--"))[2:].replace("-", "_")
+
+
+def _field_value(action: argparse.Action, value: Any) -> Any:
+    """The YAML `value` of a flag named by its field rather than its option (`use_cache: false` for `--no-cache`):
+    whether to give the flag."""
+    if action.nargs == 0 and isinstance(value, bool):
+        return value == action.const
+    return value
+
+
 def _option_tokens(action: argparse.Action, value: Any) -> list[str]:
-    """The command-line tokens that give `action` the YAML `value` (argparse converts and checks them)."""
+    """The command-line tokens that give `action` the YAML `value` (argparse converts and checks them); a flag
+    (`--no-cache`) is given for `true`."""
     flag = next(s for s in action.option_strings if s.startswith("--"))
     if value is None:
         return []
     if action.nargs == 0:  # a flag
         if not isinstance(value, bool):
             raise ValueError(f"takes true or false, got {value!r}")
-        return [flag] if value == action.const else []
+        return [flag] if value else []
     if action.nargs in ("+", "*"):
         values = value if isinstance(value, list) else [value]
         return [flag, *map(str, values)]
     if isinstance(value, (list, dict)):
         raise ValueError(f"takes one value, got {value!r}")
     return [f"{flag}={value}"]  # `=`: a value that starts with `-` stays a value
+
+
+OUTPUT_DIR_OPTION = "--output-dir"  # the one spelling of a command's output folder (TRL spells it --output_dir)
+
+
+def output_dir_field(help: str, **kwargs: Any) -> Any:
+    """The field of a command's output folder: `--output-dir`, as `build`, `self-output` and `study` (and the
+    datasets and huggingface-cli commands) spell it; `--output`, its old spelling in `score`, `mask`, `demo` and
+    `eval`, is still accepted with a warning.
+
+    Args:
+        help (`str`): The option's help.
+        kwargs: `default=` (none: the option is required).
+    """
+    metadata = {
+        "help": f"{help} (--output: the old spelling, deprecated.)",
+        "option": OUTPUT_DIR_OPTION,
+        "metavar": "OUTPUT_DIR",
+        "deprecated": ("--output",),
+    }
+    return dataclasses.field(metadata=metadata, **kwargs)
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -135,7 +178,8 @@ def add_dataclass_arguments(
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         meta = field.metadata
-        kind = _annotation(hints[field.name])
+        if meta.get("option", "") is None:  # set by the command, or left at its default
+            continue
         kwargs: dict[str, Any] = {"help": meta["help"]}
         for key in ("choices", "metavar"):
             if key in meta:
@@ -149,23 +193,68 @@ def add_dataclass_arguments(
             continue
         if "default" not in kwargs:
             kwargs["required"] = True
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        elif typing.get_origin(kind) is list:
-            kwargs["nargs"] = meta.get("nargs", "+")
-            (item,) = typing.get_args(kind)
-            if item is not str:
-                kwargs["type"] = item
-        elif kind in (int, float):
-            kwargs["type"] = kind
-        elif kind is not str:
-            raise TypeError(f"{config_class.__name__}.{field.name}: no option for the type {kind!r}.")
-        parser.add_argument("--" + field.name.replace("_", "-"), *meta.get("aliases", ()), **kwargs)
+        kwargs.update(_value_kwargs(config_class, field, _annotation(hints[field.name])))
+        deprecated = tuple(meta.get("deprecated", ()))
+        if deprecated:
+            kwargs["action"] = _warning_action(parser, kwargs.get("action", "store"), deprecated)
+        option = meta.get("option", "--" + field.name.replace("_", "-"))
+        if option[2:] != field.name.replace("_", "-") and kwargs.get("action") is None:  # named like the option
+            kwargs.setdefault("metavar", option[2:].replace("-", "_").upper())
+        parser.add_argument(option, *meta.get("aliases", ()), *deprecated, dest=field.name, **kwargs)
     if config_option:
         add_config_option(parser)
     return parser
 
 
-def from_namespace(config_class: type[T], args: argparse.Namespace) -> T:
-    """The `config_class` instance of arguments parsed from [`add_dataclass_arguments`] options."""
-    return config_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(config_class)})
+def _value_kwargs(config_class: type, field: dataclasses.Field, kind: Any) -> dict[str, Any]:
+    """The `add_argument` settings of the values of `field` (of annotation `kind`, without `| None`)."""
+    meta = field.metadata
+    if "type" in meta:  # one value, converted by the given function
+        return {"type": meta["type"]}
+    if kind is bool:
+        if field.default is True:  # only a flag named in `option` (`--no-cache`) can turn it off
+            if "option" not in meta:
+                raise TypeError(f"{config_class.__name__}.{field.name} defaults to True: name its flag in `option`.")
+            return {"action": "store_false"}
+        return {"action": "store_true"}
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return {"nargs": meta.get("nargs", "+"), **({} if item is str else {"type": item})}
+    if kind in (int, float):
+        return {"type": kind}
+    if kind is not str:
+        raise TypeError(f"{config_class.__name__}.{field.name}: no option for the type {kind!r}.")
+    return {}
+
+
+_WARNED: set[str] = set()  # the deprecated spellings already warned about in this process
+
+
+def warn_deprecated(prog: str, spelling: str, option: str) -> None:
+    """Say once per process, on stderr, that `spelling` is an old name of `option`."""
+    if spelling not in _WARNED:
+        _WARNED.add(spelling)
+        print(f"{prog}: warning: {spelling} is deprecated; use {option} (the same option).", file=sys.stderr)
+
+
+def _warning_action(parser: argparse.ArgumentParser, action: str, deprecated: tuple[str, ...]) -> type:
+    """The argparse action `action` (`"store"`, `"store_true"`, ...) that warns when given under a `deprecated`
+    spelling ([`warn_deprecated`])."""
+    base = parser._registry_get("action", action, action)
+
+    class WarningAction(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            if option_string in deprecated:
+                warn_deprecated(parser.prog, option_string, self.option_strings[0])
+            super().__call__(parser, namespace, values, option_string)
+
+    return WarningAction
+
+
+def from_namespace(config_class: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """The `config_class` instance of arguments parsed from [`add_dataclass_arguments`] options; `values` sets the
+    fields that are no option (those not given keep their default)."""
+    for field in dataclasses.fields(config_class):
+        if field.name not in values and field.metadata.get("option", "") is not None:
+            values[field.name] = getattr(args, field.name)
+    return config_class(**values)

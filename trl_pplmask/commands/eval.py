@@ -1,10 +1,10 @@
 """`trl-pplmask eval`: its arguments and the command.
 
 Importing this module loads neither torch nor the data libraries, so that `trl-pplmask eval --help` answers fast; the
-command imports the work when it runs. Its options are written with argparse rather than generated from a dataclass
-(`_args`): `--adapter` and `--model` are repeatable `[LABEL=]PATH` pairs, `--split` repeatable `DATASET=SPLIT`
-overrides and `--tasks` a comma-separated list, all turned into an [`~trl_pplmask.evaluation.EvalConfig`] and model
-specs by `cmd_eval`; and its help lists the tasks that `trl_pplmask.evaluation` knows when it is imported.
+command imports the work when it runs. The options are generated (see `_args`) from [`EvalArguments`] (the models'
+base, the report folder) and from [`~trl_pplmask.evaluation.EvalConfig`] (`--tasks` is a comma-separated list); only
+the repeatable forms are written by hand: `--adapter` and `--model` (`[LABEL=]PATH` pairs, turned into model specs)
+and `--split` (`DATASET=SPLIT` overrides, `EvalConfig.splits`).
 """
 
 from __future__ import annotations
@@ -14,71 +14,51 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import EMBEDDED_MODEL_ALIAS
-from ..evaluation.config import BACKENDS, EvalConfig, build_model_specs
+from ..evaluation.config import EvalConfig, build_model_specs
 from ..evaluation.harness import LmEvalError, check_lm_eval_backend
-from ..evaluation.tasks import DEFAULT_TASKS, available_tasks
 from ..utils import OutputLock, check_writable
+from ._args import add_dataclass_arguments, from_namespace, output_dir_field
 from ._command import Command
 
 
 HELP = "Forgetting report: target and non-target tasks, base against fine-tuned models."
 
 
+@dataclass(kw_only=True)
+class EvalArguments:
+    """The options of `trl-pplmask eval` that are not [`~trl_pplmask.evaluation.EvalConfig`]'s.
+
+    Args:
+        base (`str`, *optional*, defaults to the embedded model): The model the fine-tuned ones started from.
+        base_label (`str`, *optional*, defaults to `"base"`): Its row name in the report.
+        output_dir (`str`, *optional*, defaults to `"eval_report"`): Folder of `report.json`, `report.md` and
+            `report.png`.
+        overwrite (`bool`, *optional*, defaults to `False`): Replace the report already in `output_dir`.
+    """
+
+    base: str = field(
+        default=EMBEDDED_MODEL_ALIAS, metadata={"help": "Base model: Hub id, local path or the embedded alias."}
+    )
+    base_label: str = field(default="base", metadata={"help": "Row name of the base model."})
+    output_dir: str = output_dir_field("Folder of report.json, report.md, report.png.", default="eval_report")
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace the report already in --output-dir (refused without it)."}
+    )
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `trl-pplmask eval`."""
-    parser.add_argument(
-        "--base", default=EMBEDDED_MODEL_ALIAS, help="Base model: Hub id, local path or the embedded alias."
-    )
-    parser.add_argument("--base-label", default="base", help="Row name of the base model.")
+    add_dataclass_arguments(parser, EvalArguments, config_option=False)
     parser.add_argument(
         "--adapter", action="append", metavar="[LABEL=]PATH", help="PEFT adapter trained on --base (repeatable)."
     )
     parser.add_argument("--model", action="append", metavar="[LABEL=]PATH", help="Full fine-tuned model (repeatable).")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"Comma-separated: {available_tasks()}.")
-    parser.add_argument("--target", help="The fine-tuning task, one of --tasks (default: the first).")
-    parser.add_argument("--limit", type=int, help="Evaluate the first N items of each task.")
     parser.add_argument("--split", action="append", metavar="DATASET=SPLIT", help="Split override (repeatable).")
-    parser.add_argument("--output", default="eval_report", help="Folder of report.json, report.md, report.png.")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace the report already in --output (refused without it)."
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="Generation budget per answer.")
-    parser.add_argument(
-        "--instruction-max-new-tokens", type=int, default=192, help="Budget of the instruction_following answers."
-    )
-    parser.add_argument(
-        "--drift-max-new-tokens", type=int, default=96, help="Budget of the base answers scored by <task>_drift."
-    )
-    parser.add_argument("--max-tokens-per-batch", type=int, help="Token budget of a batch (default: by device).")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="Most prompts per generation batch.")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
-    parser.add_argument("--nll-max-length", type=int, default=2048, help="max_length of the <task>_nll tokenization.")
-    parser.add_argument("--code-timeout", type=float, default=10.0, help="Seconds per sandboxed code test.")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the intervals.")
-    parser.add_argument("--confidence", type=float, default=0.95, help="Level of the bootstrap intervals.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of torch and of the bootstrap (default: 0).")
-    parser.add_argument(
-        "--reference",
-        metavar="LABEL",
-        help="A fine-tuned model (e.g. gt) the others are compared with: share of its target gain kept and of its "
-        "non-target degradation avoided.",
-    )
-    parser.add_argument(
-        "--backend",
-        default="builtin",
-        choices=BACKENDS,
-        help="builtin: the paper's prompts, offline, sandboxed code. lm-eval: lm-evaluation-harness's own gsm8k and "
-        "arc_challenge tasks for gsm8k and arc_challenge_mc (harness prompts; data from TRL_PPLMASK_DATA_DIR when "
-        "set, else the Hub; an lm-eval failure is an error), builtin for the rest (the report names each task's "
-        "backend).",
-    )
-    parser.add_argument("--cache-dir", help="Result cache (default: <TRL_PPLMASK_CACHE>/eval).")
-    parser.add_argument("--no-cache", action="store_true", help="Neither read nor write cached results.")
-    return parser
+    return add_dataclass_arguments(parser, EvalConfig, config_option=False)
 
 
 def _split_overrides(values: Sequence[str]) -> dict[str, str]:
@@ -100,51 +80,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation.runner import run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = EvalConfig(
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        target=args.target,
-        limit=args.limit,
-        splits=_split_overrides(args.split or []),
-        max_new_tokens=args.max_new_tokens,
-        instruction_max_new_tokens=args.instruction_max_new_tokens,
-        drift_max_new_tokens=args.drift_max_new_tokens,
-        max_tokens_per_batch=args.max_tokens_per_batch,
-        max_batch_size=args.max_batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        nll_max_length=args.nll_max_length,
-        code_timeout=args.code_timeout,
-        n_resamples=args.bootstrap,
-        confidence=args.confidence,
-        seed=args.seed,
-        reference=args.reference,
-        backend=args.backend,
-        cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
-    )
+    arguments = from_namespace(EvalArguments, args)
+    config = from_namespace(EvalConfig, args, splits=_split_overrides(args.split or []))
     check_lm_eval_backend(config)  # a missing lm-eval is an error before any work, never a silent fallback
-    specs = build_model_specs(args.base, args.adapter or [], args.model or [], args.base_label)
+    specs = build_model_specs(arguments.base, args.adapter or [], args.model or [], arguments.base_label)
     command = " ".join(["trl-pplmask", *sys.argv[1:]]) if sys.argv else None
-    check_output_dir(args.output)  # a file in the way is named as such before the lock tries to create beside it
+    output = arguments.output_dir
+    check_output_dir(output)  # a file in the way is named as such before the lock tries to create beside it
     if config.use_cache:  # results are cached after each task: a cache that cannot be written is said now
         root = eval_cache_root(config)
         fix = "Pass --cache-dir with a writable folder (or set TRL_PPLMASK_CACHE), or pass --no-cache"
         check_writable(root, f"The eval cache {root}", fix)
-    if (Path(args.output) / "report.json").exists() and not args.overwrite:
+    if (Path(output) / "report.json").exists() and not arguments.overwrite:
         raise ValueError(
-            f"--output {args.output} already holds a report (report.json). Pass --overwrite to replace it, or another "
-            "--output (cached results make a rerun with one more model cheap)."
+            f"--output-dir {output} already holds a report (report.json). Pass --overwrite to replace it, or another "
+            "--output-dir (cached results make a rerun with one more model cheap)."
         )
     try:
-        with OutputLock(args.output, what="report folder (--output)"):
-            report = run_evaluation(specs, config, args.output, command)
+        with OutputLock(output, what="report folder (--output-dir)"):
+            report = run_evaluation(specs, config, output, command)
     except LmEvalError as err:  # one line, as for bad input (the cause's traceback with TRL_PPLMASK_DEBUG set)
         if os.environ.get("TRL_PPLMASK_DEBUG"):
             raise
         print(f"trl-pplmask eval: error: {err}", file=sys.stderr)
         return 2
     print(render_markdown(report))
-    print(f"Report -> {', '.join(str(Path(args.output) / name) for name in REPORT_FILES)}")
+    print(f"Report -> {', '.join(str(Path(output) / name) for name in REPORT_FILES)}")
     return 0
 
 
@@ -154,7 +115,7 @@ DESCRIPTION = (
 )
 
 
-# The options are written by hand (`add_eval_args`): `cmd_eval` receives the parsed namespace itself
+# `cmd_eval` receives the parsed namespace itself: EvalArguments, EvalConfig and the repeatable options
 COMMAND = Command(name="eval", help=HELP, description=DESCRIPTION, run=cmd_eval, add_arguments=add_eval_args)
 register_cli, make_parser, main = COMMAND.register_cli, COMMAND.make_parser, COMMAND.main
 

@@ -11,11 +11,16 @@ from dataclasses import dataclass, field
 
 from ..models import model_slug, resolve_model_path
 from ..tasks import TASKS
-from .tasks import DEFAULT_TASKS, resolve_task
+from .tasks import DEFAULT_TASKS, available_tasks, resolve_task
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("builtin", "lm-eval")
+
+
+def comma_separated(value: str) -> list[str]:
+    """The names of a comma-separated list (`gsm8k, mbpp` -> `["gsm8k", "mbpp"]`; blanks dropped)."""
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 @dataclass
@@ -71,27 +76,61 @@ class EvalConfig:
             Show progress bars.
     """
 
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    target: str | None = None
-    limit: int | None = None
-    splits: dict[str, str] = field(default_factory=dict)
-    max_new_tokens: int = 512
-    instruction_max_new_tokens: int = 192
-    drift_max_new_tokens: int = 96
-    max_tokens_per_batch: int | None = None
-    max_batch_size: int = 64
-    dtype: str = "auto"
-    device: str | None = None
-    nll_max_length: int = 2048
-    code_timeout: float = 10.0
-    n_resamples: int = 1000
-    confidence: float = 0.95
-    seed: int = 0
-    reference: str | None = None
-    backend: str = "builtin"
-    cache_dir: str | None = None
-    use_cache: bool = True
-    show_progress: bool = True
+    # The help strings are `trl-pplmask eval`'s (its options are these fields, see `trl_pplmask.commands._args`)
+    tasks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TASKS),
+        metadata={"help": f"Comma-separated: {available_tasks()}.", "type": comma_separated},
+    )
+    target: str | None = field(
+        default=None, metadata={"help": "The fine-tuning task, one of --tasks (default: the first)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Evaluate the first N items of each task."})
+    splits: dict[str, str] = field(default_factory=dict, metadata={"option": None})  # --split DATASET=SPLIT, repeated
+    max_new_tokens: int = field(default=512, metadata={"help": "Generation budget per answer."})
+    instruction_max_new_tokens: int = field(
+        default=192, metadata={"help": "Budget of the instruction_following answers."}
+    )
+    drift_max_new_tokens: int = field(
+        default=96, metadata={"help": "Budget of the base answers scored by <task>_drift."}
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "Token budget of a batch (default: by device)."}
+    )
+    max_batch_size: int = field(default=64, metadata={"help": "Most prompts per generation batch."})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: CUDA when available)."}
+    )
+    nll_max_length: int = field(default=2048, metadata={"help": "max_length of the <task>_nll tokenization."})
+    code_timeout: float = field(default=10.0, metadata={"help": "Seconds per sandboxed code test."})
+    n_resamples: int = field(
+        default=1000, metadata={"help": "Bootstrap resamples of the intervals.", "option": "--bootstrap"}
+    )
+    confidence: float = field(default=0.95, metadata={"help": "Level of the bootstrap intervals."})
+    seed: int = field(default=0, metadata={"help": "Seed of torch and of the bootstrap (default: 0)."})
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "A fine-tuned model (e.g. gt) the others are compared with: share of its target gain kept and of "
+            "its non-target degradation avoided.",
+            "metavar": "LABEL",
+        },
+    )
+    backend: str = field(
+        default="builtin",
+        metadata={
+            "help": "builtin: the paper's prompts, offline, sandboxed code. lm-eval: lm-evaluation-harness's own "
+            "gsm8k and arc_challenge tasks for gsm8k and arc_challenge_mc (harness prompts; data from "
+            "TRL_PPLMASK_DATA_DIR when set, else the Hub; an lm-eval failure is an error), builtin for the rest (the "
+            "report names each task's backend).",
+            "choices": BACKENDS,
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Result cache (default: <TRL_PPLMASK_CACHE>/eval)."})
+    use_cache: bool = field(
+        default=True, metadata={"help": "Neither read nor write cached results.", "option": "--no-cache"}
+    )
+    show_progress: bool = field(default=True, metadata={"option": None})
 
     def __post_init__(self):
         self.tasks = list(dict.fromkeys(self.tasks))  # a task named twice is evaluated once

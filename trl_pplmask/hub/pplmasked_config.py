@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..constants import DEFAULT_THRESHOLD, EMBEDDED_MODEL_ALIAS
+from ..constants import EMBEDDED_MODEL_ALIAS
+from ..masking import mask_field
 from .builder import FolderSettings
 from .folder import check_config_name
 from .shards import DEFAULT_SHARD_ROWS
@@ -82,32 +83,77 @@ class BuildConfig(FolderSettings):
             The command line that ran the build, recorded in the card. Set by the CLI.
     """
 
-    dataset: str
-    output_dir: str | None = None
-    models: list[str] = field(default_factory=lambda: [EMBEDDED_MODEL_ALIAS])
-    config_names: list[str] | None = None
-    splits: list[str] = field(default_factory=lambda: ["train"])
-    dataset_config: str | None = None
-    format: str = "auto"
-    threshold: float = DEFAULT_THRESHOLD
-    unmasked_splits: list[str] = field(default_factory=lambda: ["test"])
-    limit: int | None = None
-    max_length: int | None = 1024
-    drop_empty: bool = False
-    shard_rows: int = DEFAULT_SHARD_ROWS
-    max_shard_size: int | str = "500MB"
-    overwrite: bool = False
-    dtype: str = "auto"
-    max_tokens_per_batch: int | None = None
-    use_cache: bool = True
-    cache_dir: str | None = None
-    repo_id: str | None = None
-    pretty_name: str | None = None
-    license: str | None = None
-    language: list[str] = field(default_factory=lambda: ["en"])
-    template_path: str | None = None
-    command: str | None = None
-    default_config: str | None = None
+    # The help strings are `trl-pplmask build`'s (its options are these fields, see `commands._args`)
+    dataset: str = field(
+        metadata={
+            "help": "Task (gsm8k, mbpp, math, arc_challenge), Hub dataset id, or local .jsonl/.parquet file or folder."
+        }
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Folder to write (default: <dataset>-pplmasked)."})
+    models: list[str] = field(
+        default_factory=lambda: [EMBEDDED_MODEL_ALIAS], metadata={"help": "Scoring models: one config each."}
+    )
+    config_names: list[str] | None = field(
+        default=None, metadata={"help": "Config name per model (default: slug of the model name)."}
+    )
+    splits: list[str] = field(
+        default_factory=lambda: ["train"], metadata={"help": "Splits to build (default: train)."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
+    format: str = field(default="auto", metadata={"help": "TRL format every row must follow.", "choices": FORMATS})
+    threshold: float = mask_field("threshold")
+    unmasked_splits: list[str] = field(
+        default_factory=lambda: ["test"], metadata={"help": "Splits left unmasked (default: test).", "nargs": "*"}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N rows of each split."})
+    max_length: int | None = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
+    drop_empty: bool = field(default=False, metadata={"help": "Drop examples left with no trainable token."})
+    shard_rows: int = field(
+        default=DEFAULT_SHARD_ROWS,
+        metadata={
+            "help": f"Source rows per parquet shard (default {DEFAULT_SHARD_ROWS}): built one at a time, each process "
+            "of a launch its own, resumed after a kill."
+        },
+    )
+    max_shard_size: int | str = field(
+        default="500MB",
+        metadata={"help": "Warn when a shard is larger than this in memory (default: 500MB).", "type": str},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Discard an unfinished earlier build with other settings or model, and replace a card edited by "
+            "hand inside its generated part, instead of refusing (text outside the card's markers is always kept)."
+        },
+    )
+    dtype: str = field(default="auto", metadata={"help": "Scoring dtype: auto, float32, bfloat16 or float16."})
+    max_tokens_per_batch: int | None = field(default=None, metadata={"help": "Scoring token budget per batch."})
+    use_cache: bool = field(
+        default=True, metadata={"help": "Rescore even if identical scores are cached.", "option": "--no-cache"}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where scores are cached (default: the trl-pplmask cache)."}
+    )
+    repo_id: str | None = field(
+        default=None, metadata={"help": "Hub repo the folder is for (usage snippets, default of push)."}
+    )
+    pretty_name: str | None = field(default=None, metadata={"help": "Card title."})
+    license: str | None = field(default=None, metadata={"help": "License of the source data (known for the tasks)."})
+    language: list[str] = field(
+        default_factory=lambda: ["en"], metadata={"help": "Languages of the data (default: en)."}
+    )
+    template_path: str | None = field(
+        default=None,
+        metadata={"help": "Jinja template of the card (default: cards/).", "option": "--card-template"},
+    )
+    command: str | None = field(default=None, metadata={"option": None})  # set by the command line that builds
+    default_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Config that load_dataset(repo) loads without a config name (default: the one the card already "
+            "marks, else the first built)."
+        },
+    )
 
     folder_suffix = "pplmasked"
 

@@ -144,7 +144,7 @@ def cli(*args: str) -> list[str]:
 
 
 def score_argv(model: Path, rows: Path, out: str, shard_rows: int) -> list[str]:
-    argv = ["score", "--dataset", str(rows), "--model", str(model), "--output", out]
+    argv = ["score", "--dataset", str(rows), "--model", str(model), "--output-dir", out]
     return argv + ["--layout", "shards", "--shard-rows", str(shard_rows)]
 
 

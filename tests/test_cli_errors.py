@@ -288,8 +288,8 @@ BAD_INPUTS = {
         ["no-tokenizer has no tokenizer files", "tokenizer.json", "holds config.json"],
     ),
     "score-output-is-the-current-directory": (
-        ["score", "--dataset", "{w}/rows.jsonl", "--output", ".", "--overwrite"],
-        ["--output . is the current directory"],
+        ["score", "--dataset", "{w}/rows.jsonl", "--output-dir", ".", "--overwrite"],
+        ["--output-dir . is the current directory"],
     ),
     # mask
     "mask-zero-rows": (["mask", "--input", "{w}/zero"], ["saved dataset with no rows"]),
@@ -350,7 +350,10 @@ BAD_INPUTS = {
     # eval: every setting is checked before any model is loaded
     "eval-unknown-task": (["eval", "--tasks", "gsm8k,gsm9k"], ["Unknown task 'gsm9k'", "did you mean 'gsm8k'"]),
     "eval-confidence": (["eval", "--tasks", "gsm8k", "--confidence", "1.5"], ["--confidence", "1.5", "0.95"]),
-    "eval-output-is-a-file": (["eval", "--tasks", "gsm8k", "--output", "{w}/rows.jsonl"], ["--output", "is a file"]),
+    "eval-output-is-a-file": (
+        ["eval", "--tasks", "gsm8k", "--output-dir", "{w}/rows.jsonl"],
+        ["--output-dir", "is a file"],
+    ),
     "eval-bad-split": (["eval", "--tasks", "mbpp", "--split", "mbpp"], ["--split takes DATASET=SPLIT", "'mbpp'"]),
     "eval-unknown-reference": (["eval", "--tasks", "gsm8k", "--reference", "gt"], ["reference model 'gt'"]),
     # sft (TRL's parser): refused before any model or data is loaded
@@ -404,11 +407,11 @@ BAD_INPUTS = {
     ),
 }
 _OUTPUT_OPTION = {
-    "score": "--output",
-    "mask": "--output",
+    "score": "--output-dir",
+    "mask": "--output-dir",
     "build": "--output-dir",
     "self-output": "--output-dir",
-    "eval": "--output",
+    "eval": "--output-dir",
     "sft": "--output_dir",
     "study": "--output-dir",
 }

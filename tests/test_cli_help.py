@@ -140,10 +140,11 @@ OPTIONS = {
     "--max-tokens-per-batch --no-cache --cache-dir --output-dir --repo-id --pretty-name --license --language "
     "--card-template --config",
     "push": "folder --repo-id --private --revision --create-pr --token --commit-message --dry-run --config",
-    "self-output": "--dataset --dataset-config --split --limit --verifier --models --config-names --mode --num-samples "
-    "--temperature --top-p --max-new-tokens --selection --fallback --select-truncated --backend --tensor-parallel-size "
-    "--seed --batch-size --max-tokens-per-batch --dtype --ppl-threshold --output-dir --checkpoint-dir --max-shard-size "
-    "--repo-id --pretty-name --license --language --card-template --overwrite --config",
+    "self-output": "--dataset --dataset-config --split --limit --verifier --models --config-names --mode "
+    "--num-samples --temperature --top-p --max-new-tokens --selection --fallback --select-truncated --backend "
+    "--tensor-parallel-size --seed --batch-size --max-tokens-per-batch --dtype --ppl-threshold --output-dir "
+    "--checkpoint-dir --max-shard-size --repo-id --pretty-name --license --language --card-template --overwrite "
+    "--config",
     "eval": "--base --base-label --adapter --model --tasks --target --limit --split --output --overwrite "
     "--max-new-tokens --instruction-max-new-tokens --drift-max-new-tokens --max-tokens-per-batch --max-batch-size "
     "--dtype --device --nll-max-length --code-timeout --bootstrap --confidence --seed --reference --backend "

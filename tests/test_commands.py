@@ -6,24 +6,34 @@ import dataclasses
 
 import pytest
 
-from trl_pplmask.commands import build, demo, mask, push, score, self_output
+from trl_pplmask.commands import build, demo, eval as eval_command, mask, push, score, self_output
 
 
-@pytest.mark.parametrize("module", [score, mask, demo, build, push, self_output], ids=lambda m: m.__name__)
-def test_every_field_is_an_option_with_its_help(module):
+def _option_classes():
+    from trl_pplmask.evaluation import EvalConfig
+
+    classes = [(m, [m.COMMAND.config_class]) for m in (score, mask, demo, build, push, self_output)]
+    return [*classes, (eval_command, [eval_command.EvalArguments, EvalConfig])]
+
+
+@pytest.mark.parametrize(("module", "classes"), _option_classes(), ids=lambda m: getattr(m, "__name__", ""))
+def test_every_field_is_an_option_with_its_help(module, classes):
+    """Each field of the command's config classes is an option with the field's help and default, but those that say
+    they are none (`option: None`: set by the command, e.g. the build's recorded command line)."""
     parser = module.make_parser()
-    config = next(
-        getattr(module, name)
-        for name in dir(module)
-        if dataclasses.is_dataclass(getattr(module, name)) and getattr(module, name).__module__ == module.__name__
-    )
     actions = {action.dest: action for action in parser._actions}
-    for item in dataclasses.fields(config):
-        action = actions.get(item.name)
-        assert action is not None, f"{module.__name__}: field {item.name} has no option"
-        assert action.help == item.metadata["help"], item.name
-        if item.default is not dataclasses.MISSING:
-            assert action.default == item.default, item.name
+    for config in classes:
+        for item in dataclasses.fields(config):
+            action = actions.get(item.name)
+            if item.metadata.get("option", "") is None:
+                assert action is None, f"{module.__name__}: {item.name} is an option"
+                continue
+            assert action is not None, f"{module.__name__}: field {item.name} has no option"
+            assert action.help == item.metadata["help"], item.name
+            if item.default is not dataclasses.MISSING:
+                assert action.default == item.default, item.name
+            elif item.default_factory is not dataclasses.MISSING:
+                assert action.default == item.default_factory(), item.name
 
 
 def test_yaml_config_sets_options_and_flags_override_it(tmp_path):
@@ -37,7 +47,7 @@ def test_yaml_config_sets_options_and_flags_override_it(tmp_path):
         5.0,
         True,
     )
-    args = mask.make_parser().parse_args(["--config", str(path), "--threshold", "3", "--output", "other"])
+    args = mask.make_parser().parse_args(["--config", str(path), "--threshold", "3", "--output-dir", "other"])
     assert (args.threshold, args.output, args.strategy) == (3.0, "other", "random")
 
 
@@ -71,7 +81,61 @@ def test_demo_runs_end_to_end(tmp_path, data_dir, capsys):
     """`make demo` in small: the embedded model scores, masks and trains (one step) with the collator."""
     from trl_pplmask.cli import main
 
-    assert main(["demo", "--output", str(tmp_path / "demo"), "--num-examples", "4", "--max-steps", "1"]) == 0
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--num-examples", "4", "--max-steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "[4/4] Summary" in out and "masked fraction" in out
     assert (tmp_path / "demo" / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module", [score, mask, demo, eval_command], ids=lambda m: m.__name__)
+def test_output_dir_is_the_output_option_and_output_still_works_with_one_warning(module, monkeypatch, capsys):
+    """Every command spells its output folder `--output-dir` (as build, self-output and study do); `--output`, the
+    old spelling, sets the same setting and says once on stderr that it is deprecated."""
+    from trl_pplmask.commands import _args
+
+    monkeypatch.setattr(_args, "_WARNED", set())
+    required = {score: ["--dataset", "d"], mask: ["--input", "i"]}.get(module, [])
+    parser = module.make_parser()
+    new = vars(parser.parse_args([*required, "--output-dir", "out"]))
+    assert capsys.readouterr().err == ""
+    assert vars(parser.parse_args([*required, "--output", "out"])) == new
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "--output is deprecated; use --output-dir" in err
+    assert vars(module.make_parser().parse_args([*required, "--output", "out"])) == new
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_build_options_are_build_config(tmp_path):
+    """`build`'s options are BuildConfig's fields: the defaults parse to BuildConfig's own, `--no-cache` and
+    `--card-template` set `use_cache` and `template_path`, and YAML settings are named like the option or the field."""
+    from trl_pplmask.commands._args import from_namespace
+    from trl_pplmask.hub import BuildConfig
+
+    parser = build.make_parser()
+    assert from_namespace(BuildConfig, parser.parse_args(["--dataset", "gsm8k"])) == BuildConfig(dataset="gsm8k")
+    args = parser.parse_args(["--dataset", "gsm8k", "--no-cache", "--card-template", "card.jinja", "--limit", "3"])
+    config = build.build_config_from_args(args)
+    assert (config.use_cache, config.template_path, config.limit) == (False, "card.jinja", 3)
+    assert config.command.startswith("trl-pplmask build --dataset gsm8k ") and "--limit 3" in config.command
+    assert "--no-cache" not in config.command and "card.jinja" not in config.command
+    path = tmp_path / "build.yaml"
+    for text, use_cache in (("no_cache: true", False), ("use_cache: false", False), ("use_cache: true", True)):
+        path.write_text(f"dataset: gsm8k\n{text}\ncard_template: t.jinja\n")
+        args = parser.parse_args(["--config", str(path)])
+        assert (args.use_cache, args.template_path) == (use_cache, "t.jinja"), text
+
+
+def test_eval_options_are_eval_config():
+    """`eval`'s options are EvalConfig's fields (and EvalArguments'): the defaults parse to EvalConfig's own;
+    `--tasks` is comma-separated, `--bootstrap` is `n_resamples`, `--no-cache` turns `use_cache` off, and the
+    repeatable `--split DATASET=SPLIT` fills `splits`."""
+    from trl_pplmask.commands._args import from_namespace
+    from trl_pplmask.evaluation import EvalConfig
+
+    parser = eval_command.make_parser()
+    assert from_namespace(EvalConfig, parser.parse_args([])) == EvalConfig()
+    argv = ["--tasks", "gsm8k, mbpp_nll", "--bootstrap", "10", "--no-cache", "--split", "mbpp=train"]
+    args = parser.parse_args(argv)
+    config = from_namespace(EvalConfig, args, splits={"mbpp": "train"})
+    assert (config.tasks, config.n_resamples, config.use_cache) == (["gsm8k", "mbpp_nll"], 10, False)
+    assert args.split == ["mbpp=train"] and config.splits == {"mbpp": "train"}

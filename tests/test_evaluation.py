@@ -543,7 +543,7 @@ def test_cli_eval_end_to_end(tmp_path, data_dir, capsys):
     common = ["--target", "gsm8k", "--tasks", "gsm8k,arc_challenge_mc,gsm8k_nll", "--limit", "2"]
     common += ["--max-new-tokens", "24", "--cache-dir", str(cache), "--bootstrap", "200"]
     with _cpu_threads_for_busy_machine():
-        assert main(["eval", "--adapter", f"lora={lora}", *common, "--output", str(out)]) == 0
+        assert main(["eval", "--adapter", f"lora={lora}", *common, "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| model | gsm8k accuracy ↑ |" in printed
     report = json.loads((out / "report.json").read_text())
@@ -570,7 +570,18 @@ def test_cli_eval_end_to_end(tmp_path, data_dir, capsys):
     out2 = tmp_path / "report2"
     with _cpu_threads_for_busy_machine():
         assert (
-            main(["eval", "--adapter", f"lora={lora}", "--adapter", f"lora2={lora2}", *common, "--output", str(out2)])
+            main(
+                [
+                    "eval",
+                    "--adapter",
+                    f"lora={lora}",
+                    "--adapter",
+                    f"lora2={lora2}",
+                    *common,
+                    "--output-dir",
+                    str(out2),
+                ]
+            )
             == 0
         )
     report2 = json.loads((out2 / "report.json").read_text())
@@ -585,12 +596,12 @@ def test_cli_eval_end_to_end(tmp_path, data_dir, capsys):
 def test_cli_eval_bad_input(tmp_path, data_dir, capsys):
     from trl_pplmask.cli import main
 
-    assert main(["eval", "--tasks", "gsm8k,arc_challange_mc", "--output", str(tmp_path)]) == 2
+    assert main(["eval", "--tasks", "gsm8k,arc_challange_mc", "--output-dir", str(tmp_path)]) == 2
     assert "Unknown task 'arc_challange_mc'" in capsys.readouterr().err
-    assert main(["eval", "--tasks", "arc_challenge_mc", "--limit", "5000", "--output", str(tmp_path)]) == 2
+    assert main(["eval", "--tasks", "arc_challenge_mc", "--limit", "5000", "--output-dir", str(tmp_path)]) == 2
     assert "--limit 5000 is larger than arc_challenge/test, which has 1172 rows" in capsys.readouterr().err
     other = _adapter_folder(tmp_path / "other", "google/gemma-2-2b-it")
-    assert main(["eval", "--adapter", other, "--tasks", "gsm8k", "--output", str(tmp_path)]) == 2
+    assert main(["eval", "--adapter", other, "--tasks", "gsm8k", "--output-dir", str(tmp_path)]) == 2
     assert "was trained on 'google/gemma-2-2b-it'" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
 
@@ -610,8 +621,8 @@ def test_cli_eval_bad_input(tmp_path, data_dir, capsys):
         (["--dtype", "float8"], ["--dtype", "float8"]),
         (["--tasks", "gsm9k"], ["Unknown task 'gsm9k'"]),
         (["--reference", "gt"], ["--reference gt"]),
-        (["--output", "{file}"], ["--output", "is a file"]),
-        (["--output", "{file}/report"], ["--output", "is a file"]),
+        (["--output-dir", "{file}"], ["--output-dir", "is a file"]),
+        (["--output-dir", "{file}/report"], ["--output-dir", "is a file"]),
     ],
 )
 def test_cli_eval_checks_every_setting_before_any_model(extra, expected, tmp_path, data_dir, capsys, monkeypatch):
@@ -626,7 +637,7 @@ def test_cli_eval_checks_every_setting_before_any_model(extra, expected, tmp_pat
     existing = tmp_path / "existing.txt"
     existing.write_text("keep me")
     extra = [value.replace("{file}", str(existing)) for value in extra]
-    argv = ["eval", "--tasks", "gsm8k", "--limit", "1", "--no-cache", "--output", str(tmp_path / "report"), *extra]
+    argv = ["eval", "--tasks", "gsm8k", "--limit", "1", "--no-cache", "--output-dir", str(tmp_path / "report"), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("trl-pplmask eval: error: ") and err.count("\n") == 1, err

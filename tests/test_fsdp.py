@@ -132,7 +132,7 @@ def fsdp_inputs(tmp_path_factory, tiny_model_dir, data_dir) -> Path:
     (root / "model").symlink_to(tiny_model_dir)
     load_task("gsm8k", "train", limit=8).save_to_disk(str(root / "raw"))
     argv = [sys.executable, "-m", "trl_pplmask.cli", "score", "--dataset", str(root / "raw"), "--model"]
-    argv += [str(tiny_model_dir), "--output", str(root / "scored"), "--max-length", "256"]
+    argv += [str(tiny_model_dir), "--output-dir", str(root / "scored"), "--max-length", "256"]
     _run(argv, _env(root / "c0"), "trl-pplmask score")
     return root
 

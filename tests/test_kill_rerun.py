@@ -96,7 +96,7 @@ def _command(name: str, model: Path, rows: Path, out: str) -> tuple[list[str], l
         return argv, [out, f"{out}-checkpoints"]
     argv = ["eval", "--base", str(model), "--model", f"same={model}", "--tasks", "instruction_following"]
     # The cache folder is named relative to the working directory, so that both runs' reports name the same one
-    argv += ["--limit", "6", "--instruction-max-new-tokens", "8", "--output", out, "--cache-dir", "eval-cache"]
+    argv += ["--limit", "6", "--instruction-max-new-tokens", "8", "--output-dir", out, "--cache-dir", "eval-cache"]
     return argv, [out, "eval-cache"]
 
 

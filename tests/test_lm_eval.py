@@ -120,7 +120,7 @@ def test_lm_eval_failure_is_an_error_not_a_fallback(tiny_model_dir, data_dir, tm
     from trl_pplmask.commands.eval import main
 
     argv = ["--base", str(tiny_model_dir), "--tasks", "arc_challenge_mc", "--limit", str(N_ARC), "--backend"]
-    argv += ["lm-eval", "--no-cache", "--output", str(tmp_path / "cli")]
+    argv += ["lm-eval", "--no-cache", "--output-dir", str(tmp_path / "cli")]
     monkeypatch.delenv("TRL_PPLMASK_DEBUG", raising=False)
     assert main(argv) == 2
     assert not (tmp_path / "cli" / "report.json").exists()
@@ -135,7 +135,7 @@ def test_missing_lm_eval_is_refused_before_any_work(tmp_path, monkeypatch, capsy
     from trl_pplmask.commands.eval import main
 
     monkeypatch.delenv("TRL_PPLMASK_DEBUG", raising=False)
-    assert main(["--tasks", "gsm8k", "--backend", "lm-eval", "--output", str(tmp_path / "cli")]) == 2
+    assert main(["--tasks", "gsm8k", "--backend", "lm-eval", "--output-dir", str(tmp_path / "cli")]) == 2
     assert "--backend lm-eval needs lm-evaluation-harness" in capsys.readouterr().err
     assert not (tmp_path / "report").exists() and not (tmp_path / "cli").exists()
 

@@ -36,7 +36,7 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _score_argv(model: Path, rows: Path, out: Path, *extra: str) -> list[str]:
-    argv = ["score", "--dataset", str(rows), "--model", str(model), "--output", str(out)]
+    argv = ["score", "--dataset", str(rows), "--model", str(model), "--output-dir", str(out)]
     return argv + ["--layout", "shards", "--shard-rows", str(SHARD_ROWS), *extra]
 
 
@@ -91,7 +91,15 @@ def test_sharded_output_loads_and_equals_the_in_memory_score(tmp_path, tiny_mode
     for name, data in reference.items():
         (folder / name).write_bytes(data)
     sharded = load_dataset(str(folder), split="train")
-    argv = ["score", "--dataset", str(rows_file), "--model", str(tiny_model_dir), "--output", str(tmp_path / "disk")]
+    argv = [
+        "score",
+        "--dataset",
+        str(rows_file),
+        "--model",
+        str(tiny_model_dir),
+        "--output-dir",
+        str(tmp_path / "disk"),
+    ]
     _cli([*argv, "--layout", "save_to_disk"], tmp_path / "cache")
     whole = load_from_disk(str(tmp_path / "disk"))
     assert sharded.features == whole.features

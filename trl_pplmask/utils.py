@@ -151,7 +151,7 @@ def check_writable(folder: str | os.PathLike, what: str, fix: str = "Choose a wr
 
     Args:
         folder (`str` or `os.PathLike`): The folder that will be written.
-        what (`str`): How the error names it (`--output out`, `the score cache ~/.cache/trl_pplmask`).
+        what (`str`): How the error names it (`--output-dir out`, `the score cache ~/.cache/trl_pplmask`).
         fix (`str`, *optional*): What to do instead, in the error.
     """
     existing = Path(folder).expanduser().absolute()

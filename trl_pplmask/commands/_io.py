@@ -20,26 +20,26 @@ def check_output_folder(output: str, overwrite: bool, source: str | None = None)
     """Refuse an output that is a file, a non-empty folder (without --overwrite), or overlaps the input."""
     path = Path(output).expanduser()
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--output {output} is a file; give a folder path (new, or empty).")
+        raise ValueError(f"--output-dir {output} is a file; give a folder path (new, or empty).")
     cwd = Path.cwd().resolve()
     if path.resolve() == cwd or path.resolve() in cwd.parents:
         raise ValueError(
-            f"--output {output} is the current directory or holds it; the output is swapped in whole, which cannot "
-            "replace the folder a command runs in. Give a new folder inside it, e.g. --output ./scored."
+            f"--output-dir {output} is the current directory or holds it; the output is swapped in whole, which "
+            "cannot replace the folder a command runs in. Give a new folder inside it, e.g. --output-dir ./scored."
         )
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(
-            f"--output {output} is not empty. Choose a new or empty folder, or pass --overwrite to replace it (the "
-            "new dataset is written beside it first and swapped in only once complete)."
+            f"--output-dir {output} is not empty. Choose a new or empty folder, or pass --overwrite to replace it "
+            "(the new dataset is written beside it first and swapped in only once complete)."
         )
     if source is not None and Path(source).expanduser().exists():
         source_path, resolved = Path(source).expanduser().resolve(), path.resolve()
         if source_path == resolved or resolved in source_path.parents or source_path in resolved.parents:
             raise ValueError(
-                f"--output {output} overlaps the input {source}; writing there would change or delete the input. "
+                f"--output-dir {output} overlaps the input {source}; writing there would change or delete the input. "
                 "Choose a folder outside it."
             )
-    check_writable(path.absolute().parent, f"--output {output}")  # staged beside it; said now, not after the work
+    check_writable(path.absolute().parent, f"--output-dir {output}")  # staged beside it; said now, not after the work
     return path
 
 
@@ -63,7 +63,7 @@ def output_lock(output: Path, enabled: bool = True) -> contextlib.AbstractContex
         enabled (`bool`, *optional*, defaults to `True`): `False` (processes other than the main one, which write
             nothing) takes no lock.
     """
-    return OutputLock(output, what="--output") if enabled else contextlib.nullcontext()
+    return OutputLock(output, what="--output-dir") if enabled else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

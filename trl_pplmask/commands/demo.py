@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from ._args import output_dir_field
 from ._command import Command
 
 
@@ -25,9 +26,7 @@ class DemoConfig:
         max_steps (`int`): LoRA training steps with `SFTTrainer` and `PplMaskCollator`.
     """
 
-    output: str = field(
-        default="demo_output", metadata={"help": "Folder for the demo's outputs (default: demo_output)."}
-    )
+    output: str = output_dir_field("Folder for the demo's outputs (default: demo_output).", default="demo_output")
     num_examples: int = field(default=64, metadata={"help": "GSM8K rows used (default: 64)."})
     max_steps: int = field(default=10, metadata={"help": "LoRA training steps (default: 10)."})
 

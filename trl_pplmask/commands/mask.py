@@ -11,6 +11,7 @@ import numpy as np
 
 from ..constants import DEFAULT_THRESHOLD
 from ..masking import TRAINABLE_COLUMN, PplMaskConfig, mask_field
+from ._args import output_dir_field
 from ._command import Command
 from ._io import check_aligned, check_output_folder, load_input, no_cache_beside_input, output_lock, save_atomically
 
@@ -42,9 +43,9 @@ class MaskConfig:
         metadata={"help": "Config (scoring model) of a Hub-layout folder or Hub id with several, from `build`."},
     )
     split: str = field(default="train", metadata={"help": "Split to use when --input holds several (default train)."})
-    output: str = field(metadata={"help": "New or empty folder for Dataset.save_to_disk."})
+    output: str = output_dir_field("New or empty folder for Dataset.save_to_disk.")
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace a non-empty --output (only once the new data is complete)."}
+        default=False, metadata={"help": "Replace a non-empty --output-dir (only once the new data is complete)."}
     )
     strategy: str = mask_field("strategy")
     threshold: float = mask_field("threshold")

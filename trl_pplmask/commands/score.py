@@ -11,6 +11,7 @@ import numpy as np
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..masking import IGNORE_INDEX, TRAINABLE_COLUMN, PplMaskConfig, completion_ppl, text_histogram
+from ._args import output_dir_field
 from ._command import Command
 from ._io import (
     check_aligned,
@@ -25,7 +26,7 @@ from ._io import (
 
 DEFAULT_MODEL = EMBEDDED_MODEL_ALIAS
 LAYOUTS = ("auto", "shards", "save_to_disk")
-# Manifest of a sharded --output: hidden, so that `load_dataset(output)` reads the parquet shards alone
+# Manifest of a sharded --output-dir: hidden, so that `load_dataset(output)` reads the parquet shards alone
 SCORE_MANIFEST = ".trl-pplmask-shards.json"
 DATASET_HELP = (
     "Task name (gsm8k, mbpp, math, arc_challenge, humaneval), saved dataset folder, .jsonl/.parquet file, or Hub "
@@ -69,9 +70,9 @@ class ScoreConfig:
     dataset_config: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
     split: str = field(default="train", metadata={"help": "Split to use (default: train)."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
-    output: str = field(metadata={"help": "New or empty folder for Dataset.save_to_disk."})
+    output: str = output_dir_field("New or empty folder for Dataset.save_to_disk.")
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace a non-empty --output (only once the new data is complete)."}
+        default=False, metadata={"help": "Replace a non-empty --output-dir (only once the new data is complete)."}
     )
     no_cache: bool = field(default=False, metadata={"help": "Neither read nor write cached scores; score again."})
     max_length: int = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
@@ -90,9 +91,10 @@ class ScoreConfig:
     layout: str = field(
         default="auto",
         metadata={
-            "help": "How --output is written: shards (parquet files <split>-0000k-of-0000n.parquet, streamed shard by "
-            "shard, resumable, split across the processes of a launch), save_to_disk (one Dataset.save_to_disk "
-            "folder, all in memory), or auto (default): shards when the input has more than --shard-rows rows.",
+            "help": "How --output-dir is written: shards (parquet files <split>-0000k-of-0000n.parquet, streamed "
+            "shard by shard, resumable, split across the processes of a launch), save_to_disk (one "
+            "Dataset.save_to_disk folder, all in memory), or auto (default): shards when the input has more than "
+            "--shard-rows rows.",
             "choices": LAYOUTS,
         },
     )
@@ -104,7 +106,7 @@ class ScoreConfig:
         default=None,
         metadata={
             "help": "K/N: score only the shards i with i %% N == K (one task of a Slurm array, or one machine; no "
-            "process group). Every worker writes into the same --output; rerun without --worker to check it is "
+            "process group). Every worker writes into the same --output-dir; rerun without --worker to check it is "
             "complete. Default: the processes of the accelerate launch, or this one alone."
         },
     )
@@ -291,7 +293,7 @@ def _check_options(config: ScoreConfig) -> None:
             raise ValueError("--worker needs --layout shards (a save_to_disk folder is written by one process).")
         if config.overwrite:
             raise ValueError(
-                "--overwrite with --worker would let each worker delete the others' shards; empty --output once, "
+                "--overwrite with --worker would let each worker delete the others' shards; empty --output-dir once, "
                 "before starting the workers, instead."
             )
     _check_output_column(config.output_column)
@@ -319,7 +321,7 @@ def run(config: ScoreConfig) -> int:
         if sharded or config.worker is not None:
             return _run_sharded(config, dataset)
         output = check_output_folder(config.output, config.overwrite, config.dataset)
-        # One writer per output: a second `score` into the same --output is refused, naming this one's PID
+        # One writer per output: a second `score` into the same --output-dir is refused, naming this one's PID
         with output_lock(output, distributed_state().is_main_process):
             scored, _ = _score(config, dataset)
             if distributed_state().is_main_process:
@@ -359,7 +361,7 @@ def _run_sharded(config: ScoreConfig, dataset) -> int:
 
     output = Path(config.output).expanduser()
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {config.output} is a file; give a folder path (new, or empty).")
+        raise ValueError(f"--output-dir {config.output} is a file; give a folder path (new, or empty).")
     check_output_folder(config.output, True, config.dataset)  # only the overlap with the input
     workers = current_workers(config.worker)
     if "input_ids" not in dataset.column_names and ROW_ID_COLUMN not in dataset.column_names:

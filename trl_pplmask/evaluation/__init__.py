@@ -54,7 +54,7 @@ Example (CPU, the embedded model against two adapters trained on GSM8K):
 
 ```bash
 trl-pplmask eval --base smollm2-135m-instruct --adapter gt=out/sft-gt --adapter stm=out/sft-stm \\
-    --target gsm8k --tasks gsm8k,gsm8k_nll,arc_challenge_mc,mbpp_nll --limit 50 --output reports/gsm8k
+    --target gsm8k --tasks gsm8k,gsm8k_nll,arc_challenge_mc,mbpp_nll --limit 50 --output-dir reports/gsm8k
 ```
 
 Modules, one job each: `tasks` (task names, splits, rows and answers), `config` (settings, model specs), `generate`,

@@ -20,27 +20,27 @@ def check_output_dir(output_dir: str | Path) -> None:
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(
-            f"The report folder {str(path)!r} (--output) is a file; pass a new or existing folder for report.json, "
-            "report.md and report.png."
+            f"The report folder {str(path)!r} (--output-dir) is a file; pass a new or existing folder for "
+            "report.json, report.md and report.png."
         )
     for name in REPORT_FILES:
         if (path / name).is_dir():
             raise ValueError(
                 f"{str(path / name)!r} is a folder, so the report cannot be written there; remove it or pass another "
-                "--output."
+                "--output-dir."
             )
     existing = path.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(
-            f"The report folder {str(path)!r} (--output) cannot be created: {str(existing)!r} is a file; pass a "
+            f"The report folder {str(path)!r} (--output-dir) cannot be created: {str(existing)!r} is a file; pass a "
             "folder path."
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
-            f"The report folder {str(path)!r} (--output) cannot be written: {str(existing)!r} is not writable; pass "
-            "a writable folder."
+            f"The report folder {str(path)!r} (--output-dir) cannot be written: {str(existing)!r} is not writable; "
+            "pass a writable folder."
         )
 
 

@@ -366,7 +366,7 @@ class ShardFolder:
         names = {name for plan in self.plans for name in plan.names()}
         return names | {f".{name}{_TMP_SUFFIX}" for name in names} | {self.manifest} - {None} | self.allowed
 
-    def check(self, what: str = "--output") -> None:
+    def check(self, what: str = "--output-dir") -> None:
         """Before any work: refuse foreign files and a previous run with other settings (unless `overwrite`).
 
         Reads only; safe to run on every process at once.
@@ -405,7 +405,7 @@ class ShardFolder:
         temporary name), which independent workers starting together see."""
         return self.manifest is not None and name.startswith(f".{self.manifest}.") and name.endswith(_TMP_SUFFIX)
 
-    def check_model(self, fingerprint: str, what: str = "--output") -> None:
+    def check_model(self, fingerprint: str, what: str = "--output-dir") -> None:
         """Once the model is loaded: refuse to resume the shards of another model (unless `overwrite`)."""
         self.record = {**self.record, "model": fingerprint}
         previous = self._read_manifest()

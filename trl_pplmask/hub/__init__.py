@@ -20,8 +20,9 @@ Columns: the original conversation (`prompt`/`completion`, `messages`, `conversa
 Modules: `source` (loading and checking the source data), `pplmasked_config`, `pplmasked_split` (scoring, masking,
 statistics) and `pplmasked` (the builder and its card); `self_output` and `self_output_stats` (the `<task>-self-output`
 builder, which imports torch and is not imported here); `builder` (what both builders share: [`FolderBuilder`]),
-`folder` (shards, build records, staging), `card` (shared card pieces) and `publish` (push). The commands
-(`trl-pplmask build`, `push`, `self-output`) are in `trl_pplmask.commands`.
+`folder` (shards, build records, staging: its staging steps are `FolderBuilder`'s alone and not exported here), `card`
+(shared card pieces) and `publish` (push). The commands (`trl-pplmask build`, `push`, `self-output`) are in
+`trl_pplmask.commands`.
 
 This package imports neither torch nor transformers, trl or datasets, so that `trl-pplmask push` and `--help` start
 fast; the functions that need them import them.
@@ -34,8 +35,6 @@ from .folder import (
     ASSETS_DIR,
     BUILD_INFO_FILE,
     build_versions,
-    check_existing_folder,
-    commit_staging,
     describe_model,
     hub_commit,
     read_build_infos,
@@ -70,8 +69,6 @@ __all__ = [
     "build_versions",
     "card_configs",
     "card_template_path",
-    "check_existing_folder",
-    "commit_staging",
     "completion_perplexities",
     "default_config_name",
     "default_repo_id",

@@ -194,12 +194,13 @@ def add_dataclass_arguments(
         if "default" not in kwargs:
             kwargs["required"] = True
         kwargs.update(_value_kwargs(config_class, field, _annotation(hints[field.name])))
+        option = meta.get("option", "--" + field.name.replace("_", "-"))
+        renamed = option[2:] != field.name.replace("_", "-")
+        if renamed and "action" not in kwargs and "choices" not in kwargs:  # `--bootstrap BOOTSTRAP`, not the field
+            kwargs.setdefault("metavar", option[2:].replace("-", "_").upper())
         deprecated = tuple(meta.get("deprecated", ()))
         if deprecated:
             kwargs["action"] = _warning_action(parser, kwargs.get("action", "store"), deprecated)
-        option = meta.get("option", "--" + field.name.replace("_", "-"))
-        if option[2:] != field.name.replace("_", "-") and kwargs.get("action") is None:  # named like the option
-            kwargs.setdefault("metavar", option[2:].replace("-", "_").upper())
         parser.add_argument(option, *meta.get("aliases", ()), *deprecated, dest=field.name, **kwargs)
     if config_option:
         add_config_option(parser)

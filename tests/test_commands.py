@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -16,14 +17,26 @@ def _option_classes():
     return [*classes, (eval_command, [eval_command.EvalArguments, EvalConfig])]
 
 
+def _option_fields(config: type) -> list[dataclasses.Field]:
+    """The fields of the dataclass `config`, those of a field that is itself a dataclass (self-output's `generation`)
+    in its place."""
+    hints = typing.get_type_hints(config)
+    fields = []
+    for item in dataclasses.fields(config):
+        kind = hints[item.name]
+        fields += _option_fields(kind) if dataclasses.is_dataclass(kind) else [item]
+    return fields
+
+
 @pytest.mark.parametrize(("module", "classes"), _option_classes(), ids=lambda m: getattr(m, "__name__", ""))
 def test_every_field_is_an_option_with_its_help(module, classes):
     """Each field of the command's config classes is an option with the field's help and default, but those that say
-    they are none (`option: None`: set by the command, e.g. the build's recorded command line)."""
+    they are none (`option: None`: set by the command, e.g. the build's recorded command line); a field that is a
+    dataclass (self-output's `generation`) stands for its fields' options."""
     parser = module.make_parser()
     actions = {action.dest: action for action in parser._actions}
     for config in classes:
-        for item in dataclasses.fields(config):
+        for item in _option_fields(config):
             action = actions.get(item.name)
             if item.metadata.get("option", "") is None:
                 assert action is None, f"{module.__name__}: {item.name} is an option"
@@ -123,6 +136,79 @@ def test_build_options_are_build_config(tmp_path):
         path.write_text(f"dataset: gsm8k\n{text}\ncard_template: t.jinja\n")
         args = parser.parse_args(["--config", str(path)])
         assert (args.use_cache, args.template_path) == (use_cache, "t.jinja"), text
+
+
+def test_self_output_options_are_its_configs(tmp_path):
+    """`self-output`'s options are SelfOutputBuildConfig's fields and, in the place of its `generation`,
+    SelfOutputConfig's: the defaults parse to their own, `--num-samples` sets `generation.num_samples`,
+    `--card-template` sets `template_path`, the recorded command spells the settings (the card template, the output
+    folder and the batching left out), and YAML settings are named like the option or the field."""
+    from trl_pplmask.commands._args import from_namespace
+    from trl_pplmask.generation import SelfOutputConfig
+    from trl_pplmask.hub.self_output_config import SelfOutputBuildConfig
+
+    parser = self_output.make_parser()
+    defaults = from_namespace(SelfOutputBuildConfig, parser.parse_args(["--dataset", "gsm8k"]))
+    assert defaults == SelfOutputBuildConfig(dataset="gsm8k") and defaults.generation == SelfOutputConfig()
+    argv = ["--dataset", "gsm8k", "--num-samples", "2", "--select-truncated", "--card-template", "card.jinja"]
+    argv += ["--max-tokens-per-batch", "64", "--output-dir", "out", "--language", "en", "fr"]
+    config = self_output.build_config_from_args(parser.parse_args(argv))
+    assert (config.generation.num_samples, config.generation.select_truncated) == (2, True)
+    assert (config.generation.max_tokens_per_batch, config.template_path, config.output_dir) == (
+        64,
+        "card.jinja",
+        "out",
+    )
+    assert config.command.startswith("trl-pplmask self-output --dataset gsm8k --split train --models ")
+    assert " --num-samples 2 " in config.command and " --select-truncated " in config.command
+    assert config.command.endswith(" --language en fr")
+    for left_out in ("card.jinja", "--max-tokens-per-batch", "--output-dir", "--overwrite"):
+        assert left_out not in config.command, left_out
+    path = tmp_path / "self_output.yaml"
+    for key in ("card_template", "template_path"):
+        path.write_text(f"dataset: mbpp\nnum_samples: 3\nselect_truncated: true\n{key}: t.jinja\n")
+        config = from_namespace(SelfOutputBuildConfig, parser.parse_args(["--config", str(path), "--seed", "5"]))
+        assert (config.dataset, config.template_path) == ("mbpp", "t.jinja"), key
+        assert (config.generation.num_samples, config.generation.select_truncated, config.generation.seed) == (
+            3,
+            True,
+            5,
+        )
+
+
+@dataclasses.dataclass
+class _Sampling:
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed."})
+    workers: int | None = dataclasses.field(default=None, metadata={"option": None})
+
+
+@dataclasses.dataclass
+class _Settings:
+    names: list[str] = dataclasses.field(default_factory=lambda: ["a"], metadata={"help": "Names."})
+    sampling: _Sampling = dataclasses.field(default_factory=_Sampling)
+    n_resamples: int = dataclasses.field(default=10, metadata={"help": "Resamples.", "option": "--bootstrap"})
+    cache: bool = dataclasses.field(default=True, metadata={"help": "Rescore.", "option": "--no-cache"})
+    verbose: bool = dataclasses.field(default=False, metadata={"help": "Say more."})
+    output_dir: str | None = dataclasses.field(default=None, metadata={"help": "Where."})
+
+
+def test_command_line_spells_a_config_back_as_the_options_that_parse_to_it():
+    """`command_line` gives each option of a config (those of a nested dataclass in its place, under their option
+    names, a flag only when set), leaves out what is None, no option or unrecorded, and parses back to the config."""
+    import argparse
+
+    from trl_pplmask.commands._args import add_dataclass_arguments, command_line, from_namespace
+
+    config = _Settings(names=["x", "y"], sampling=_Sampling(seed=3, workers=2), cache=False, output_dir="out")
+    command = command_line(config, "prog sub")
+    assert command == "prog sub --names x y --seed 3 --bootstrap 10 --no-cache"
+    assert (
+        command_line(_Settings(verbose=True), "prog", frozenset())
+        == "prog --names a --seed 0 --bootstrap 10 --verbose"
+    )
+    parser = add_dataclass_arguments(argparse.ArgumentParser(), _Settings, config_option=False)
+    parsed = from_namespace(_Settings, parser.parse_args(command.split()[2:]))
+    assert parsed == dataclasses.replace(config, sampling=_Sampling(seed=3), output_dir=None)
 
 
 def test_eval_options_are_eval_config():

@@ -9,7 +9,9 @@ argparse option: `--` and the field name with dashes (`output_column` -> `--outp
 The metadata may also give `choices`, `metavar`, `nargs`, `type` (a function of the one value given, e.g. a
 comma-separated list), `option` (the option's name when it is not the field's, or `None`: the field is no option, it
 keeps its default or is set by the command), `aliases` (more option strings), `deprecated` (old spellings, still
-accepted with a warning) and `positional: True`. YAML `--config` settings are named like a field or like its option.
+accepted with a warning) and `positional: True`. A field whose type is itself such a dataclass (`generation:
+SelfOutputConfig`) stands for the options of its fields, in its place. YAML `--config` settings are named like a
+field or like its option. [`command_line`] spells a config's settings back as options.
 
 transformers' `HfArgumentParser` (which TRL's parser extends) is not used: importing it imports transformers and
 torch, which `--help` must not, and it spells every option with underscores too and makes a `bool` field an option
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -170,16 +174,38 @@ def _annotation(hint: Any) -> Any:
     return hint
 
 
+def _nested_class(hint: Any) -> type | None:
+    """The dataclass of a field annotated `hint` whose fields are options in its place (`generation:
+    SelfOutputConfig`), else None."""
+    kind = _annotation(hint)
+    return kind if isinstance(kind, type) and dataclasses.is_dataclass(kind) else None
+
+
+def _option_fields(config_class: type) -> Iterator[tuple[dataclasses.Field, type | None]]:
+    """The fields of `config_class` that are options or stand for a dataclass of options, each with that dataclass
+    (None for an option), in field order."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.metadata.get("option", "") is not None:  # `option: None`: set by the command, or left at its default
+            yield field, _nested_class(hints[field.name])
+
+
+def option_name(field: dataclasses.Field) -> str:
+    """The option of a dataclass field: `option` in its metadata, else `--` and the field's name with dashes."""
+    return field.metadata.get("option", "--" + field.name.replace("_", "-"))
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, config_class: type, config_option: bool = True
 ) -> argparse.ArgumentParser:
     """Add one option per field of the dataclass `config_class` (see the module's documentation), in field order,
     then `--config FILE` unless `config_option` is false."""
     hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        meta = field.metadata
-        if meta.get("option", "") is None:  # set by the command, or left at its default
+    for field, nested in _option_fields(config_class):
+        if nested is not None:
+            add_dataclass_arguments(parser, nested, config_option=False)
             continue
+        meta = field.metadata
         kwargs: dict[str, Any] = {"help": meta["help"]}
         for key in ("choices", "metavar"):
             if key in meta:
@@ -194,7 +220,7 @@ def add_dataclass_arguments(
         if "default" not in kwargs:
             kwargs["required"] = True
         kwargs.update(_value_kwargs(config_class, field, _annotation(hints[field.name])))
-        option = meta.get("option", "--" + field.name.replace("_", "-"))
+        option = option_name(field)
         renamed = option[2:] != field.name.replace("_", "-")
         if renamed and "action" not in kwargs and "choices" not in kwargs:  # `--bootstrap BOOTSTRAP`, not the field
             kwargs.setdefault("metavar", option[2:].replace("-", "_").upper())
@@ -255,7 +281,46 @@ def _warning_action(parser: argparse.ArgumentParser, action: str, deprecated: tu
 def from_namespace(config_class: type[T], args: argparse.Namespace, **values: Any) -> T:
     """The `config_class` instance of arguments parsed from [`add_dataclass_arguments`] options; `values` sets the
     fields that are no option (those not given keep their default)."""
-    for field in dataclasses.fields(config_class):
-        if field.name not in values and field.metadata.get("option", "") is not None:
-            values[field.name] = getattr(args, field.name)
+    for field, nested in _option_fields(config_class):
+        if field.name not in values:
+            values[field.name] = getattr(args, field.name) if nested is None else from_namespace(nested, args)
     return config_class(**values)
+
+
+# Settings that do not change what a command writes (where, how fast, whether to replace), left out of its record
+UNRECORDED_SETTINGS = frozenset(
+    ("output_dir", "use_cache", "cache_dir", "template_path", "max_tokens_per_batch", "overwrite")
+)
+
+
+def command_line(config: Any, prog: str, unrecorded: frozenset[str] = UNRECORDED_SETTINGS) -> str:
+    """The command that reproduces what `config` (a dataclass of [`add_dataclass_arguments`] options) makes: every
+    option spelled out, defaults included, so that a later change of defaults cannot change it (a flag is given when
+    it is set); the settings named in `unrecorded`, those that are None and the fields that are no option are left
+    out.
+
+    Args:
+        config: The settings (`build`'s [`~trl_pplmask.hub.BuildConfig`], `self-output`'s
+            [`~trl_pplmask.hub.self_output.SelfOutputBuildConfig`]).
+        prog (`str`): The program that runs them (`trl-pplmask build`).
+        unrecorded (`frozenset[str]`, *optional*): Fields to leave out.
+    """
+    return shlex.join([*shlex.split(prog), *_option_tokens_of(config, unrecorded)])
+
+
+def _option_tokens_of(config: Any, unrecorded: frozenset[str]) -> list[str]:
+    """The options that give `config`'s settings (see [`command_line`])."""
+    parts = []
+    for field, nested in _option_fields(type(config)):
+        value = getattr(config, field.name)
+        if nested is not None:
+            parts += _option_tokens_of(value, unrecorded)
+        elif field.name in unrecorded or value is None:
+            continue
+        elif isinstance(value, bool):  # a flag, given when it changes the default (`--no-cache` for False)
+            parts += [option_name(field)] if value is not (field.default is True) else []
+        elif isinstance(value, list):  # an empty list stays explicit (`--unmasked-splits` alone)
+            parts += [option_name(field), *map(str, value)]
+        else:
+            parts += [option_name(field), str(value)]
+    return parts

@@ -3,81 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import shlex
 import sys
-from typing import Any
 
 from ..hub.card import fmt_number
 from ..hub.folder import read_build_infos
 from ..hub.pplmasked import build_pplmasked
 from ..hub.pplmasked_config import BuildConfig
-from ._args import from_namespace
+from ._args import command_line, from_namespace
 from ._command import Command
 
 
 HELP = "Build a Hub-layout <task>-pplmasked dataset folder (parquet per model config, card, figures)."
 PROG = "trl-pplmask build"
-
-
-def command_line(arguments, prog: str) -> str:
-    """The command that reproduces a build: every build option of `arguments` (a dataclass of settings or parsed
-    arguments) spelled out, defaults included, so a later change of defaults cannot change what it builds. Cache and
-    output options do not change the data and are left out."""
-    if dataclasses.is_dataclass(arguments):
-        fields = [f for f in dataclasses.fields(arguments) if f.metadata.get("option", "") is not None]
-        values = {f.name: getattr(arguments, f.name) for f in fields}
-        flags = {f.name: f.metadata.get("option", "--" + f.name.replace("_", "-")) for f in fields}
-    else:
-        values = vars(arguments)
-        flags = {}
-    parts = shlex.split(prog)
-    skip = {
-        "func",
-        "command",
-        "config",
-        "no_cache",
-        "use_cache",
-        "cache_dir",
-        "output_dir",
-        "card_template",
-        "template_path",
-        "max_tokens_per_batch",
-        "overwrite",
-    }
-    for key, value in values.items():
-        if key in skip or value is None or value is False:
-            continue
-        flag = flags.get(key, "--" + key.replace("_", "-"))
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, list):
-            parts += [flag, *map(str, value)]  # an empty list stays explicit (`--unmasked-splits` alone)
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
-
-
-def folder_settings(arguments, prog: str) -> dict[str, Any]:
-    """The settings that every builder reads from the same options (data, models, output folder, card), and the
-    command line that reproduces the build (`arguments`: `build`'s or `self-output`'s)."""
-    return {
-        "dataset": arguments.dataset,
-        "output_dir": arguments.output_dir,
-        "models": list(arguments.models),
-        "config_names": arguments.config_names,
-        "dataset_config": arguments.dataset_config,
-        "limit": arguments.limit,
-        "dtype": arguments.dtype,
-        "max_shard_size": arguments.max_shard_size,
-        "repo_id": arguments.repo_id,
-        "pretty_name": arguments.pretty_name,
-        "license": arguments.license,
-        "language": list(arguments.language),
-        "template_path": arguments.card_template,
-        "command": command_line(arguments, prog),
-    }
 
 
 def build_config_from_args(args: argparse.Namespace, prog: str = PROG) -> BuildConfig:

@@ -65,7 +65,7 @@ _EXPORTS = {
     "output_features": "selection",
     "select_candidate": "selection",
     # The `<task>-self-output` folder, built on this package by `trl_pplmask.hub` (`.hub...`: a sibling package)
-    "SelfOutputBuildConfig": ".hub.self_output",
+    "SelfOutputBuildConfig": ".hub.self_output_config",
     "build_self_output": ".hub.self_output",
     "render_self_output_card": ".hub.self_output",
     "plot_ppl_comparison": ".hub.self_output_stats",
@@ -76,10 +76,10 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and editors see; test_layers checks that it equals _EXPORTS
     from ..hub.self_output import (
-        SelfOutputBuildConfig as SelfOutputBuildConfig,
         build_self_output as build_self_output,
         render_self_output_card as render_self_output_card,
     )
+    from ..hub.self_output_config import SelfOutputBuildConfig as SelfOutputBuildConfig
     from ..hub.self_output_stats import (
         plot_ppl_comparison as plot_ppl_comparison,
         self_output_statistics as self_output_statistics,

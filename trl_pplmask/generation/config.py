@@ -6,7 +6,7 @@ Imports nothing heavy, so that `trl-pplmask self-output --help` and `trl_pplmask
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -76,25 +76,59 @@ class SelfOutputConfig:
             Show a progress bar over rows.
     """
 
-    mode: str = "self-output"
-    num_samples: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    selection: str = "lowest_ppl"
-    fallback: str = "ground_truth"
-    select_truncated: bool = False
-    backend: str = "transformers"
-    seed: int = 0
-    batch_size: int | None = None
-    max_tokens_per_batch: int | None = None
-    tensor_parallel_size: int = 1
-    vllm_model: str | None = None
-    vllm_gpu_memory_utilization: float = 0.6
-    checkpoint_path: str | None = None
-    verify_workers: int | None = None
-    score_max_tokens_per_batch: int | None = None
-    show_progress: bool = True
+    # The help strings are `trl-pplmask self-output`'s (its options are these fields, see `commands._args`)
+    mode: str = field(
+        default="self-output",
+        metadata={
+            "help": "self-output: the model answers the task prompt. rephrase: it rewrites the reference answer in "
+            "its own words. Either way the response is verified against the task (default: self-output).",
+            "choices": MODES,
+        },
+    )
+    num_samples: int = field(default=4, metadata={"help": "Responses sampled per row (paper: 32)."})
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature; 0 is greedy decoding (default: 0.7)."}
+    )
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling probability (default: 0.95)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest response in tokens (default: 512)."})
+    selection: str = field(
+        default="lowest_ppl",
+        metadata={
+            "help": "Correct response a row keeps: lowest_ppl (the paper's: lowest sequence perplexity), first, or "
+            "random (seeded) (default: lowest_ppl).",
+            "choices": SELECTIONS,
+        },
+    )
+    fallback: str = field(
+        default="ground_truth",
+        metadata={
+            "help": "Row with no correct response: keep its ground truth (marked) or skip it (default: ground_truth).",
+            "choices": FALLBACKS,
+        },
+    )
+    select_truncated: bool = field(default=False, metadata={"help": "Allow choosing responses cut at the limit."})
+    backend: str = field(
+        default="transformers",
+        metadata={
+            "help": "transformers (any device) or vllm (needs the vllm extra and a CUDA GPU) (default: transformers).",
+            "choices": BACKENDS,
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling and of --selection random."})
+    batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per generation batch (default: 8, vLLM 256)."}
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "transformers: token budget of a generation batch."}
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per model."})
+    # Not options of the command: set per model by the build, or left at their defaults
+    vllm_model: str | None = field(default=None, metadata={"option": None})
+    vllm_gpu_memory_utilization: float = field(default=0.6, metadata={"option": None})
+    checkpoint_path: str | None = field(default=None, metadata={"option": None})
+    verify_workers: int | None = field(default=None, metadata={"option": None})
+    score_max_tokens_per_batch: int | None = field(default=None, metadata={"option": None})
+    show_progress: bool = field(default=True, metadata={"option": None})
 
     def __post_init__(self):
         for name, value, allowed in (

@@ -18,11 +18,11 @@ Columns: the original conversation (`prompt`/`completion`, `messages`, `conversa
 `num_completion_tokens`, `num_masked`, `masked_fraction`.
 
 Modules: `source` (loading and checking the source data), `pplmasked_config`, `pplmasked_split` (scoring, masking,
-statistics) and `pplmasked` (the builder and its card); `self_output` and `self_output_stats` (the `<task>-self-output`
-builder, which imports torch and is not imported here); `builder` (what both builders share: [`FolderBuilder`]),
-`folder` (shards, build records, staging: its staging steps are `FolderBuilder`'s alone and not exported here), `card`
-(shared card pieces) and `publish` (push). The commands (`trl-pplmask build`, `push`, `self-output`) are in
-`trl_pplmask.commands`.
+statistics) and `pplmasked` (the builder and its card); `self_output_config` (its settings), `self_output` and
+`self_output_stats` (the `<task>-self-output` builder, which imports torch and is not imported here); `builder` (what
+both builders share: [`FolderBuilder`], and the settings fields of [`folder_field`]), `folder` (shards, build records,
+staging: its staging steps are `FolderBuilder`'s alone and not exported here), `card` (shared card pieces) and
+`publish` (push). The commands (`trl-pplmask build`, `push`, `self-output`) are in `trl_pplmask.commands`.
 
 This package imports neither torch nor transformers, trl or datasets, so that `trl-pplmask push` and `--help` start
 fast; the functions that need them import them.

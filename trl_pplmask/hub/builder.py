@@ -9,6 +9,7 @@ in the folder. A failure at any point leaves an existing folder as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -38,10 +39,40 @@ from .source import source_short_name
 logger = logging.getLogger(__name__)
 
 
+# The settings that every builder reads with one meaning, the card's among them: the default and help (that of the
+# `build` and `self-output` options) of each, written once; [`folder_field`] makes them fields of a settings class
+FOLDER_FIELDS: dict[str, dict[str, Any]] = {
+    "dataset_config": {"default": None, "help": "Config of a Hub dataset."},
+    "config_names": {"default": None, "help": "Config name per model (default: slug of the model name)."},
+    "repo_id": {"default": None, "help": "Hub repo the folder is for (usage snippets, default of push)."},
+    "pretty_name": {"default": None, "help": "Card title."},
+    "license": {"default": None, "help": "License of the source data (known for the tasks)."},
+    "language": {"default_factory": lambda: ["en"], "help": "Languages of the data, for the card (default: en)."},
+    "template_path": {
+        "default": None,
+        "help": "Jinja template of the card (default: the one in cards/ for this kind of folder).",
+        "option": "--card-template",
+    },
+    "command": {"default": None, "option": None},  # set by the command line that builds, not an option
+}
+
+
+def folder_field(name: str) -> Any:
+    """A dataclass field of a builder's settings ([`FolderSettings`]) with the default and the option metadata of
+    [`FOLDER_FIELDS`]'s entry `name`, which are the same for every builder.
+
+    Args:
+        name (`str`): A key of [`FOLDER_FIELDS`].
+    """
+    entry = dict(FOLDER_FIELDS[name])
+    defaults = {key: entry.pop(key) for key in ("default", "default_factory") if key in entry}
+    return dataclasses.field(**defaults, metadata=entry)
+
+
 class FolderSettings:
     """What the settings dataclasses of the builders share: `dataset`, `models` (one config each, named by
-    `config_names` or the model's slug), `output_dir` (default `<dataset name>-<folder_suffix>`), `dtype`,
-    `template_path` and `command`."""
+    `config_names` or the model's slug), `output_dir` (default `<dataset name>-<folder_suffix>`), `dtype`, and the
+    fields of [`FOLDER_FIELDS`] (the card's, `template_path` and `command`), declared with [`folder_field`]."""
 
     folder_suffix: ClassVar[str]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..masking import mask_field
-from .builder import FolderSettings
+from .builder import FolderSettings, folder_field
 from .folder import check_config_name
 from .shards import DEFAULT_SHARD_ROWS
 from .source import FORMATS
@@ -93,13 +93,11 @@ class BuildConfig(FolderSettings):
     models: list[str] = field(
         default_factory=lambda: [EMBEDDED_MODEL_ALIAS], metadata={"help": "Scoring models: one config each."}
     )
-    config_names: list[str] | None = field(
-        default=None, metadata={"help": "Config name per model (default: slug of the model name)."}
-    )
+    config_names: list[str] | None = folder_field("config_names")
     splits: list[str] = field(
         default_factory=lambda: ["train"], metadata={"help": "Splits to build (default: train)."}
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
+    dataset_config: str | None = folder_field("dataset_config")
     format: str = field(default="auto", metadata={"help": "TRL format every row must follow.", "choices": FORMATS})
     threshold: float = mask_field("threshold")
     unmasked_splits: list[str] = field(
@@ -134,19 +132,12 @@ class BuildConfig(FolderSettings):
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where scores are cached (default: the trl-pplmask cache)."}
     )
-    repo_id: str | None = field(
-        default=None, metadata={"help": "Hub repo the folder is for (usage snippets, default of push)."}
-    )
-    pretty_name: str | None = field(default=None, metadata={"help": "Card title."})
-    license: str | None = field(default=None, metadata={"help": "License of the source data (known for the tasks)."})
-    language: list[str] = field(
-        default_factory=lambda: ["en"], metadata={"help": "Languages of the data (default: en)."}
-    )
-    template_path: str | None = field(
-        default=None,
-        metadata={"help": "Jinja template of the card (default: cards/).", "option": "--card-template"},
-    )
-    command: str | None = field(default=None, metadata={"option": None})  # set by the command line that builds
+    repo_id: str | None = folder_field("repo_id")
+    pretty_name: str | None = folder_field("pretty_name")
+    license: str | None = folder_field("license")
+    language: list[str] = folder_field("language")
+    template_path: str | None = folder_field("template_path")
+    command: str | None = folder_field("command")
     default_config: str | None = field(
         default=None,
         metadata={

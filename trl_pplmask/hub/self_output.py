@@ -7,10 +7,8 @@ folder (see [`~trl_pplmask.hub.builder.FolderBuilder`]).
 
 from __future__ import annotations
 
-import importlib
 import logging
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,7 @@ from datasets import Dataset, DatasetInfo, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from .. import _compat
-from ..constants import DEFAULT_THRESHOLD, EMBEDDED_MODEL_ALIAS
-from ..data import check_dataset_spec, load_any_dataset, load_task
+from ..data import load_any_dataset, load_task
 from ..generation.backends import check_vllm_available
 from ..generation.config import SelfOutputConfig
 from ..generation.loop import generate_records, verifier_name
@@ -28,10 +24,11 @@ from ..generation.prompts import prepare_rows
 from ..generation.selection import assemble_dataset
 from ..models import resolve_model_path
 from ..tasks import TASKS
-from ..verifiers import VERIFIERS, Verifier, check_rows, get_verifier
-from .builder import FolderBuilder, FolderSettings
+from ..verifiers import check_rows, get_verifier
+from .builder import FolderBuilder
 from .card import fmt_number, fmt_percent
-from .folder import check_config_name, write_parquet_shards
+from .folder import write_parquet_shards
+from .self_output_config import SelfOutputBuildConfig
 from .self_output_stats import plot_ppl_comparison, self_output_statistics
 from .source import describe_source
 
@@ -43,132 +40,6 @@ SELF_OUTPUT_CARD_TEMPLATE = "self_output.md.jinja"
 # Generation settings that do not change the data (or are recorded elsewhere in the build info)
 _UNRECORDED_SETTINGS = ("checkpoint_path", "show_progress", "verify_workers", "score_max_tokens_per_batch")
 _VLLM_SETTINGS = ("tensor_parallel_size", "vllm_model", "vllm_gpu_memory_utilization")
-
-
-@dataclass
-class SelfOutputBuildConfig(FolderSettings):
-    """Settings of [`build_self_output`]: which data and models, how to generate, where to write.
-
-    Args:
-        dataset (`str`):
-            A task name (`gsm8k`, `mbpp`, `math`, `arc_challenge`, `humaneval`), or a local file/folder or Hub id of
-            TRL conversational prompt/completion data (then pass `verifier`).
-        output_dir (`str`, *optional*):
-            Folder to write; defaults to `<dataset name>-self-output`. An existing self-output folder of the same
-            data keeps its other configs.
-        models (`list[str]`, *optional*, defaults to `["smollm2-135m-instruct"]`):
-            Generating models (Hub ids, local paths or the embedded alias): one config per model.
-        config_names (`list[str]`, *optional*):
-            Config name per model; defaults to the slug of the model name.
-        split (`str`, *optional*, defaults to `"train"`):
-            Source split to generate for (written as the config's split of the same name).
-        dataset_config (`str`, *optional*):
-            Config of a Hub dataset.
-        limit (`int`, *optional*):
-            Only the first `limit` rows.
-        verifier (`str`, *optional*):
-            Task verifier name, or `module:function` naming a callable `(row, response) -> bool`. Defaults to the
-            task's own verifier.
-        generation (`SelfOutputConfig`, *optional*):
-            Sampling, selection and backend settings (its `checkpoint_path` is set per model).
-        dtype (`str`, *optional*, defaults to `"auto"`):
-            Weight dtype of the models.
-        ppl_threshold (`float`, *optional*, defaults to `2.5`):
-            Token perplexity the card counts as high (the paper's STM threshold).
-        checkpoint_dir (`str`, *optional*):
-            Where the per-model JSONL checkpoints live; defaults to `<output_dir>-checkpoints` next to the folder (not
-            inside it, so that a push does not upload them). Rerunning the same command resumes from them.
-        max_shard_size (`int` or `str`, *optional*, defaults to `"500MB"`):
-            Largest parquet shard.
-        repo_id (`str`, *optional*):
-            Hub repo the folder is meant for (usage snippets, default of `trl-pplmask push`).
-        pretty_name (`str`, *optional*):
-            Card title.
-        license (`str`, *optional*):
-            License of the source data (known for the tasks).
-        language (`list[str]`, *optional*, defaults to `["en"]`):
-            Languages, for the card metadata.
-        template_path (`str`, *optional*):
-            Jinja card template; defaults to `cards/self_output.md.jinja`.
-        command (`str`, *optional*):
-            Command line that ran the build, recorded in the card.
-        overwrite (`bool`, *optional*, defaults to `False`):
-            Replace the generated part of a card that was edited by hand (the YAML header or the text between the
-            card's markers) instead of refusing to build; text outside the markers is kept either way.
-    """
-
-    dataset: str
-    output_dir: str | None = None
-    models: list[str] = field(default_factory=lambda: [EMBEDDED_MODEL_ALIAS])
-    config_names: list[str] | None = None
-    split: str = "train"
-    dataset_config: str | None = None
-    limit: int | None = None
-    verifier: str | None = None
-    generation: SelfOutputConfig = field(default_factory=SelfOutputConfig)
-    dtype: str = "auto"
-    ppl_threshold: float = DEFAULT_THRESHOLD
-    checkpoint_dir: str | None = None
-    max_shard_size: int | str = "500MB"
-    repo_id: str | None = None
-    pretty_name: str | None = None
-    license: str | None = None
-    language: list[str] = field(default_factory=lambda: ["en"])
-    template_path: str | None = None
-    command: str | None = None
-    overwrite: bool = False
-
-    folder_suffix = "self-output"
-
-    def __post_init__(self):
-        check_dataset_spec(self.dataset)  # a misspelt task or a missing file, before the verifier is looked up
-        if not self.models:
-            raise ValueError("models is empty: name at least one generating model.")
-        if self.config_names is not None and len(self.config_names) != len(self.models):
-            raise ValueError(f"config_names has {len(self.config_names)} entries for {len(self.models)} models.")
-        names = self.resolved_config_names()
-        for name in names:
-            check_config_name(name)
-        if len(set(names)) != len(names):
-            raise ValueError(f"Several models map to the same config name in {names}; pass distinct config_names.")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit must be positive, got {self.limit}.")
-        if not math.isfinite(self.ppl_threshold) or not self.ppl_threshold > 1.0:
-            raise ValueError(
-                f"ppl_threshold must be a finite value above 1 (perplexities are >= 1), got {self.ppl_threshold}."
-            )
-        if self.verifier is None:
-            if self.dataset not in VERIFIERS:
-                raise ValueError(
-                    f"No built-in verifier for {self.dataset!r}: pass verifier='module:function' (--verifier) naming "
-                    "a callable (row, response) -> bool."
-                )
-        self.max_shard_size_bytes = _compat.convert_file_size_to_int(self.max_shard_size)
-        if self.max_shard_size_bytes <= 0:  # as the pplmasked builder: 0 would write no shard at all
-            raise ValueError(f"max_shard_size must be positive, got {self.max_shard_size!r}.")
-
-    def resolved_checkpoint_dir(self) -> Path:
-        if self.checkpoint_dir is not None:
-            return Path(self.checkpoint_dir).expanduser()
-        output = self.resolved_output_dir()
-        return output.parent / f"{output.name}-checkpoints"
-
-    def resolved_verifier(self) -> str | Verifier:
-        return resolve_verifier(self.verifier or self.dataset)
-
-
-def resolve_verifier(spec: str | Verifier) -> str | Verifier:
-    """A task name stays a name; `module:function` is imported (the callable must take `(row, response)`)."""
-    if callable(spec) or ":" not in spec:
-        return spec
-    module_name, _, attribute = spec.partition(":")
-    try:
-        verifier = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import the verifier {spec!r}: {err}.") from err
-    if not callable(verifier):
-        raise ValueError(f"Verifier {spec!r} is not callable.")
-    return verifier
 
 
 def _load_source(config: SelfOutputBuildConfig) -> Dataset:

@@ -41,8 +41,8 @@ from .folder import (
     release_accelerator_memory,
     write_parquet_shards,
 )
-from .pplmasked import PPLMASKED_CARD_TEMPLATE, PPLMASKED_KIND, PplMaskedBuilder, build_pplmasked, render_card
-from .pplmasked_config import BuildConfig
+from .pplmasked import PPLMASKED_KIND, PplMaskedBuilder, build_pplmasked, render_card
+from .pplmasked_config import PPLMASKED_CARD_TEMPLATE, BuildConfig
 from .pplmasked_split import OUTPUT_COLUMNS, build_split, completion_perplexities, split_statistics
 from .publish import PushError, default_repo_id, list_upload_files, push_folder
 from .source import FORMAT_FIELDS, FORMATS, describe_source, load_source_splits, source_short_name, validate_rows

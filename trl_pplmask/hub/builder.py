@@ -50,22 +50,26 @@ FOLDER_FIELDS: dict[str, dict[str, Any]] = {
     "language": {"default_factory": lambda: ["en"], "help": "Languages of the data, for the card (default: en)."},
     "template_path": {
         "default": None,
-        "help": "Jinja template of the card (default: the one in cards/ for this kind of folder).",
+        "help": "Jinja template of the card (default: cards/{card_template}).",
         "option": "--card-template",
     },
     "command": {"default": None, "option": None},  # set by the command line that builds, not an option
 }
 
 
-def folder_field(name: str) -> Any:
+def folder_field(name: str, **help_values: str) -> Any:
     """A dataclass field of a builder's settings ([`FolderSettings`]) with the default and the option metadata of
     [`FOLDER_FIELDS`]'s entry `name`, which are the same for every builder.
 
     Args:
         name (`str`): A key of [`FOLDER_FIELDS`].
+        help_values (`str`): The builder's own values that the help names (`card_template=` for `template_path`,
+            the file name of its default card template).
     """
     entry = dict(FOLDER_FIELDS[name])
     defaults = {key: entry.pop(key) for key in ("default", "default_factory") if key in entry}
+    if "help" in entry:
+        entry["help"] = entry["help"].format(**help_values)
     return dataclasses.field(**defaults, metadata=entry)
 
 

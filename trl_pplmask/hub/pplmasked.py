@@ -18,7 +18,7 @@ from ..models import load_model
 from .builder import FolderBuilder
 from .card import fmt_number
 from .folder import BUILD_INFO_FILE, read_build_infos
-from .pplmasked_config import BuildConfig
+from .pplmasked_config import PPLMASKED_CARD_TEMPLATE, BuildConfig
 from .pplmasked_split import (
     build_split,
     plot_ppl_histogram_of_chunks,
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PPLMASKED_KIND = "pplmasked"  # `kind` of our build_info.json; the self-output builder writes its own
-PPLMASKED_CARD_TEMPLATE = "pplmasked_dataset_card.md.jinja"
 # Settings that do not change the data (or are recorded elsewhere in the build info)
 _UNRECORDED_SETTINGS = (
     "output_dir",

@@ -13,6 +13,9 @@ from .shards import DEFAULT_SHARD_ROWS
 from .source import FORMATS
 
 
+PPLMASKED_CARD_TEMPLATE = "pplmasked_dataset_card.md.jinja"  # the card's template by default, in cards/
+
+
 @dataclass
 class BuildConfig(FolderSettings):
     """Settings of [`~trl_pplmask.hub.build_pplmasked`]: which data, which scoring models, how to mask, where to write.
@@ -136,7 +139,7 @@ class BuildConfig(FolderSettings):
     pretty_name: str | None = folder_field("pretty_name")
     license: str | None = folder_field("license")
     language: list[str] = folder_field("language")
-    template_path: str | None = folder_field("template_path")
+    template_path: str | None = folder_field("template_path", card_template=PPLMASKED_CARD_TEMPLATE)
     command: str | None = folder_field("command")
     default_config: str | None = field(
         default=None,

@@ -28,7 +28,7 @@ from ..verifiers import check_rows, get_verifier
 from .builder import FolderBuilder
 from .card import fmt_number, fmt_percent
 from .folder import write_parquet_shards
-from .self_output_config import SelfOutputBuildConfig
+from .self_output_config import SELF_OUTPUT_CARD_TEMPLATE, SelfOutputBuildConfig
 from .self_output_stats import plot_ppl_comparison, self_output_statistics
 from .source import describe_source
 
@@ -36,7 +36,6 @@ from .source import describe_source
 logger = logging.getLogger(__name__)
 
 SELF_OUTPUT_KIND = "self-output"  # `kind` of our build_info.json
-SELF_OUTPUT_CARD_TEMPLATE = "self_output.md.jinja"
 # Generation settings that do not change the data (or are recorded elsewhere in the build info)
 _UNRECORDED_SETTINGS = ("checkpoint_path", "show_progress", "verify_workers", "score_max_tokens_per_batch")
 _VLLM_SETTINGS = ("tensor_parallel_size", "vllm_model", "vllm_gpu_memory_utilization")

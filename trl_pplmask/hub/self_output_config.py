@@ -18,6 +18,9 @@ from .builder import FolderSettings, folder_field
 from .folder import check_config_name
 
 
+SELF_OUTPUT_CARD_TEMPLATE = "self_output.md.jinja"  # the card's template by default, in cards/
+
+
 @dataclass
 class SelfOutputBuildConfig(FolderSettings):
     """Settings of [`~trl_pplmask.hub.self_output.build_self_output`]: which data and models, how to generate, where
@@ -105,7 +108,7 @@ class SelfOutputBuildConfig(FolderSettings):
     pretty_name: str | None = folder_field("pretty_name")
     license: str | None = folder_field("license")
     language: list[str] = folder_field("language")
-    template_path: str | None = folder_field("template_path")
+    template_path: str | None = folder_field("template_path", card_template=SELF_OUTPUT_CARD_TEMPLATE)
     command: str | None = folder_field("command")
     overwrite: bool = field(
         default=False,

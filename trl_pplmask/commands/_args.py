@@ -301,7 +301,7 @@ def command_line(config: Any, prog: str, unrecorded: frozenset[str] = UNRECORDED
 
     Args:
         config: The settings (`build`'s [`~trl_pplmask.hub.BuildConfig`], `self-output`'s
-            [`~trl_pplmask.hub.self_output.SelfOutputBuildConfig`]).
+            [`~trl_pplmask.hub.self_output_config.SelfOutputBuildConfig`]).
         prog (`str`): The program that runs them (`trl-pplmask build`).
         unrecorded (`frozenset[str]`, *optional*): Fields to leave out.
     """
@@ -317,8 +317,9 @@ def _option_tokens_of(config: Any, unrecorded: frozenset[str]) -> list[str]:
             parts += _option_tokens_of(value, unrecorded)
         elif field.name in unrecorded or value is None:
             continue
-        elif isinstance(value, bool):  # a flag, given when it changes the default (`--no-cache` for False)
-            parts += [option_name(field)] if value is not (field.default is True) else []
+        elif isinstance(value, bool):  # a flag, given when it changes the default (`--no-cache` when False)
+            if value != (field.default is True):
+                parts.append(option_name(field))
         elif isinstance(value, list):  # an empty list stays explicit (`--unmasked-splits` alone)
             parts += [option_name(field), *map(str, value)]
         else:

@@ -157,6 +157,7 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
     schema_metadata = dict(table.schema.metadata or {})
+    schema_metadata.update(_without_cache_fingerprint(schema_metadata))
     schema_metadata[SHARD_METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
     table = table.replace_schema_metadata(schema_metadata)
     tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
@@ -166,6 +167,23 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _without_cache_fingerprint(schema_metadata: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The `huggingface` schema metadata without its `fingerprint`: a key of `datasets`' cache, which depends on where
+    the input was read from (the path of a local copy, the Arrow cache of a download), not on its rows. Without it, a
+    shard's bytes are the same from any copy of the input, downloaded or streamed."""
+    raw = schema_metadata.get(b"huggingface")
+    if raw is None:
+        return {}
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(info, dict) or "fingerprint" not in info:
+        return {}
+    info.pop("fingerprint")
+    return {b"huggingface": json.dumps(info).encode()}
 
 
 def count_tokens(dataset: Dataset) -> int:

@@ -17,6 +17,7 @@ from ..hub.pplmasked import build_pplmasked
 from ..hub.pplmasked_config import BuildConfig
 from ..hub.shards import DEFAULT_SHARD_ROWS
 from ..hub.source import FORMATS
+from ..hub.stream_input import INPUT_MODE_HELP, INPUT_MODES
 from ..masking import mask_field
 from ._args import from_namespace
 from ._command import Command
@@ -61,6 +62,7 @@ class BuildArguments:
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows of each split."})
     max_length: int = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
     drop_empty: bool = field(default=False, metadata={"help": "Drop examples left with no trainable token."})
+    input_mode: str = field(default="auto", metadata={"help": INPUT_MODE_HELP, "choices": INPUT_MODES})
     shard_rows: int = field(
         default=DEFAULT_SHARD_ROWS,
         metadata={
@@ -99,7 +101,7 @@ class BuildArguments:
 def command_line(arguments, prog: str) -> str:
     """The command that reproduces a build: every build option of `arguments` (a dataclass of settings or parsed
     arguments) spelled out, defaults included, so a later change of defaults cannot change what it builds. Cache and
-    output options do not change the data and are left out."""
+    output options and the input mode do not change the data and are left out."""
     if dataclasses.is_dataclass(arguments):
         values = {f.name: getattr(arguments, f.name) for f in dataclasses.fields(arguments)}
     else:
@@ -115,6 +117,7 @@ def command_line(arguments, prog: str) -> str:
         "card_template",
         "max_tokens_per_batch",
         "overwrite",
+        "input_mode",
     }
     for key, value in values.items():
         if key in skip or value is None or value is False:
@@ -160,6 +163,7 @@ def build_config(arguments: BuildArguments, prog: str = PROG) -> BuildConfig:
         unmasked_splits=list(arguments.unmasked_splits),
         max_length=arguments.max_length,
         drop_empty=arguments.drop_empty,
+        input_mode=arguments.input_mode,
         shard_rows=arguments.shard_rows,
         overwrite=arguments.overwrite,
         max_tokens_per_batch=arguments.max_tokens_per_batch,

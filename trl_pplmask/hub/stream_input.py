@@ -266,7 +266,8 @@ def _parquet_files(
         return None, None
     data_files = builder.config.data_files or {}
     if split not in data_files:
-        raise ValueError(f"{spec} has no split {split!r}; it has {sorted(map(str, data_files))}. Pass one with --split.")
+        known = sorted(map(str, data_files))
+        raise ValueError(f"{spec} has no split {split!r}; it has {known}. Pass one with --split.")
     files = [str(url) for url in data_files[split]]
     others = sorted({Path(url.split("::")[0]).suffix or url for url in files if not url.endswith(".parquet")})
     if others:

@@ -20,7 +20,8 @@ What a run reports over all its rows (a score summary, a build's split statistic
 written shards, read back one at a time: [`streamed_quantiles`] gives numpy's exact median and percentiles without
 holding every value. The memory-mapped input is read a shard at a time too, and this process's resident pages of it
 are released after each shard ([`release_mapped_pages`]), so that even the file-backed part of the resident set does
-not grow with the row count.
+not grow with the row count. A streamed input ([`~trl_pplmask.hub.stream_input`]) is never mapped: each shard reads
+the row groups of its rows from the parquet files.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from ..utils import atomic_write_text
 if TYPE_CHECKING:
     import pyarrow as pa
     from datasets import Dataset
+
+    from .stream_input import ParquetSplit
 
 logger = logging.getLogger(__name__)
 
@@ -601,7 +604,7 @@ def current_workers(worker: str | None = None) -> Workers:
 def process_shards(
     folder: ShardFolder,
     plan: ShardPlan,
-    source: Dataset,
+    source: Dataset | ParquetSplit,
     workers: Workers,
     work: Callable[[Dataset], tuple[Dataset, dict[str, Any]]],
     show_progress: bool = True,
@@ -612,7 +615,8 @@ def process_shards(
     Args:
         folder (`ShardFolder`): Where the shards go (checked and started).
         plan (`ShardPlan`): The shard plan of `source`.
-        source (`Dataset`): The whole input (memory-mapped; only a shard's rows are read at a time).
+        source (`Dataset` or `ParquetSplit`): The whole input, memory-mapped or streamed from its parquet files
+            ([`~trl_pplmask.hub.stream_input.ParquetSplit`]); only a shard's rows are read at a time.
         workers (`Workers`): This worker.
         work (`Callable`): Rows of one shard -> (output dataset, info).
         show_progress (`bool`, *optional*, defaults to `True`): Log progress after each shard.

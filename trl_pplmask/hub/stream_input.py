@@ -282,7 +282,7 @@ def _builder(spec: str, config: str | None, required: bool) -> Any:
 
     try:
         return load_dataset_builder(spec, config)
-    except (OSError, ValueError) as err:  # DatasetNotFoundError, ConnectionError, offline, a missing config
+    except Exception as err:  # noqa: BLE001 - not found, offline, HTTP errors, a missing config: said either way
         if required:
             raise ValueError(f"{spec!r}: its data files could not be listed for --input-mode stream: {err}") from err
         logger.info("%s: data files not listed (%s); loading it with datasets.load_dataset", spec, err)

@@ -19,6 +19,7 @@ before; `--input-mode stream` refuses what cannot stream, naming `--input-mode d
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,9 +146,9 @@ class ParquetSplit:
 
     def with_row_ids(self) -> ParquetSplit:
         """The same split with a `row_id` column (the row's index in the split), as `Dataset.add_column` adds it."""
-        copy = object.__new__(ParquetSplit)
-        copy.__dict__.update(self.__dict__, row_ids=True)
-        return copy
+        with_ids = copy.copy(self)
+        with_ids.row_ids = True
+        return with_ids
 
     def select(self, rows: range) -> Dataset:
         """Rows `rows` (a range with step 1) as a `Dataset`, read from the row groups that hold them."""

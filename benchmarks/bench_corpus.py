@@ -16,10 +16,17 @@ Model: a 2-layer random Llama (hidden 64, the embedded tokenizer's 49,152-token 
 3. Processes (`--procs-size` rows, score): `accelerate launch --num_processes 2` (gloo on CPU) against the
    one-process run of section 1 at that size: wall time, speed-up and byte identity of the output.
 
+4. Input modes (`--input-modes download stream`, `--input-size` rows, score): the rows as a folder of 4 parquet files
+   (row groups of 256 rows, a Hub dataset's layout), scored with `--input-mode download` (`load_dataset`: an Arrow
+   copy in the datasets cache, memory-mapped) and `--input-mode stream` (each shard reads its row groups from the
+   parquet files) side by side: peak RSS, wall time, the disk the datasets cache took (`HF_DATASETS_CACHE` is a fresh
+   folder per run), and whether the outputs are byte-identical.
+
 Results are written to `--json` after every run, so that a long benchmark killed midway keeps what it measured.
 
 Usage: python benchmarks/bench_corpus.py [--sizes 1000 4000 16000] [--shard-rows 1024] [--kill-size 16000]
-       [--procs-size 4000] [--commands score build] [--skip-kill] [--skip-procs] [--work DIR] [--json out.json]
+       [--procs-size 4000] [--commands score build] [--skip-kill] [--skip-procs] [--input-modes download stream]
+       [--input-size 16000] [--work DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -81,7 +88,33 @@ def make_rows(work: Path, n: int) -> Path:
     return path
 
 
-def run(argv: list[str], cwd: Path, kill_after: float | None = None) -> dict:
+def make_parquet(work: Path, n: int, files: int = 4, row_group_rows: int = 256) -> Path:
+    """The rows of [`make_rows`] as a folder of `files` parquet files of row groups of `row_group_rows` rows, named
+    as on the Hub (`train-0000k-of-0000n.parquet`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = work / f"parquet-{n}"
+    if folder.is_dir():
+        return folder
+    rows = [json.loads(line) for line in make_rows(work, n).read_text().splitlines()]
+    staging = work / f".parquet-{n}-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    per_file = -(-n // files)
+    for k in range(files):
+        table = pa.Table.from_pylist(rows[k * per_file : (k + 1) * per_file])
+        pq.write_table(table, staging / f"train-{k:05d}-of-{files:05d}.parquet", row_group_size=row_group_rows)
+    staging.rename(folder)
+    return folder
+
+
+def disk_mib(folder: Path) -> float:
+    """The bytes of the files under `folder`, in MiB (0 when it does not exist)."""
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 1) if folder.exists() else 0
+
+
+def run(argv: list[str], cwd: Path, kill_after: float | None = None, env: dict | None = None) -> dict:
     """Run `argv`: wall time, exit status and peak memory.
 
     Peak memory: the resident set of the process tree sampled every 0.1 s, in total and split into anonymous memory
@@ -89,7 +122,13 @@ def run(argv: list[str], cwd: Path, kill_after: float | None = None) -> dict:
     as the Arrow copy of the input, which the kernel can drop and read again), plus the kernel's exact high-water mark
     of the largest process (`ru_maxrss` of `wait4`: VmHWM, file-backed pages included).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
     env["TRL_PPLMASK_CACHE"] = str(cwd / "cache")
     start = time.perf_counter()
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -178,7 +217,7 @@ def tokens_of(folder: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 4000, 16000])
     parser.add_argument("--shard-rows", type=int, default=1024)
     parser.add_argument("--kill-size", type=int, default=16000)
     parser.add_argument("--kill-at", type=float, default=0.9)
@@ -186,6 +225,8 @@ def main() -> None:
     parser.add_argument("--commands", nargs="+", default=["score", "build"], choices=["score", "build"])
     parser.add_argument("--skip-kill", action="store_true")
     parser.add_argument("--skip-procs", action="store_true")
+    parser.add_argument("--input-modes", nargs="*", default=[], choices=["download", "stream"])
+    parser.add_argument("--input-size", type=int, default=16000)
     parser.add_argument("--work", default="/tmp/bench_corpus")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -284,6 +325,39 @@ def main() -> None:
         }
         print(json.dumps(results["processes"]), flush=True)
         save()
+
+    if args.input_modes:
+        measure_input_modes(args, work, model, results)
+        save()
+
+
+def measure_input_modes(args: argparse.Namespace, work: Path, model: Path, results: dict) -> None:
+    """Section 4: `score` of a parquet folder with each of `args.input_modes`, side by side."""
+    n = args.input_size
+    folder = make_parquet(work, n)
+    entries, outputs = [], {}
+    for mode in args.input_modes:
+        where = work / f"input-{mode}-{n}"
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir()
+        argv = cli(*score_argv(model, folder, "out", args.shard_rows), "--input-mode", mode)
+        measured = run(argv, where, env={"HF_DATASETS_CACHE": str(where / "hf-datasets")})
+        entry = {"input_mode": mode, "rows": n, "input_parquet_mib": disk_mib(folder), **measured}
+        entry["datasets_cache_mib"] = disk_mib(where / "hf-datasets")
+        entry["output_mib"] = disk_mib(where / "out")
+        entries.append(entry)
+        outputs[mode] = digest(where / "out")
+        print(json.dumps(entry), flush=True)
+    results["input_modes"] = {"entries": entries}
+    if len(outputs) > 1:
+        first, *others = outputs.values()
+        results["input_modes"]["identical_output"] = all(other == first for other in others)
+        base = entries[0]
+        for entry in entries[1:]:
+            for figure in ("peak_rss_mib", "peak_rss_anon_mib", "peak_rss_file_mib", "seconds"):
+                key = f"{entry['input_mode']}_to_{base['input_mode']}_{figure.removesuffix('_mib')}_ratio"
+                results["input_modes"][key] = round(entry[figure] / base[figure], 3) if base[figure] else None
+    print(json.dumps({k: v for k, v in results["input_modes"].items() if k != "entries"}), flush=True)
 
 
 if __name__ == "__main__":

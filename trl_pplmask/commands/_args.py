@@ -287,9 +287,10 @@ def from_namespace(config_class: type[T], args: argparse.Namespace, **values: An
     return config_class(**values)
 
 
-# Settings that do not change what a command writes (where, how fast, whether to replace), left out of its record
+# Settings that do not change what a command writes (where, how fast, how the input is read, whether to replace),
+# left out of its record
 UNRECORDED_SETTINGS = frozenset(
-    ("output_dir", "use_cache", "cache_dir", "template_path", "max_tokens_per_batch", "overwrite")
+    ("output_dir", "use_cache", "cache_dir", "template_path", "max_tokens_per_batch", "overwrite", "input_mode")
 )
 
 

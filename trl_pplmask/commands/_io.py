@@ -80,10 +80,12 @@ def no_cache_beside_input():
             datasets.enable_caching()
 
 
-def load_input(spec: str, split: str, config: str | None = None, limit: int | None = None):
-    from ..data import load_any_dataset
+def load_input(spec: str, split: str, config: str | None = None, limit: int | None = None, mode: str = "download"):
+    """The input rows: a `Dataset`, or with `mode` `stream`/`auto` a [`~trl_pplmask.hub.stream_input.ParquetSplit`]
+    read a shard at a time."""
+    from ..hub.stream_input import load_split
 
-    dataset = load_any_dataset(spec, split, config, limit)
+    dataset = load_split(spec, split, config, limit, mode)
     if len(dataset) == 0:
         raise ValueError(f"{spec} (split {split!r}) has no rows; there is nothing to process.")
     return dataset

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..constants import EMBEDDED_MODEL_ALIAS
 from ..hub.shards import DEFAULT_SHARD_ROWS
+from ..hub.stream_input import INPUT_MODE_HELP, INPUT_MODES
 from ..masking import IGNORE_INDEX, TRAINABLE_COLUMN, PplMaskConfig, completion_ppl, text_histogram
 from ._args import output_dir_field
 from ._command import Command
@@ -50,6 +51,8 @@ class ScoreConfig:
         dtype (`str`): `auto`, `float32`, `bfloat16` or `float16`.
         dataset (`str`): Task name, saved dataset folder, .jsonl/.parquet file or Hub dataset id.
         dataset_config (`str` or `None`), split (`str`), limit (`int` or `None`): Which rows of `dataset`.
+        input_mode (`str`): How `dataset` is read: `stream` (its parquet files, a shard's row groups at a time, see
+            [`~trl_pplmask.hub.stream_input`]), `download` (`datasets.load_dataset`) or `auto`.
         output (`str`): New or empty folder for `Dataset.save_to_disk` or the parquet shards; `overwrite` replaces a
             non-empty one (and restarts a sharded run with other settings).
         max_length (`int`): `SFTConfig.max_length` used for training.
@@ -70,6 +73,7 @@ class ScoreConfig:
     dataset_config: str | None = field(default=None, metadata={"help": "Config of a Hub dataset."})
     split: str = field(default="train", metadata={"help": "Split to use (default: train)."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    input_mode: str = field(default="auto", metadata={"help": INPUT_MODE_HELP, "choices": INPUT_MODES})
     output: str = output_dir_field("New or empty folder for Dataset.save_to_disk.")
     overwrite: bool = field(
         default=False, metadata={"help": "Replace a non-empty --output-dir (only once the new data is complete)."}
@@ -280,12 +284,14 @@ def _print_summary(ppl: np.ndarray, config: PplMaskConfig) -> None:
 
 def _check_options(config: ScoreConfig) -> None:
     from ..hub.shards import parse_worker
+    from ..hub.stream_input import check_input_mode
     from ..models import check_model_path
 
     check_positive("--max-length", config.max_length)
     check_positive("--max-tokens-per-batch", config.max_tokens_per_batch)
     check_positive("--limit", config.limit)
     check_positive("--shard-rows", config.shard_rows)
+    check_input_mode(config.input_mode)
     if config.layout not in LAYOUTS:
         raise ValueError(f"--layout {config.layout!r} is not one of {', '.join(LAYOUTS)}.")
     if parse_worker(config.worker) is not None:
@@ -311,15 +317,17 @@ def _check_options(config: ScoreConfig) -> None:
 
 def run(config: ScoreConfig) -> int:
     """Score `config.dataset` and save it to `config.output`; print a perplexity summary."""
+    from ..hub.stream_input import in_memory
     from ..scoring import distributed_state
 
     _check_options(config)
     with no_cache_beside_input():
-        dataset = load_input(config.dataset, config.split, config.dataset_config, config.limit)
+        dataset = load_input(config.dataset, config.split, config.dataset_config, config.limit, config.input_mode)
         _check_output_column(config.output_column, dataset)
         sharded = config.layout == "shards" or (config.layout == "auto" and len(dataset) > config.shard_rows)
         if sharded or config.worker is not None:
             return _run_sharded(config, dataset)
+        dataset = in_memory(dataset)  # a small input: one save_to_disk folder
         output = check_output_folder(config.output, config.overwrite, config.dataset)
         # One writer per output: a second `score` into the same --output-dir is refused, naming this one's PID
         with output_lock(output, distributed_state().is_main_process):
@@ -356,6 +364,7 @@ def _run_sharded(config: ScoreConfig, dataset) -> int:
     """Score `dataset` shard by shard into `<output>/<split>-0000k-of-0000n.parquet` (see `trl_pplmask.hub.shards`)."""
     from ..constants import ROW_ID_COLUMN
     from ..hub.shards import ShardFolder, ShardPlan, count_tokens, current_workers, process_shards
+    from ..hub.stream_input import with_row_ids
     from ..models import load_tokenizer
     from ..scoring import model_fingerprint
 
@@ -364,9 +373,8 @@ def _run_sharded(config: ScoreConfig, dataset) -> int:
         raise ValueError(f"--output-dir {config.output} is a file; give a folder path (new, or empty).")
     check_output_folder(config.output, True, config.dataset)  # only the overlap with the input
     workers = current_workers(config.worker)
-    if "input_ids" not in dataset.column_names and ROW_ID_COLUMN not in dataset.column_names:
-        # Row ids over the whole input, not per shard: dropped rows stay traceable
-        dataset = dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
+    if "input_ids" not in dataset.column_names:
+        dataset = with_row_ids(dataset)  # over the whole input, not per shard: dropped rows stay traceable
     plan = ShardPlan(len(dataset), config.shard_rows, config.split)
     folder = ShardFolder(output, [plan], _shard_record(config), SCORE_MANIFEST, overwrite=config.overwrite)
     folder.check()

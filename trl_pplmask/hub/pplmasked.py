@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from ..constants import NLL_COLUMN, ROW_ID_COLUMN, TRAINABLE_COLUMN
+from ..constants import NLL_COLUMN, TRAINABLE_COLUMN
 from ..models import load_model
 from .builder import FolderBuilder
 from .card import fmt_number
@@ -36,10 +36,13 @@ from .source import (
     source_short_name,
     validate_rows,
 )
+from .stream_input import with_row_ids
 
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+    from .stream_input import ParquetSplit
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ _UNRECORDED_SETTINGS = (
     "cache_dir",
     "use_cache",
     "overwrite",
+    "input_mode",  # streamed or downloaded, the rows and so the shards are the same
 )
 # Settings that shape the card only: a resumed build may change them
 _CARD_SETTINGS = ("repo_id", "pretty_name", "license", "language", "default_config", "max_shard_size")
@@ -87,8 +91,8 @@ class PplMaskedBuilder(FolderBuilder):
                     f"--default-config {config.default_config!r} is not a config of {output}: after this build it "
                     f"holds {sorted(known)}. Name one of those."
                 )
-        self.splits: dict[str, Dataset] = {
-            split: _with_row_ids(dataset) for split, dataset in load_source_splits(config).items()
+        self.splits: dict[str, Dataset | ParquetSplit] = {
+            split: with_row_ids(dataset) for split, dataset in load_source_splits(config).items()
         }
         fmt, conversational = None, False
         for split, dataset in self.splits.items():
@@ -270,13 +274,6 @@ class PplMaskedBuilder(FolderBuilder):
 
 # Figures of a split's info that are sums over its shards (stored in each shard's metadata)
 _SUMMED_INFO = ("rows_loaded", "rows_dropped_by_truncation", "examples_dropped_empty", "num_bytes")
-
-
-def _with_row_ids(dataset: Dataset) -> Dataset:
-    """`row_id` over the whole split (tokenization adds it per shard otherwise, from 0 in every shard)."""
-    if ROW_ID_COLUMN in dataset.column_names:
-        return dataset
-    return dataset.add_column(ROW_ID_COLUMN, list(range(len(dataset))))
 
 
 def build_pplmasked(config: BuildConfig) -> Path:

@@ -11,6 +11,7 @@ from .builder import FolderSettings, folder_field
 from .folder import check_config_name
 from .shards import DEFAULT_SHARD_ROWS
 from .source import FORMATS
+from .stream_input import INPUT_MODE_HELP, INPUT_MODES, check_input_mode
 
 
 PPLMASKED_CARD_TEMPLATE = "pplmasked_dataset_card.md.jinja"  # the card's template by default, in cards/
@@ -52,6 +53,11 @@ class BuildConfig(FolderSettings):
             truncate `input_ids`/`labels` away from `token_nll`.
         drop_empty (`bool`, *optional*, defaults to `False`):
             Drop examples left with no trainable token after masking. Kept by default; counted in the card either way.
+        input_mode (`str`, *optional*, defaults to `"auto"`):
+            How the source is read: `stream` (its parquet files, each shard's row groups when that shard is built:
+            nothing is downloaded or converted whole; see [`~trl_pplmask.hub.stream_input`]), `download`
+            (`datasets.load_dataset`: a Hub split downloaded and converted to Arrow, then memory-mapped) or `auto`
+            (stream a Hub dataset stored as parquet, download anything else). The shards are the same either way.
         shard_rows (`int`, *optional*, defaults to `4096`):
             Rows of the source per parquet shard. A split is built shard by shard (read, tokenized, scored, masked,
             written, freed: memory does not grow with the number of rows), each process of an `accelerate launch`
@@ -109,6 +115,7 @@ class BuildConfig(FolderSettings):
     limit: int | None = field(default=None, metadata={"help": "Use only the first N rows of each split."})
     max_length: int | None = field(default=1024, metadata={"help": "SFTConfig.max_length used for training."})
     drop_empty: bool = field(default=False, metadata={"help": "Drop examples left with no trainable token."})
+    input_mode: str = field(default="auto", metadata={"help": INPUT_MODE_HELP, "choices": INPUT_MODES})
     shard_rows: int = field(
         default=DEFAULT_SHARD_ROWS,
         metadata={
@@ -171,6 +178,7 @@ class BuildConfig(FolderSettings):
             raise ValueError(f"shard_rows must be positive, got {self.shard_rows}.")
         if self.max_length is not None and self.max_length <= 0:
             raise ValueError(f"max_length must be positive or None, got {self.max_length}.")
+        check_input_mode(self.input_mode)
         if self.format not in FORMATS:
             raise ValueError(f"Unknown format {self.format!r}; choose one of {', '.join(FORMATS)}.")
         if self.config_names is not None and len(self.config_names) != len(self.models):

@@ -20,7 +20,8 @@ What a run reports over all its rows (a score summary, a build's split statistic
 written shards, read back one at a time: [`streamed_quantiles`] gives numpy's exact median and percentiles without
 holding every value. The memory-mapped input is read a shard at a time too, and this process's resident pages of it
 are released after each shard ([`release_mapped_pages`]), so that even the file-backed part of the resident set does
-not grow with the row count.
+not grow with the row count. A streamed input ([`~trl_pplmask.hub.stream_input`]) is never mapped: each shard reads
+the row groups of its rows from the parquet files.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from ..utils import atomic_write_text
 if TYPE_CHECKING:
     import pyarrow as pa
     from datasets import Dataset
+
+    from .stream_input import ParquetSplit
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
     schema_metadata = dict(table.schema.metadata or {})
+    schema_metadata.update(_without_cache_fingerprint(schema_metadata))
     schema_metadata[SHARD_METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
     table = table.replace_schema_metadata(schema_metadata)
     tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
@@ -166,6 +170,23 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _without_cache_fingerprint(schema_metadata: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The `huggingface` schema metadata without its `fingerprint`: a key of `datasets`' cache, which depends on where
+    the input was read from (the path of a local copy, the Arrow cache of a download), not on its rows. Without it, a
+    shard's bytes are the same from any copy of the input, downloaded or streamed."""
+    raw = schema_metadata.get(b"huggingface")
+    if raw is None:
+        return {}
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(info, dict) or "fingerprint" not in info:
+        return {}
+    info.pop("fingerprint")
+    return {b"huggingface": json.dumps(info).encode()}
 
 
 def count_tokens(dataset: Dataset) -> int:
@@ -583,7 +604,7 @@ def current_workers(worker: str | None = None) -> Workers:
 def process_shards(
     folder: ShardFolder,
     plan: ShardPlan,
-    source: Dataset,
+    source: Dataset | ParquetSplit,
     workers: Workers,
     work: Callable[[Dataset], tuple[Dataset, dict[str, Any]]],
     show_progress: bool = True,
@@ -594,7 +615,8 @@ def process_shards(
     Args:
         folder (`ShardFolder`): Where the shards go (checked and started).
         plan (`ShardPlan`): The shard plan of `source`.
-        source (`Dataset`): The whole input (memory-mapped; only a shard's rows are read at a time).
+        source (`Dataset` or `ParquetSplit`): The whole input, memory-mapped or streamed from its parquet files
+            ([`~trl_pplmask.hub.stream_input.ParquetSplit`]); only a shard's rows are read at a time.
         workers (`Workers`): This worker.
         work (`Callable`): Rows of one shard -> (output dataset, info).
         show_progress (`bool`, *optional*, defaults to `True`): Log progress after each shard.

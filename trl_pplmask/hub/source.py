@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from .pplmasked_config import BuildConfig
+    from .stream_input import ParquetSplit
 
 # `trl_pplmask.data` imports trl, transformers and datasets (and torch with them): it is imported in the functions that
 # use it, so that `trl-pplmask push` and `--help` start fast.
@@ -82,9 +83,11 @@ def _hub_license(repo_id: str) -> str | None:
         return None
 
 
-def load_source_splits(config: BuildConfig) -> dict[str, Dataset]:
-    """Load every requested split of the source data (first `limit` rows); an empty split is an error."""
-    from ..data import load_any_dataset, load_task  # imports datasets and trl: not on the `--help` path
+def load_source_splits(config: BuildConfig) -> dict[str, Dataset | ParquetSplit]:
+    """Load every requested split of the source data (first `limit` rows), or open it to be read a shard at a time
+    (`config.input_mode`, see [`~trl_pplmask.hub.stream_input`]); an empty split is an error."""
+    from ..data import load_task  # imports datasets and trl: not on the `--help` path
+    from .stream_input import load_split
 
     path = Path(config.dataset).expanduser()
     if _is_local(config.dataset) and path.is_file():
@@ -101,7 +104,7 @@ def load_source_splits(config: BuildConfig) -> dict[str, Dataset]:
             if config.dataset in TASKS:
                 dataset = load_task(config.dataset, split, config.limit)
             else:
-                dataset = load_any_dataset(config.dataset, split, config.dataset_config, config.limit)
+                dataset = load_split(config.dataset, split, config.dataset_config, config.limit, config.input_mode)
         except ValueError as err:
             # `datasets` refuses a data file without rows with "Instruction 'train' corresponds to no data!"
             if "no data" in str(err):
@@ -121,12 +124,12 @@ def _blank_file(path: Path) -> bool:
     return path.suffix in (".jsonl", ".json", ".csv") and size < 1 << 16 and not path.read_bytes().strip()
 
 
-def resolve_format(dataset: Dataset, requested: str, where: str) -> str:
+def resolve_format(dataset: Dataset | ParquetSplit, requested: str, where: str) -> str:
     """The format name of `FORMAT_FIELDS` that `dataset` follows; checks the columns of an explicit `requested`."""
     from ..data import detect_format
 
     if requested == "auto":
-        detected = detect_format(dataset[0])
+        detected = detect_format(dataset.select(range(1))[0])  # row 0 alone (of a streamed split too)
         requested = "prompt_completion" if detected.startswith("prompt_completion") else detected
     missing = [c for c in FORMAT_FIELDS[requested] if c not in dataset.column_names]
     if missing:

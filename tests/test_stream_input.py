@@ -154,6 +154,12 @@ def test_what_cannot_stream_is_refused_or_loaded_whole(tmp_path, parquet_folder,
             load_split(spec, mode="stream")
     with pytest.raises(ValueError, match="has no split 'test'"):
         load_split(str(parquet_folder), "test", mode="stream")
+    # build opens its source splits the same way: a task under `stream` is refused as score refuses it
+    from trl_pplmask.hub import BuildConfig
+    from trl_pplmask.hub.source import load_source_splits
+
+    with pytest.raises(ValueError, match="is a task.*--input-mode download"):
+        load_source_splits(BuildConfig(dataset="gsm8k", input_mode="stream"))
 
     # A Hub id: only its name resolution is mocked (to the local folders); the files are read through fsspec
     resolve = datasets.load_dataset_builder

@@ -101,7 +101,7 @@ def load_source_splits(config: BuildConfig) -> dict[str, Dataset | ParquetSplit]
     splits = {}
     for split in config.splits:
         try:
-            if config.dataset in TASKS:
+            if config.dataset in TASKS and config.input_mode != "stream":  # `stream` refuses a task, naming why
                 dataset = load_task(config.dataset, split, config.limit)
             else:
                 dataset = load_split(config.dataset, split, config.dataset_config, config.limit, config.input_mode)

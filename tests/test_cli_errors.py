@@ -383,6 +383,11 @@ BAD_INPUTS = {
         ["lacks 1 data file", "cfg/train-00000-of-00001.parquet"],
     ),
     "sft-config-python-tag": (["sft", "--config", "{w}/tag.yaml"], ["line 1, column 8", "tags are not allowed"]),
+    "sft-config-invalid-yaml": (["sft", "--config", "{w}/bad.yaml"], ["bad.yaml, line 3, column 1 is not valid YAML"]),
+    "sft-masked-lm-model": (
+        ["sft", "--model_name_or_path", "{w}/bert"],
+        ["The model", "BertForMaskedLM", "not a causal language model"],
+    ),
     "sft-masked-lm-reference": (
         ["sft", "--pplmask_reference", "{w}/bert"],
         ["pplmask_reference", "BertForMaskedLM", "not a causal language model"],

@@ -714,6 +714,25 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     assert not out.exists() and list(read_only.iterdir()) == []
 
 
+def test_full_disk_at_the_output_lock_is_one_clear_error_and_leaves_no_lock_file(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """A disk too full for the lock file's PID (the survey's 0-bytes-free build): what, where and how to fix, not a
+    bare `[Errno 28]`, and no empty lock file left beside the output."""
+    import errno
+    import os
+
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "out"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    _fails(_argv(data, tiny_model_dir, out), capsys, f"--output {out} cannot be written", "lock file", "Free space")
+    assert not out.exists() and not list(tmp_path.glob(".*.lock"))
+
+
 def test_study_yaml_reads_yaml_1_2_numbers(tmp_path):
     """`1.0e9` and `1e-4` are strings in YAML 1.1 (PyYAML): read as the numbers they are; a quoted number too."""
     from trl_pplmask.study.config import load_study_config

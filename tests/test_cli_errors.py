@@ -733,6 +733,23 @@ def test_full_disk_at_the_output_lock_is_one_clear_error_and_leaves_no_lock_file
     assert not out.exists() and not list(tmp_path.glob(".*.lock"))
 
 
+def test_full_disk_names_the_folders_the_command_writes(scored, tmp_path, monkeypatch, capsys):
+    """A write to a full disk names no file (`[Errno 28] No space left on device`): the error says which folders the
+    command writes and what to do, and the output is not left half-written."""
+    import errno
+    import os
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Dataset, "save_to_disk", disk_full)
+    out = tmp_path / "out"
+    err = _fails(["mask", "--input", str(scored), "--output", str(out)], capsys, "No space left on device")
+    assert f"the disk holding --output {out}" in err and "Free space there" in err, err
+    assert "[Errno" not in err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no staging folder left either
+
+
 def test_study_yaml_reads_yaml_1_2_numbers(tmp_path):
     """`1.0e9` and `1e-4` are strings in YAML 1.1 (PyYAML): read as the numbers they are; a quoted number too."""
     from trl_pplmask.study.config import load_study_config

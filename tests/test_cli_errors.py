@@ -714,6 +714,36 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     assert not out.exists() and list(read_only.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["score", "mask"])
+def test_output_that_is_a_mount_point_is_refused_before_any_work(
+    command, scored, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """An (empty) mount point as --output, e.g. a container's volume: the output is renamed into place, which a mount
+    point refuses (EBUSY), so the run failed after all the scoring with a bare errno. Refused up front instead (the
+    survey mounts a real tmpfs; here `os.path.ismount` says so)."""
+    import os
+
+    import transformers
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mount point was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    argv = (
+        _argv(data, tiny_model_dir, out)
+        if command == "score"
+        else ["mask", "--input", str(scored), "--output", str(out)]
+    )
+    _fails(argv, capsys, f"--output {out} is a mount point", f"--output {out / 'scored'}")
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
+
+
 def test_full_disk_at_the_output_lock_is_one_clear_error_and_leaves_no_lock_file(
     tmp_path, tiny_model_dir, monkeypatch, capsys
 ):

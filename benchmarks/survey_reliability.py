@@ -1096,12 +1096,26 @@ def _(s: Survey) -> str:
     here = s.work / "cwd"
     here.mkdir()
     (here / "keep.txt").write_text("mine")
+    rows, tiny = s.rows, s.tiny  # made before the folder is listed
     before, around = snapshot(here), sorted(p.name for p in s.work.iterdir())
-    run = s.cli("score", "--dataset", s.rows, "--model", s.tiny, "--output", ".", "--overwrite", cwd=here)
+    run = s.cli("score", "--dataset", rows, "--model", tiny, "--output", ".", "--overwrite", cwd=here)
     line = error_line(run, "--output . is the current directory")
     check(snapshot(here) == before, "the current directory changed", run)
     check(sorted(p.name for p in s.work.iterdir()) == around, "a folder was left beside it", run)
     return f"exit {run.code}, the folder and its parent unchanged: {short(line)}"
+
+
+@case("6", "6.16b", "... the same class of case: `score --output <mount point>` -> EBUSY after all the scoring")
+def _(s: Survey) -> str:
+    if not s.can_mount:
+        raise Skip("needs a tmpfs mount (root)")
+    volume = s.work / "volume"
+    with s.small_disk(volume):  # an empty mounted volume, as a container's `-v host:/out`
+        run = s.cli("score", "--dataset", s.rows, "--model", s.tiny, "--output", volume)
+        line = error_line(run, f"--output {volume} is a mount point")
+        check(list(volume.iterdir()) == [], "the volume was written", run)
+    check(sorted(p.name for p in s.work.iterdir() if p.name.startswith(".volume")) == [], "left beside it", run)
+    return f"exit {run.code} in {run.seconds:.1f} s, before scoring: {short(line)}"
 
 
 def read_only_place(s: Survey, name: str) -> Path:

@@ -744,6 +744,34 @@ def test_output_that_is_a_mount_point_is_refused_before_any_work(
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
 
 
+def test_build_into_an_empty_mount_point_fills_it(tmp_path, tiny_model_dir, monkeypatch):
+    """`build --output-dir <empty mount point>`: a new folder is renamed into place, which a mount point refuses
+    (EBUSY, after all the scoring); the configs and card go into it as into an existing folder instead."""
+    import errno
+    import os
+
+    from trl_pplmask.hub import builder
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
+    swap_in = builder.swap_in
+
+    def like_a_mount_point(source, target):
+        if Path(target).absolute() == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(target))
+        swap_in(source, target)
+
+    monkeypatch.setattr(builder, "swap_in", like_a_mount_point)
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    argv = ["build", "--dataset", str(data), "--models", str(tiny_model_dir), "--output-dir", str(out), "--no-cache"]
+    assert cli_main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "README.md" in names and any((out / n / "build_info.json").is_file() for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
+
+
 def test_full_disk_at_the_output_lock_is_one_clear_error_and_leaves_no_lock_file(
     tmp_path, tiny_model_dir, monkeypatch, capsys
 ):

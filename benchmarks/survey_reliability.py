@@ -1118,6 +1118,24 @@ def _(s: Survey) -> str:
     return f"exit {run.code} in {run.seconds:.1f} s, before scoring: {short(line)}"
 
 
+@case(
+    "6", "6.16c", "... and `build --output-dir <mount point>` -> EBUSY (EXDEV adding a config) after all the scoring"
+)
+def _(s: Survey) -> str:
+    if not s.can_mount:
+        raise Skip("needs a tmpfs mount (root)")
+    volume = s.work / "volume-build"
+    argv = s.build_argv(volume, "a")  # the tiny model and rows made before the folder is listed
+    volume.mkdir()
+    around = sorted(p.name for p in s.work.iterdir())
+    with s.small_disk(volume):
+        run = s.cli(*argv)
+        line = error_line(run, f"Output folder {volume} is a mount point")
+        check(list(volume.iterdir()) == [], "the volume was written", run)
+    check(sorted(p.name for p in s.work.iterdir()) == around, "something was left beside it", run)
+    return f"exit {run.code} in {run.seconds:.1f} s, before scoring: {short(line)}"
+
+
 def read_only_place(s: Survey, name: str) -> Path:
     folder = s.work / name
     folder.mkdir()

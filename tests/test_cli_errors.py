@@ -744,32 +744,30 @@ def test_output_that_is_a_mount_point_is_refused_before_any_work(
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
 
 
-def test_build_into_an_empty_mount_point_fills_it(tmp_path, tiny_model_dir, monkeypatch):
-    """`build --output-dir <empty mount point>`: a new folder is renamed into place, which a mount point refuses
-    (EBUSY, after all the scoring); the configs and card go into it as into an existing folder instead."""
-    import errno
+@pytest.mark.parametrize("command", ["build", "self-output"])
+def test_build_into_a_mount_point_is_refused_before_any_work(
+    command, tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys
+):
+    """`build --output-dir <mount point>` (a container's volume): the build is staged beside the folder and renamed
+    into it, which a mount point refuses (EBUSY for a new folder, EXDEV for configs added to one), after all the
+    scoring. Refused up front instead (the survey mounts a real tmpfs; here `os.path.ismount` says so)."""
     import os
 
-    from trl_pplmask.hub import builder
+    import transformers
 
     out = tmp_path / "volume"
     out.mkdir()
     ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
-    swap_in = builder.swap_in
 
-    def like_a_mount_point(source, target):
-        if Path(target).absolute() == out:
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(target))
-        swap_in(source, target)
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mount point was reported")
 
-    monkeypatch.setattr(builder, "swap_in", like_a_mount_point)
-    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
-    argv = ["build", "--dataset", str(data), "--models", str(tiny_model_dir), "--output-dir", str(out), "--no-cache"]
-    assert cli_main(argv) == 0
-    names = sorted(p.name for p in out.iterdir())
-    assert "README.md" in names and any((out / n / "build_info.json").is_file() for n in names)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    argv = [command, "--dataset", "gsm8k", "--limit", "2", "--models", str(tiny_model_dir), "--output-dir", str(out)]
+    argv += ["--no-cache"] if command == "build" else ["--num-samples", "1", "--max-new-tokens", "4"]
+    _fails(argv, capsys, f"Output folder {out} is a mount point", f"--output-dir {out / 'volume'}")
+    assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["volume"]
 
 
 def test_full_disk_at_the_output_lock_is_one_clear_error_and_leaves_no_lock_file(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -195,10 +194,9 @@ class FolderBuilder:
         renamed into place in one step, so that a run killed at any point leaves either nothing or a complete folder.
         Configs added to an existing folder replace their namesakes one by one and the card is rendered last: an
         error there (a full disk) moves them back out and the replaced ones back in, so configs and card are
-        committed together; a kill -9 in between leaves the previous card, and the rerun completes the folder. An empty
-        mount point (a container's volume) cannot be renamed over: it is filled the same way.
+        committed together; a kill -9 in between leaves the previous card, and the rerun completes the folder.
         """
-        if self.output.exists() and (any(self.output.iterdir()) or os.path.ismount(self.output)):
+        if self.output.exists() and any(self.output.iterdir()):
             # The card is rendered with the configs in; if that fails (a full disk), they are moved back out
             commit_staging(staging, self.output, names, then=lambda: self.render(self.output, template_path))
             return

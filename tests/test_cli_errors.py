@@ -386,6 +386,11 @@ BAD_INPUTS = {
         ["lacks 1 data file", "cfg/train-00000-of-00001.parquet"],
     ),
     "sft-config-python-tag": (["sft", "--config", "{w}/tag.yaml"], ["line 1, column 8", "tags are not allowed"]),
+    "sft-config-invalid-yaml": (["sft", "--config", "{w}/bad.yaml"], ["bad.yaml, line 3, column 1 is not valid YAML"]),
+    "sft-masked-lm-model": (
+        ["sft", "--model_name_or_path", "{w}/bert"],
+        ["The model", "BertForMaskedLM", "not a causal language model"],
+    ),
     "sft-masked-lm-reference": (
         ["sft", "--pplmask_reference", "{w}/bert"],
         ["pplmask_reference", "BertForMaskedLM", "not a causal language model"],
@@ -710,6 +715,99 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     finally:
         read_only.chmod(0o755)
     assert not out.exists() and list(read_only.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["score", "mask"])
+def test_output_that_is_a_mount_point_is_refused_before_any_work(
+    command, scored, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """An (empty) mount point as --output, e.g. a container's volume: the output is renamed into place, which a mount
+    point refuses (EBUSY), so the run failed after all the scoring with a bare errno. Refused up front instead (the
+    survey mounts a real tmpfs; here `os.path.ismount` says so)."""
+    import os
+
+    import transformers
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mount point was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    argv = (
+        _argv(data, tiny_model_dir, out)
+        if command == "score"
+        else ["mask", "--input", str(scored), "--output", str(out)]
+    )
+    _fails(argv, capsys, f"--output-dir {out} is a mount point", f"--output-dir {out / 'scored'}")
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
+
+
+@pytest.mark.parametrize("command", ["build", "self-output"])
+def test_build_into_a_mount_point_is_refused_before_any_work(
+    command, tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys
+):
+    """`build --output-dir <mount point>` (a container's volume): the build is staged beside the folder and renamed
+    into it, which a mount point refuses (EBUSY for a new folder, EXDEV for configs added to one), after all the
+    scoring. Refused up front instead (the survey mounts a real tmpfs; here `os.path.ismount` says so)."""
+    import os
+
+    import transformers
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mount point was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    argv = [command, "--dataset", "gsm8k", "--limit", "2", "--models", str(tiny_model_dir), "--output-dir", str(out)]
+    argv += ["--no-cache"] if command == "build" else ["--num-samples", "1", "--max-new-tokens", "4"]
+    _fails(argv, capsys, f"Output folder {out} is a mount point", f"--output-dir {out / 'volume'}")
+    assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["volume"]
+
+
+def test_full_disk_at_the_output_lock_is_one_clear_error_and_leaves_no_lock_file(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """A disk too full for the lock file's PID (the survey's 0-bytes-free build): what, where and how to fix, not a
+    bare `[Errno 28]`, and no empty lock file left beside the output."""
+    import errno
+    import os
+
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    out = tmp_path / "out"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    expected = (f"--output-dir {out} cannot be written", "lock file", "Free space")
+    _fails(_argv(data, tiny_model_dir, out), capsys, *expected)
+    assert not out.exists() and not list(tmp_path.glob(".*.lock"))
+
+
+def test_full_disk_names_the_folders_the_command_writes(scored, tmp_path, monkeypatch, capsys):
+    """A write to a full disk names no file (`[Errno 28] No space left on device`): the error says which folders the
+    command writes and what to do, and the output is not left half-written."""
+    import errno
+    import os
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Dataset, "save_to_disk", disk_full)
+    out = tmp_path / "out"
+    err = _fails(["mask", "--input", str(scored), "--output", str(out)], capsys, "No space left on device")
+    assert f"the disk holding --output {out}" in err and "Free space there" in err, err
+    assert "[Errno" not in err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no staging folder left either
 
 
 def test_study_yaml_reads_yaml_1_2_numbers(tmp_path):

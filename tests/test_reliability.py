@@ -92,16 +92,38 @@ def sft_argv(output: Path, model: Path, data: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_no_secret_in_any_file_of_an_sft_run(tmp_path, tiny_model_dir, gsm8k_dir, monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)  # the run moves the token there; restored after the test
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def finished_sft(tmp_path_factory, tiny_model_dir, gsm8k_dir) -> Path:
+    """The output_dir of a finished `trl-pplmask sft` run given a planted `--hub_token` (2 steps, a checkpoint
+    each)."""
+    out = tmp_path_factory.mktemp("sft") / "out"
     argv = sft_argv(out, tiny_model_dir, gsm8k_dir, "--max_steps", "2", "--save_strategy", "steps")
     argv += ["--save_steps", "1", "--hub_token", TOKEN, "--run_name", f"run-{TOKEN}"]
-    assert cli_main(argv) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("HF_TOKEN", raising=False)  # the run moves the token there; restored after it
+        assert cli_main(argv) == 0
+    return out
+
+
+def test_no_secret_in_any_file_of_an_sft_run(finished_sft):
+    out = finished_sft
     assert (out / "pplmask_config.json").is_file() and list(out.glob("checkpoint-*/training_args.bin"))
     assert files_holding(out) == []
     assert REDACTED in (out / "pplmask_config.json").read_text()  # the command line, recorded without the token
-    assert not list(tmp_path.glob(".*.lock"))  # the output_dir's lock is gone with the run
+    assert not list(out.parent.glob(".*.lock"))  # the output_dir's lock is gone with the run
+
+
+def test_failed_sft_rerun_keeps_the_finished_runs_record(finished_sft, tiny_model_dir, tmp_path, capsys):
+    """A rerun into a finished run's output_dir whose input is refused leaves every file of the folder as it was
+    (`pplmask_config.json` is removed only once the new run's inputs have been checked)."""
+    import json
+
+    before = {p: p.read_bytes() for p in finished_sft.rglob("*") if p.is_file()}
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    assert cli_main(sft_argv(finished_sft, tiny_model_dir, qa, "--max_steps", "2")) == 2
+    assert "Cannot recognise the dataset format" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in finished_sft.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow
@@ -298,6 +320,36 @@ def test_second_writer_into_one_output_is_refused_before_any_work(
     assert f"PID {os.getpid()}" in err and str(out) in err and "another process" in err, err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging, work or checkpoint folder beside it either
+
+
+def test_second_study_into_one_output_dir_is_refused_before_any_stage(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import json
+    import os
+
+    from trl_pplmask.study import runner
+    from trl_pplmask.utils import OutputLock
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("the second study ran a stage")
+
+    monkeypatch.setattr(runner, "prepare_data", no_stage)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "What is 2 + 3? ", "completion": "The answer is 5."}) + "\n")
+    root = tmp_path / "study"
+    config = {
+        "model": str(tiny_model_dir),
+        "output_dir": str(root),
+        "data": {"task": "gsm8k", "path": str(rows)},
+        "arms": ["base", "gt"],
+        "training": {"max_steps": 1, "use_cpu": True, "use_peft": False},
+        "eval": {"tasks": ["gsm8k_nll"], "target": "gsm8k_nll", "limit": 2},
+    }
+    (tmp_path / "study.yaml").write_text(json.dumps(config))
+    with OutputLock(root, inside=True, what="study output_dir"):  # another study running there
+        assert cli_main(["study", "--config", str(tmp_path / "study.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"PID {os.getpid()}" in err and str(root) in err and "another process" in err, err
+    assert list(root.iterdir()) == []  # no data, arm or record of the refused study (the lock file went with it)
 
 
 # --------------------------------------------------------------------------------------------------------------------

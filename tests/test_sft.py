@@ -249,6 +249,15 @@ def test_on_the_fly_mask_of_every_token_fails_without_saving_a_model(tmp_path, t
     assert not (out / CONFIG_FILE).exists() and not (out / "adapter_model.safetensors").exists()
 
 
+def test_mask_statistics_count_the_batches_trained_not_one_collated_ahead(tmp_path, tiny_dir, train_dir):
+    # 6 rows, batches of 2, max_steps 1: the data loader collates batch 2 before step 1 trains (accelerate looks
+    # ahead), and the run stops before training it
+    record = main(*parse_args(sft_args(tmp_path, tiny_dir, train_dir, "--pplmask_threshold", str(TINY_THRESHOLD))))
+    assert record["mask_stats"]["examples"] == 2
+    assert [epoch["examples"] for epoch in record["mask_stats_per_epoch"]] == [2]
+    assert 0 < record["mask_stats"]["masked_tokens"] < record["mask_stats"]["completion_tokens"]
+
+
 def test_saved_dataset_folder_is_only_read(tmp_path, tiny_dir, data_dir):
     from trl_pplmask.data import load_task
 

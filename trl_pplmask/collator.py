@@ -9,6 +9,7 @@ trainer = SFTTrainer(model, args=SFTConfig(..., remove_unused_columns=False), tr
 from __future__ import annotations
 
 import copy
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,10 @@ def _mask_config(config: PplMaskConfig | None, **settings) -> PplMaskConfig:
             "(e.g. PplMaskConfig(strategy=..., threshold=...) as `config`)."
         )
     return config
+
+
+# How many of the last batches `PplMaskCollator.stats_after` remembers (a data loader runs at most a few ahead)
+RECENT_BATCHES = 64
 
 
 class PplMaskCollator:
@@ -122,6 +127,7 @@ class PplMaskCollator:
             pad_token_id=pad_token_id, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
         )
         self.reset_stats()
+        self._start_batch_count()
 
     def unmasked(self) -> PplMaskCollator:
         """A collator that pads like this one and masks nothing: every trainable token keeps its label (tokens a
@@ -137,7 +143,13 @@ class PplMaskCollator:
         clone._popped["completion_nll_sum"] = 0.0
         clone.totals = dict.fromkeys(self.totals, 0)
         clone.reset_stats()
+        clone._start_batch_count()
         return clone
+
+    def _start_batch_count(self) -> None:
+        # `stats_after`: the cumulative statistics after each of the last batches collated
+        self.batches = 0
+        self._after = deque([(0, self._cumulative())], maxlen=RECENT_BATCHES)
 
     # Statistics, read and reset by PplMaskCallback at each logging step
     def reset_stats(self) -> None:
@@ -184,6 +196,8 @@ class PplMaskCollator:
                 for nll, feature in zip(nlls, features)
             ]
             batch[WEIGHT_KEY] = self._pad_like_labels(weights, batch["labels"], dtype=torch.float32)
+        self.batches += 1
+        self._after.append((self.batches, self._cumulative()))
         return batch
 
     def _count_example(self, example: dict[str, Any], feature: dict[str, Any]) -> np.ndarray:
@@ -211,10 +225,26 @@ class PplMaskCollator:
 
     def cumulative_stats(self) -> dict[str, float | int]:
         """Totals over every batch collated so far (not reset by logging), with the masked fraction."""
+        return self._cumulative()
+
+    def _cumulative(self) -> dict[str, float | int]:
         totals = {**{key: self._popped[key] + self.stats[key] for key in self._popped}, **self.totals}
         n = totals["completion_tokens"]
         totals["masked_fraction"] = masked_fraction(totals["masked_tokens"], n)
         return totals
+
+    def stats_after(self, batches: int) -> dict[str, float | int]:
+        """[`cumulative_stats`] as they were once the first `batches` batches were collated: the statistics of the
+        batches a trainer trained. Its data loader collates ahead of training (accelerate's loader fetches the next
+        batch before yielding the current one), so a run that stops before the end of an epoch (`max_steps`) collated
+        a batch it never trained. The last `RECENT_BATCHES` counts are remembered."""
+        for count, totals in reversed(self._after):
+            if count == batches:
+                return dict(totals)
+        raise ValueError(
+            f"No statistics after batch {batches}: the collator collated {self.batches} batches and remembers the "
+            f"last {RECENT_BATCHES}."
+        )
 
     def _mask_example(
         self, example: dict[str, Any], nll: np.ndarray, threshold: float | None, i: int, entropy: np.ndarray | None

@@ -508,7 +508,7 @@ def _build_trainer(script_args, training_args, model_args, dataset_args, pplmask
         else:
             collator.reference_model = scorer
     add_pplmask_callback(trainer)
-    recorder = PplMaskRecorder(collator)
+    recorder = PplMaskRecorder(collator, trainer)
     trainer.add_callback(recorder)
     return trainer, collator, recorder, prescore_stats
 
@@ -519,12 +519,18 @@ def with_unmasked_eval(trainer_cls: type) -> type:
     eval loss is TRL's own NLL (`SFTTrainer.compute_loss`) whatever token-weighted objective trains the model.
 
     So `eval_loss` is the `trl sft` eval loss on the full completion for every strategy and `pplmask_loss`, and the
-    eval rows stay out of the training collator's statistics.
+    eval rows stay out of the training collator's statistics. The trainer also counts the batches it trains
+    (`pplmask_trained_batches`, for [`PplMaskCollator.stats_after`]: its data loader collates one ahead).
     """
     from trl import SFTTrainer
 
     class UnmaskedEvalTrainer(trainer_cls):
         eval_data_collator = None
+        pplmask_trained_batches = 0
+
+        def training_step(self, *args, **kwargs):
+            self.pplmask_trained_batches += 1
+            return super().training_step(*args, **kwargs)
 
         def get_eval_dataloader(self, eval_dataset=None):
             if self.eval_data_collator is None:
@@ -550,19 +556,26 @@ def _make_recorder_class():
     from transformers import TrainerCallback
 
     class _Recorder(TrainerCallback):
-        """Mask statistics per epoch, summed over processes (read back by `write_pplmask_config`)."""
+        """Mask statistics per epoch, summed over processes (read back by `write_pplmask_config`): of the batches
+        `trainer` trained when given (`trained_stats`), else of those the collator collated."""
 
-        def __init__(self, collator):
+        def __init__(self, collator, trainer=None):
             self.collator = collator
+            self.trainer = trainer
             self.epochs: list[dict[str, Any]] = []
             self._start: dict[str, Any] = {}
             self.stopped_at_step: int | None = None
 
         def on_epoch_begin(self, args, state, control, **kwargs):
-            self._start = self.collator.cumulative_stats()
+            self._start = self._stats()
+
+        def _stats(self) -> dict[str, Any]:
+            if self.trainer is None:
+                return self.collator.cumulative_stats()
+            return trained_stats(self.collator, self.trainer)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            end = self.collator.cumulative_stats()
+            end = self._stats()
             delta = {k: end[k] - self._start.get(k, 0) for k in end if k != "masked_fraction"}
             delta = _sum_over_processes(delta)
             n = delta["completion_tokens"]
@@ -578,9 +591,17 @@ def _make_recorder_class():
     return _Recorder
 
 
-def PplMaskRecorder(collator):  # noqa: N802 - a factory that keeps transformers out of module import time
-    """Callback recording the collator's statistics per epoch (summed over processes)."""
-    return _make_recorder_class()(collator)
+def PplMaskRecorder(collator, trainer=None):  # noqa: N802 - a factory that keeps transformers out of module import time
+    """Callback recording the collator's statistics per epoch (summed over processes), of the batches `trainer`
+    trained when given."""
+    return _make_recorder_class()(collator, trainer)
+
+
+def trained_stats(collator, trainer) -> dict[str, Any]:
+    """The mask statistics of the batches `trainer` (made by [`with_unmasked_eval`]) trained so far in this process
+    with `collator`: not of a batch its data loader collated ahead and the run never trained (a run stopped by
+    `max_steps`)."""
+    return collator.stats_after(trainer.pplmask_trained_batches)
 
 
 def _sum_over_processes(values: dict[str, float]) -> dict[str, float]:
@@ -679,7 +700,7 @@ def _train(
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
     with maps_outside(script_args):
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    totals = _sum_over_processes({k: v for k, v in collator.cumulative_stats().items() if k != "masked_fraction"})
+    totals = _sum_over_processes({k: v for k, v in trained_stats(collator, trainer).items() if k != "masked_fraction"})
     check_trained_something(totals, pplmask_args, recorder)
     _print(trainer, "Training completed.")
     trainer.save_model(training_args.output_dir)

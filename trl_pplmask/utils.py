@@ -486,8 +486,17 @@ class OutputLock:
                 pass
             os.close(fd)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:  # a full disk: the lock file is ours (locked), so it goes, and nothing is left beside
+            os.unlink(self.path)
+            os.close(fd)
+            raise OSError(
+                f"The {self.what} {self.output} cannot be written: recording this process in its lock file "
+                f"{self.path} failed ({err.strerror or err}). Free space there or choose another folder (nothing was "
+                "done)."
+            ) from None
         self._fd = fd
         return self
 

@@ -4,6 +4,7 @@ atomically, never writing beside the input."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,11 @@ def check_output_folder(output: str, overwrite: bool, source: str | None = None)
         raise ValueError(
             f"--output-dir {output} is the current directory or holds it; the output is swapped in whole, which "
             "cannot replace the folder a command runs in. Give a new folder inside it, e.g. --output-dir ./scored."
+        )
+    if path.is_dir() and os.path.ismount(path):
+        raise ValueError(
+            f"--output-dir {output} is a mount point; the output is swapped in whole (renamed into place), which "
+            f"cannot replace a mount point. Give a new folder inside it, e.g. --output-dir {path / 'scored'}."
         )
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -51,13 +52,31 @@ def call_reporting_errors(function: Callable[[], int], prog: str) -> int:
 
 def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
     """`command(args)` with SIGTERM ended like Ctrl-C ([`terminate_cleanly`]) and its errors reported in one line
-    ([`call_reporting_errors`])."""
+    ([`call_reporting_errors`]); a full disk is said with the folders the command writes ([`disk_full_message`])."""
 
     def run() -> int:
         with terminate_cleanly():
-            return command(args)
+            try:
+                return command(args)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(disk_full_message(err, args)) from err
+                raise
 
     return call_reporting_errors(run, prog)
+
+
+def disk_full_message(err: OSError, args: argparse.Namespace) -> str:
+    """A full disk (or quota) in one line: the file when the error names it, the folders the command writes (a write
+    to a full disk names no file), and what to do."""
+    places = [f"--{name.replace('_', '-')} {value}" for name in ("output", "output_dir", "cache_dir")
+              if (value := getattr(args, name, None))]  # fmt: skip
+    where = f" writing {err.filename}" if err.filename else ""
+    written = " and ".join(places) or "its output"
+    return (
+        f"{err.strerror or err}{where}: the disk holding {written} (or the cache, TRL_PPLMASK_CACHE) is full. "
+        "Free space there (or choose a folder on another disk) and rerun."
+    )
 
 
 def command_main(

@@ -126,6 +126,12 @@ def check_existing_folder(output: Path, source: dict[str, Any], kind: str, descr
         return
     if not output.is_dir():
         raise ValueError(f"Output {output} exists and is not a folder.")
+    if os.path.ismount(output):
+        raise ValueError(
+            f"Output folder {output} is a mount point: a build is staged beside it and renamed into it, which cannot "
+            f"replace a mount point or cross into another file system. Give a folder inside it, e.g. --output-dir "
+            f"{output / output.name}."
+        )
     infos = read_build_infos(output)
     if not infos:
         if any(output.iterdir()):

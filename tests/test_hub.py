@@ -378,6 +378,26 @@ def test_bad_input_errors_name_the_problem(tmp_path, capsys, no_template_model_d
     fails(["--dataset", "gsm8k", "--models", "a/m", "b/m"], "config name(s) ['m']")
 
 
+def test_a_source_file_named_relatively_is_the_file_an_earlier_build_named_absolutely(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Adding a config to a folder built from `/abs/rows.jsonl` with `--dataset rows.jsonl` (the same file, named from
+    its folder) adds it; another file is still refused as another dataset."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ", "completion": f"{i + 1}."}) + "\n" for i in range(3)))
+    folder = tmp_path / "rows-pplmasked"
+    argv = ["--models", str(tiny_model_dir), "--output-dir", str(folder), "--no-cache"]
+    assert cli_main(["build", "--dataset", str(rows), *argv, "--config-names", "first"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["build", "--dataset", "rows.jsonl", *argv, "--config-names", "second"]) == 0
+    assert {"first", "second"} <= {p.name for p in folder.iterdir()}
+
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(rows.read_bytes())
+    assert cli_main(["build", "--dataset", "other.jsonl", *argv, "--config-names", "third"]) == 2
+    assert not (folder / "third").exists()
+
+
 def test_failed_build_leaves_existing_folder_untouched(built, tmp_path, capsys, no_template_model_dir):
     folder = tmp_path / "gsm8k-pplmasked"
     shutil.copytree(built, folder)

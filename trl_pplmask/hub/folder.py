@@ -148,11 +148,27 @@ def check_existing_folder(output: Path, source: dict[str, Any], kind: str, descr
             )
     check_build_infos(output, infos)
     for name, info in infos.items():
-        if info["source"]["dataset"] != source["dataset"]:
+        if not _same_source(info["source"]["dataset"], source["dataset"]):
             raise ValueError(
                 f"Output folder {output} holds config {name!r} built from {info['source']['dataset']!r}, not "
                 f"{source['dataset']!r}: a folder is one dataset repo. Choose another output folder."
             )
+
+
+def _same_source(recorded: str, given: str) -> bool:
+    """Whether two builds name one source: the same text, or two spellings of one local file or folder (a build may
+    name it by an absolute path, a later one relative to where it runs).
+
+    Args:
+        recorded (`str`): The `source.dataset` of a config already in the folder.
+        given (`str`): The `--dataset` of the build about to add to it.
+    """
+    if recorded == given:
+        return True
+    try:
+        return os.path.samefile(Path(recorded).expanduser(), Path(given).expanduser())
+    except OSError:  # either is not a local path (a Hub id, a task, a file since removed): the text decides
+        return False
 
 
 def commit_staging(

@@ -717,18 +717,13 @@ def test_read_only_output_or_cache_is_refused_before_scoring(where, tmp_path, ti
     assert not out.exists() and list(read_only.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["score", "mask"])
-def test_output_that_is_a_mount_point_is_refused_before_any_work(
-    command, scored, tmp_path, tiny_model_dir, monkeypatch, capsys
-):
-    """An (empty) mount point as --output, e.g. a container's volume: the output is renamed into place, which a mount
-    point refuses (EBUSY), so the run failed after all the scoring with a bare errno. Refused up front instead (the
-    survey mounts a real tmpfs; here `os.path.ismount` says so)."""
+def _fake_mount_point(out: Path, monkeypatch) -> Path:
+    """`out` made as an empty folder that `os.path.ismount` calls a mount point, with model loading forbidden (the
+    refusal must come before any model loads)."""
     import os
 
     import transformers
 
-    out = tmp_path / "volume"
     out.mkdir()
     ismount = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
@@ -737,11 +732,22 @@ def test_output_that_is_a_mount_point_is_refused_before_any_work(
         raise AssertionError("a model was loaded before the mount point was reported")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    return out
+
+
+@pytest.mark.parametrize("command", ["score", "mask"])
+def test_output_that_is_a_mount_point_is_refused_before_any_work(
+    command, scored, tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    """An (empty) mount point as --output, e.g. a container's volume: the output is renamed into place, which a mount
+    point refuses (EBUSY), so the run failed after all the scoring with a bare errno. Refused up front instead (the
+    survey mounts a real tmpfs; here `os.path.ismount` says so)."""
+    out = _fake_mount_point(tmp_path / "volume", monkeypatch)
     data = _jsonl(tmp_path / "rows.jsonl", ROWS)
     argv = (
         _argv(data, tiny_model_dir, out)
         if command == "score"
-        else ["mask", "--input", str(scored), "--output", str(out)]
+        else ["mask", "--input", str(scored), "--output-dir", str(out)]
     )
     _fails(argv, capsys, f"--output-dir {out} is a mount point", f"--output-dir {out / 'scored'}")
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "volume"]
@@ -754,19 +760,7 @@ def test_build_into_a_mount_point_is_refused_before_any_work(
     """`build --output-dir <mount point>` (a container's volume): the build is staged beside the folder and renamed
     into it, which a mount point refuses (EBUSY for a new folder, EXDEV for configs added to one), after all the
     scoring. Refused up front instead (the survey mounts a real tmpfs; here `os.path.ismount` says so)."""
-    import os
-
-    import transformers
-
-    out = tmp_path / "volume"
-    out.mkdir()
-    ismount = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == out or ismount(p))
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the mount point was reported")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    out = _fake_mount_point(tmp_path / "volume", monkeypatch)
     argv = [command, "--dataset", "gsm8k", "--limit", "2", "--models", str(tiny_model_dir), "--output-dir", str(out)]
     argv += ["--no-cache"] if command == "build" else ["--num-samples", "1", "--max-new-tokens", "4"]
     _fails(argv, capsys, f"Output folder {out} is a mount point", f"--output-dir {out / 'volume'}")

@@ -799,7 +799,7 @@ def test_full_disk_names_the_folders_the_command_writes(scored, tmp_path, monkey
     monkeypatch.setattr(Dataset, "save_to_disk", disk_full)
     out = tmp_path / "out"
     err = _fails(["mask", "--input", str(scored), "--output", str(out)], capsys, "No space left on device")
-    assert f"the disk holding --output {out}" in err and "Free space there" in err, err
+    assert f"the disk holding --output-dir {out}" in err and "Free space there" in err, err
     assert "[Errno" not in err and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no staging folder left either
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..utils import request_termination
+from ._args import OUTPUT_DIR_OPTION
 
 
 # What a command reports as `<prog>: error: <message>` rather than a traceback (OSError: files, network)
@@ -69,8 +70,9 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
 def disk_full_message(err: OSError, args: argparse.Namespace) -> str:
     """A full disk (or quota) in one line: the file when the error names it, the folders the command writes (a write
     to a full disk names no file), and what to do."""
-    places = [f"--{name.replace('_', '-')} {value}" for name in ("output", "output_dir", "cache_dir")
-              if (value := getattr(args, name, None))]  # fmt: skip
+    # Every command run here spells its output folder --output-dir, whether its setting is `output` or `output_dir`
+    options = (("output", OUTPUT_DIR_OPTION), ("output_dir", OUTPUT_DIR_OPTION), ("cache_dir", "--cache-dir"))
+    places = [f"{option} {value}" for name, option in options if (value := getattr(args, name, None))]
     where = f" writing {err.filename}" if err.filename else ""
     written = " and ".join(places) or "its output"
     return (

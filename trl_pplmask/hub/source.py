@@ -86,7 +86,6 @@ def _hub_license(repo_id: str) -> str | None:
 def load_source_splits(config: BuildConfig) -> dict[str, Dataset | ParquetSplit]:
     """Load every requested split of the source data (first `limit` rows), or open it to be read a shard at a time
     (`config.input_mode`, see [`~trl_pplmask.hub.stream_input`]); an empty split is an error."""
-    from ..data import load_task  # imports datasets and trl: not on the `--help` path
     from .stream_input import load_split
 
     path = Path(config.dataset).expanduser()
@@ -101,10 +100,8 @@ def load_source_splits(config: BuildConfig) -> dict[str, Dataset | ParquetSplit]
     splits = {}
     for split in config.splits:
         try:
-            if config.dataset in TASKS and config.input_mode != "stream":  # `stream` refuses a task, naming why
-                dataset = load_task(config.dataset, split, config.limit)
-            else:
-                dataset = load_split(config.dataset, split, config.dataset_config, config.limit, config.input_mode)
+            # A task loads through its own loader (`stream` refuses it, naming why), anything else as its mode says
+            dataset = load_split(config.dataset, split, config.dataset_config, config.limit, config.input_mode)
         except ValueError as err:
             # `datasets` refuses a data file without rows with "Instruction 'train' corresponds to no data!"
             if "no data" in str(err):

@@ -149,7 +149,7 @@ class PplMaskCollator:
     def _start_batch_count(self) -> None:
         # `stats_after`: the cumulative statistics after each of the last batches collated
         self.batches = 0
-        self._after = deque([(0, self._cumulative())], maxlen=RECENT_BATCHES)
+        self._after = deque([(0, self.cumulative_stats())], maxlen=RECENT_BATCHES)
 
     # Statistics, read and reset by PplMaskCallback at each logging step
     def reset_stats(self) -> None:
@@ -197,7 +197,7 @@ class PplMaskCollator:
             ]
             batch[WEIGHT_KEY] = self._pad_like_labels(weights, batch["labels"], dtype=torch.float32)
         self.batches += 1
-        self._after.append((self.batches, self._cumulative()))
+        self._after.append((self.batches, self.cumulative_stats()))
         return batch
 
     def _count_example(self, example: dict[str, Any], feature: dict[str, Any]) -> np.ndarray:
@@ -225,9 +225,6 @@ class PplMaskCollator:
 
     def cumulative_stats(self) -> dict[str, float | int]:
         """Totals over every batch collated so far (not reset by logging), with the masked fraction."""
-        return self._cumulative()
-
-    def _cumulative(self) -> dict[str, float | int]:
         totals = {**{key: self._popped[key] + self.stats[key] for key in self._popped}, **self.totals}
         n = totals["completion_tokens"]
         totals["masked_fraction"] = masked_fraction(totals["masked_tokens"], n)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_llama
 from datasets import Dataset, load_from_disk
+from testing_utils import folder_bytes
 
 from trl_pplmask.cli import main as cli_main
 
@@ -30,10 +31,6 @@ def _private_score_cache(tmp_path, monkeypatch):
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _fails(argv: list[str], capsys, *expected: str) -> str:
@@ -111,7 +108,7 @@ def test_non_empty_output_is_refused_without_overwrite(scored, tmp_path, tiny_mo
     (out / "keep.txt").write_text("previous results")
     _fails(_argv(data, tiny_model_dir, out), capsys, "not empty", "--overwrite")
     _fails(["mask", "--input", str(scored), "--output", str(out)], capsys, "not empty", "--overwrite")
-    assert _snapshot(out) == {"keep.txt": b"previous results"}
+    assert folder_bytes(out) == {"keep.txt": b"previous results"}
     # With --overwrite the folder is replaced as a whole, and no staging folder is left behind
     assert cli_main(["mask", "--input", str(scored), "--output", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and len(load_from_disk(str(out))) == len(ROWS)
@@ -124,26 +121,26 @@ def test_non_empty_output_is_refused_without_overwrite(scored, tmp_path, tiny_mo
 def test_inputs_are_never_modified(scored, tmp_path, tiny_model_dir):
     source = tmp_path / "source"
     shutil.copytree(scored, source)  # fresh: no cache files from other tests' runs
-    before = _snapshot(source)
+    before = folder_bytes(source)
     assert cli_main(["mask", "--input", str(source), "--output", str(tmp_path / "masked")]) == 0
     assert _score(source, tiny_model_dir, tmp_path / "rescored") == 0
     assert cli_main(["mask", "--input", str(tmp_path / "rescored"), "--output", str(tmp_path / "again")]) == 0
-    assert _snapshot(source) == before  # no cache-*.arrow written into the input folder
+    assert folder_bytes(source) == before  # no cache-*.arrow written into the input folder
     assert not list((tmp_path / "rescored").glob("cache-*"))
     assert datasets.is_caching_enabled()  # switched off only while a command runs, not for the rest of the process
 
 
 def test_output_overlapping_the_input_is_refused(scored, tmp_path, capsys):
-    before = _snapshot(scored)
+    before = folder_bytes(scored)
     for output in (scored, scored / "inside", scored.parent):
         _fails(["mask", "--input", str(scored), "--output", str(output), "--overwrite"], capsys, "overlaps the input")
-    assert _snapshot(scored) == before
+    assert folder_bytes(scored) == before
 
 
 def test_interrupted_save_keeps_the_previous_output(scored, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert cli_main(["mask", "--input", str(scored), "--output", str(out)]) == 0
-    before = _snapshot(out)
+    before = folder_bytes(out)
 
     def crash(self, path, *args, **kwargs):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -153,7 +150,7 @@ def test_interrupted_save_keeps_the_previous_output(scored, tmp_path, monkeypatc
     monkeypatch.setattr(Dataset, "save_to_disk", crash)
     with pytest.raises(KeyboardInterrupt):
         cli_main(["mask", "--input", str(scored), "--output", str(out), "--overwrite", "--threshold", "5"])
-    assert _snapshot(out) == before
+    assert folder_bytes(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -450,7 +447,7 @@ def test_bad_input_is_one_clear_message_before_any_work(case, tmp_path, tiny_mod
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     monkeypatch.chdir(tmp_path)
-    before = _snapshot(w)
+    before = folder_bytes(w)
     try:
         code = cli_main(argv)
     except SystemExit as exit:  # an argparse error (TRL's parser raises it out of `sft`)
@@ -462,7 +459,7 @@ def test_bad_input_is_one_clear_message_before_any_work(case, tmp_path, tiny_mod
         assert text in err, err
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no staging, cache or checkpoint folder either
-    assert _snapshot(w) == before
+    assert folder_bytes(w) == before
 
 
 def test_adapter_of_another_shape_is_refused(tmp_path, tiny_model_dir, capsys):
@@ -604,7 +601,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(command, tmp_path, tiny_m
         _, took = _run_cli([*argv, "--output", str(tmp_path / "reference")], tmp_path / "cache-reference")
     reference = scored if command == "score" else tmp_path / "reference"
     expected = _dataset_content(reference)
-    before = _snapshot(inputs) if inputs.is_dir() else inputs.read_bytes()
+    before = folder_bytes(inputs) if inputs.is_dir() else inputs.read_bytes()
 
     # One kill early, one midway, one near the end (the save); each into a fresh folder and cache, then a rerun
     for attempt, (low, high) in enumerate([(0.2, 0.5), (0.5, 0.8), (0.8, 1.05)]):
@@ -619,7 +616,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(command, tmp_path, tiny_m
         _run_cli([*argv, "--output", str(out), "--overwrite"], cache)
         assert _dataset_content(out) == expected, where
         assert [p.name for p in runs.iterdir()] == ["out"], where  # the dead run's staging folder is gone
-        assert (_snapshot(inputs) if inputs.is_dir() else inputs.read_bytes()) == before, where
+        assert (folder_bytes(inputs) if inputs.is_dir() else inputs.read_bytes()) == before, where
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -870,7 +867,7 @@ def test_disk_full_while_adding_a_config_leaves_the_folder_as_it_was(tmp_path, t
     out = tmp_path / "built"
     argv = ["build", "--dataset", str(data), "--output-dir", str(out), "--unmasked-splits", "--no-cache"]
     assert cli_main([*argv, "--models", str(tiny_model_dir), "--config-names", "a"]) == 0
-    before = _snapshot(out)
+    before = folder_bytes(out)
     write = card.atomic_write_text
 
     def disk_full(path, text):
@@ -881,7 +878,7 @@ def test_disk_full_while_adding_a_config_leaves_the_folder_as_it_was(tmp_path, t
     monkeypatch.setattr(card, "atomic_write_text", disk_full)
     two = [*argv, "--threshold", "3", "--models", str(tiny_model_dir), str(tiny_model_dir), "--config-names", "a", "b"]
     _fails(two, capsys, "No space left on device")
-    assert _snapshot(out) == before  # config a as it was, no config b, the card as it was
+    assert folder_bytes(out) == before  # config a as it was, no config b, the card as it was
     assert not [p.name for p in tmp_path.iterdir() if "-replaced-" in p.name]
     monkeypatch.setattr(card, "atomic_write_text", write)
     assert cli_main(two) == 0

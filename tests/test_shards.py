@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from testing_utils import folder_bytes, kill_after_shards, run_cli
 
 from trl_pplmask.hub.shards import ShardPlan, parse_worker
 
@@ -41,16 +41,7 @@ def _score_argv(model: Path, rows: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _cli(argv: list[str], cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    run = subprocess.run(
-        [sys.executable, "-m", "trl_pplmask.cli", *argv], env=_env(cache), capture_output=True, text=True, timeout=600
-    )
-    if check:
-        assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return run_cli(argv, _env(cache), check)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def reference(tmp_path_factory, tiny_model_dir, rows_file) -> dict[str, bytes]:
     """An uninterrupted one-process sharded `score`."""
     root = tmp_path_factory.mktemp("reference")
     _cli(_score_argv(tiny_model_dir, rows_file, root / "out"), root / "cache")
-    return _files(root / "out")
+    return folder_bytes(root / "out")
 
 
 def test_shard_plan_is_fixed_by_the_row_count():
@@ -183,20 +174,13 @@ def test_a_shard_keeps_only_its_own_input_pages_resident(tmp_path):
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_is_byte_identical(tmp_path, tiny_model_dir, rows_file, reference):
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "trl_pplmask.cli", *_score_argv(tiny_model_dir, rows_file, out)]
-    process = subprocess.Popen(argv, env=_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*.parquet"))) < 2:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    written = sorted(p.name for p in out.glob("*.parquet"))
-    assert process.returncode == -signal.SIGKILL and 2 <= len(written) < ROWS // SHARD_ROWS, written
+    code, written = kill_after_shards(_score_argv(tiny_model_dir, rows_file, out), _env(tmp_path / "cache"), out)
+    assert code == -signal.SIGKILL and 2 <= len(written) < ROWS // SHARD_ROWS, written
     for name in written:  # what is visible is whole: exactly the uninterrupted run's bytes
         assert (out / name).read_bytes() == reference[name]
 
     rerun = _cli(_score_argv(tiny_model_dir, rows_file, out), tmp_path / "cache")
-    assert _files(out) == reference
+    assert folder_bytes(out) == reference
     assert f"shards {ROWS // SHARD_ROWS}/{ROWS // SHARD_ROWS}" in rerun.stderr
 
 
@@ -211,7 +195,7 @@ def test_two_processes_and_two_workers_write_what_one_process_writes(tmp_path, t
         [*launch, *_score_argv(tiny_model_dir, rows_file, out)], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert _files(out) == reference
+    assert folder_bytes(out) == reference
     # Each process made its own shards: shard i on process i % 2, and nothing was gathered
     assert "[worker 0/2]" in run.stderr and "[worker 1/2]" in run.stderr
 
@@ -221,7 +205,7 @@ def test_two_processes_and_two_workers_write_what_one_process_writes(tmp_path, t
     assert "3 of 6 shards" in first.stdout
     assert sorted(p.name for p in out.glob("*.parquet")) == [f"train-0000{i}-of-00006.parquet" for i in (0, 2, 4)]
     _cli([*_score_argv(tiny_model_dir, rows_file, out), "--worker", "1/2"], tmp_path / "cache")
-    assert _files(out) == reference
+    assert folder_bytes(out) == reference
 
 
 def _copy(reference: dict[str, bytes], folder: Path) -> Path:
@@ -251,7 +235,7 @@ def test_refusals_before_any_work(tmp_path, tiny_model_dir, rows_file, reference
         _debug(main, _score_argv(tiny_model_dir, rows_file, changed, "--max-length", "512")[1:])
     with pytest.raises(ValueError, match="other settings .*shard plan"):
         _debug(main, [*_score_argv(tiny_model_dir, rows_file, changed)[1:-2], "--shard-rows", "5"])
-    assert _files(changed) == reference  # nothing touched
+    assert folder_bytes(changed) == reference  # nothing touched
 
 
 def test_another_model_or_changed_input_is_refused_and_overwrite_restarts(
@@ -283,13 +267,13 @@ def test_another_model_or_changed_input_is_refused_and_overwrite_restarts(
     edited.write_bytes(rows_file.read_bytes())
     folder = tmp_path / "input"
     assert _debug(main, _score_argv(tiny_model_dir, edited, folder)[1:]) == 0
-    before = _files(folder)
+    before = folder_bytes(folder)
     lines = edited.read_text().splitlines()
     lines[1] = json.dumps({"prompt": "What is 1 + 3? ", "completion": "Four."})
     edited.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="rows 0-3 changed"):
         _debug(main, _score_argv(tiny_model_dir, edited, folder)[1:])
-    assert _files(folder) == before  # nothing touched
+    assert folder_bytes(folder) == before  # nothing touched
 
     # --overwrite: the old shards go, the new run is whole
     assert _debug(main, [*_score_argv(tiny_model_dir, edited, folder)[1:], "--overwrite"]) == 0

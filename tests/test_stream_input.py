@@ -10,11 +10,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from testing_utils import folder_bytes, kill_after_shards, run_cli
 
 
 FILE_ROWS = (7, 13, 5)  # uneven files: shards of 4 rows start inside files and span their boundaries
@@ -63,15 +62,7 @@ def _score_argv(model: Path, data: Path, out: Path, mode: str, *extra: str) -> l
 
 
 def _cli(argv: list[str], root: Path) -> subprocess.CompletedProcess:
-    run = subprocess.run(
-        [sys.executable, "-m", "trl_pplmask.cli", *argv], env=_env(root), capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return run_cli(argv, _env(root))
 
 
 def _arrow_files(folder: Path) -> list[str]:
@@ -84,7 +75,7 @@ def downloaded(tmp_path_factory, tiny_model_dir, parquet_folder) -> dict[str, by
     root = tmp_path_factory.mktemp("download")
     _cli(_score_argv(tiny_model_dir, parquet_folder, root / "out", "download"), root)
     assert _arrow_files(root / "hf-datasets"), "load_dataset wrote an Arrow copy of the input (the check has teeth)"
-    return _files(root / "out")
+    return folder_bytes(root / "out")
 
 
 def _expected_reads(folder: Path) -> dict[int, set[tuple[str, tuple[int, ...]]]]:
@@ -184,7 +175,7 @@ def test_streamed_score_writes_the_bytes_of_the_memory_mapped_path_reading_only_
 
     # As a command: the same bytes, and no Arrow copy of the input in datasets' cache
     _cli(_score_argv(tiny_model_dir, parquet_folder, tmp_path / "out", "stream"), tmp_path)
-    assert _files(tmp_path / "out") == downloaded
+    assert folder_bytes(tmp_path / "out") == downloaded
     assert _arrow_files(tmp_path / "hf-datasets") == []
 
     # In this process, every read counted: each is the row groups of one shard's rows, and every shard is read
@@ -199,7 +190,7 @@ def test_streamed_score_writes_the_bytes_of_the_memory_mapped_path_reading_only_
     assert set(reads) == set().union(*expected.values()), reads
     # Per pass over the input (the checks before any work, then the work) each shard reads its own row groups once
     assert len(reads) == 2 * sum(len(calls) for calls in expected.values())
-    assert _files(tmp_path / "again") == downloaded
+    assert folder_bytes(tmp_path / "again") == downloaded
 
 
 @pytest.mark.slow
@@ -207,24 +198,17 @@ def test_a_streamed_run_killed_then_rerun_and_two_workers_write_the_same_bytes(
     tmp_path, tiny_model_dir, parquet_folder, downloaded
 ):
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "trl_pplmask.cli", *_score_argv(tiny_model_dir, parquet_folder, out, "stream")]
-    process = subprocess.Popen(argv, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*.parquet"))) < 2:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    written = sorted(p.name for p in out.glob("*.parquet"))
-    assert process.returncode == -signal.SIGKILL and 2 <= len(written) < SHARDS, written
+    code, written = kill_after_shards(_score_argv(tiny_model_dir, parquet_folder, out, "stream"), _env(tmp_path), out)
+    assert code == -signal.SIGKILL and 2 <= len(written) < SHARDS, written
     rerun = _cli(_score_argv(tiny_model_dir, parquet_folder, out, "stream"), tmp_path)
-    assert _files(out) == downloaded
+    assert folder_bytes(out) == downloaded
     assert f"shards {SHARDS}/{SHARDS}" in rerun.stderr
 
     out = tmp_path / "workers"  # two independent workers (a Slurm array), one after the other
     first = _cli(_score_argv(tiny_model_dir, parquet_folder, out, "stream", "--worker", "0/2"), tmp_path)
     assert f"{(SHARDS + 1) // 2} of {SHARDS} shards" in first.stdout
     _cli(_score_argv(tiny_model_dir, parquet_folder, out, "stream", "--worker", "1/2"), tmp_path)
-    assert _files(out) == downloaded
+    assert folder_bytes(out) == downloaded
     assert _arrow_files(tmp_path / "hf-datasets") == []
 
 

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,32 @@ def build_gsm8k_folder(tmp_path_factory, name: str = "gsm8k-pplmasked") -> Path:
 
     assert cli_main(argv) == 0
     return folder
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included), by its path relative to `folder`, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    """`trl-pplmask ARGV` as a subprocess of this Python; with `check`, it must exit 0 (its stderr's end otherwise)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "trl_pplmask.cli", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def kill_after_shards(argv: list[str], env: dict[str, str], out: Path, shards: int = 2) -> tuple[int, list[str]]:
+    """Start `trl-pplmask ARGV` and SIGKILL it once `out` holds `shards` parquet shards (or after 300 s); its exit
+    status and the names of the shards it left."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trl_pplmask.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(list(out.glob("*.parquet"))) < shards:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    return process.returncode, sorted(p.name for p in out.glob("*.parquet"))
